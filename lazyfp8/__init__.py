@@ -1,0 +1,58 @@
+"""lazyfp8: load FP8-quantized safetensors checkpoints into PyTorch models, one tensor at a time.
+
+``LazyFP8View(path, key_mapping=...)`` is a read-only Mapping keyed by the model's runtime names
+whose values read and dequantize themselves only when torch copies them into a parameter, so
+``model.load_state_dict(view)`` streams with no second copy of the weights.
+"""
+
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    InvalidScaleError,
+    KeyMappingError,
+    LazyFP8Error,
+    MissingScaleError,
+    MissingShardError,
+    ScaleShapeError,
+    TensorNotFoundError,
+    UnsafePathError,
+    UnsupportedDtypeError,
+)
+from .keymap import PRESETS, KeyMapping, Rule, prefix_rule
+from .lazy import LazyTensor
+from .load import init_empty_weights, load_into
+from .schemes import PerBlock, PerChannel, PerTensor
+from .view import LazyFP8View, TensorInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # reading
+    "LazyFP8View",
+    "LazyTensor",
+    "TensorInfo",
+    "load_into",
+    "init_empty_weights",
+    # key mapping
+    "KeyMapping",
+    "Rule",
+    "prefix_rule",
+    "PRESETS",
+    # scale granularities
+    "PerTensor",
+    "PerChannel",
+    "PerBlock",
+    # errors
+    "LazyFP8Error",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "MissingShardError",
+    "UnsafePathError",
+    "UnsupportedDtypeError",
+    "MissingScaleError",
+    "ScaleShapeError",
+    "InvalidScaleError",
+    "KeyMappingError",
+    "TensorNotFoundError",
+    "__version__",
+]

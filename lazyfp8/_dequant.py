@@ -1,0 +1,116 @@
+"""Dequantization kernels: FP8 codes of one chunk -> the target dtype, bit-exact.
+
+The reference is ``(w.to(float32) * s.to(float32)).to(dtype)``. Its result depends only on the
+8-bit code and the scale, so with one scale per chunk we tabulate the reference over all 256
+codes and look codes up; with a scale grid we look up the exact float32 of each code, multiply by
+the expanded scale in float32 and round once. Both are the reference formula, evaluated in a
+different order of elements. torch's CPU fp8 conversion is ~20x below memory bandwidth; table
+lookups through ``index_select`` are not.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+__all__ = ["PerTensorKernel", "GridKernel"]
+
+# Below this many elements building the 65,536-entry pair table costs more than it saves.
+_PAIR_TABLE_MIN_ELEMENTS = 1 << 17
+
+
+@functools.lru_cache(maxsize=None)
+def _codes(fp8_dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def code_values(fp8_dtype: torch.dtype) -> torch.Tensor:
+    """The exact float32 value of each of the 256 codes (NaN codes give NaN)."""
+    return _codes(fp8_dtype).to(torch.float32)
+
+
+def _u16_pairs_to_index(codes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Two adjacent codes as one little-endian 16-bit index, widened to int32 into ``idx``."""
+    idx.copy_(codes.view(torch.uint16))
+    return idx
+
+
+class PerTensorKernel:
+    """One float32 scale for every element: a 256-entry table of the reference results, and for
+    large 2-byte outputs a 65,536-entry table over code pairs (one lookup writes two outputs)."""
+
+    def __init__(self, fp8_dtype: torch.dtype, scale: torch.Tensor, out_dtype: torch.dtype, numel: int):
+        s = scale.reshape(()).to(torch.float32)
+        self.out_dtype = out_dtype
+        self.table = (code_values(fp8_dtype) * s).to(out_dtype)
+        self.pairs: torch.Tensor | None = None
+        if (
+            out_dtype.itemsize == 2
+            and numel >= _PAIR_TABLE_MIN_ELEMENTS
+            and sys.byteorder == "little"
+        ):
+            bits = self.table.view(torch.int16).to(torch.int32) & 0xFFFF
+            v = torch.arange(65536, dtype=torch.int32)
+            self.pairs = bits[v & 0xFF] | (bits[v >> 8] << 16)
+
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
+        """``out[i] = reference(codes[i])`` for a flat chunk. ``scratch``: int32, >= numel."""
+        n = codes.numel()
+        if self.pairs is not None and n >= 2 and out.data_ptr() % 4 == 0 and codes.data_ptr() % 2 == 0:
+            m = n - (n & 1)
+            idx = _u16_pairs_to_index(codes[:m], scratch[: m // 2])
+            torch.index_select(self.pairs, 0, idx, out=out[:m].view(torch.int32))
+            if m == n:
+                return
+            codes, out = codes[m:], out[m:]
+            n = 1
+        idx = scratch[:n]
+        idx.copy_(codes)
+        torch.index_select(self.table, 0, idx, out=out)
+
+
+class GridKernel:
+    """A float32 scale grid over the weight's ``[rows, cols]`` view, one scale per ``block``."""
+
+    def __init__(self, fp8_dtype: torch.dtype, scale_grid: torch.Tensor, block: tuple[int, int]):
+        self.values = code_values(fp8_dtype)
+        self.scale = scale_grid.to(torch.float32)
+        self.block = block
+
+    def __call__(
+        self,
+        codes: torch.Tensor,
+        out: torch.Tensor,
+        rows: tuple[int, int],
+        col_start: int,
+        scratch: torch.Tensor,
+        f32: torch.Tensor,
+    ) -> None:
+        """Dequantize the rectangle rows ``rows[0]:rows[1]`` x columns
+        ``col_start:col_start + codes.numel() // (rows[1] - rows[0])``, given as flat row-major
+        ``codes`` into flat ``out``. ``scratch`` (int32) and ``f32`` hold ``codes.numel()``."""
+        r0, r1 = rows
+        nr = r1 - r0
+        n = codes.numel()
+        w = n // nr
+        b0, b1 = self.block
+        idx = scratch[:n]
+        idx.copy_(codes)
+        vals = torch.index_select(self.values, 0, idx, out=f32[:n]).view(nr, w)
+        s = self.scale.index_select(0, torch.arange(r0, r1) // b0)  # [nr, grid cols]
+        g = col_start // b1
+        # Columns up to the next block boundary, then whole blocks, then a partial last block.
+        lead = min(w, (-col_start) % b1)
+        if lead:
+            vals[:, :lead].mul_(s[:, g : g + 1])
+            g += 1
+        full = (w - lead) // b1
+        if full:
+            vals[:, lead : lead + full * b1].unflatten(1, (full, b1)).mul_(s[:, g : g + full, None])
+            g += full
+        if lead + full * b1 < w:
+            vals[:, lead + full * b1 :].mul_(s[:, g : g + 1])
+        out.view(nr, w).copy_(vals)

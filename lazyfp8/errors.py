@@ -1,0 +1,79 @@
+"""Exceptions. Each subclasses the builtin a caller would already catch.
+
+Every message names the file and the tensor involved and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LazyFP8Error",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "MissingShardError",
+    "UnsafePathError",
+    "UnsupportedDtypeError",
+    "MissingScaleError",
+    "ScaleShapeError",
+    "InvalidScaleError",
+    "KeyMappingError",
+    "TensorNotFoundError",
+]
+
+
+class LazyFP8Error(Exception):
+    """Base class of every error lazyfp8 raises on purpose."""
+
+
+class CheckpointError(LazyFP8Error, ValueError):
+    """A checkpoint is not what it claims to be.
+
+    Attributes:
+        file: the file the problem is in (``None`` if it concerns the checkpoint as a whole).
+        key: the tensor it concerns (``None`` if it concerns a whole file).
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.file = file
+        self.key = key
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A header, an index or a tensor's bytes are damaged or inconsistent (truncated file,
+    bad JSON, offsets out of bounds or overlapping, wrong byte count)."""
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """The index names a shard file that does not exist, or the path holds no checkpoint."""
+
+
+class UnsafePathError(CheckpointError):
+    """The index names a shard outside the checkpoint directory (``..``, absolute, or a link)."""
+
+
+class UnsupportedDtypeError(CheckpointError):
+    """A tensor's dtype is one this package cannot read, or cannot use where it is found."""
+
+
+class MissingScaleError(CheckpointError):
+    """An FP8 tensor has no scale sibling; its raw bytes are never passed through."""
+
+
+class ScaleShapeError(CheckpointError):
+    """A scale's shape does not match any granularity for its weight's shape."""
+
+
+class InvalidScaleError(CorruptCheckpointError):
+    """A scale holds NaN, an infinity, zero or a negative value."""
+
+
+class KeyMappingError(LazyFP8Error, ValueError):
+    """A key mapping is unknown, malformed, or maps two keys to one name."""
+
+
+class TensorNotFoundError(LazyFP8Error, KeyError):
+    """A key that the view does not hold. A ``KeyError``, so ``Mapping`` semantics hold."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ shows repr(args[0]); a message reads better unquoted.
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,141 @@
+"""``LazyTensor``: a tensor-like value that holds no data until torch asks for it.
+
+``nn.Module.load_state_dict`` starts with ``OrderedDict(state_dict)``, touching every value
+before loading any. Values that stay lazy until ``param.copy_(value)`` let each one be read and
+dequantized straight into its parameter, so the load streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch.utils._pytree import tree_map
+
+__all__ = ["LazyTensor"]
+
+
+class _Source(Protocol):
+    key: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def read_into(self, dst: torch.Tensor) -> None: ...
+
+    def to_tensor(self) -> torch.Tensor: ...
+
+
+class LazyTensor:
+    """A stored tensor that reads itself only when used.
+
+    ``shape``, ``dtype`` and ``device`` come from the checkpoint header. Any torch function or
+    ``Tensor`` method applied to it reads the tensor into a fresh temporary for that call
+    (``torch.equal(lazy, t)``, ``lazy.float()``, ``lazy[0]``), except ``dst.copy_(lazy)``, which
+    reads and dequantizes straight into ``dst``. Nothing is kept afterwards: every use reads
+    the file again. Call :meth:`materialize` to get a real tensor once and keep it.
+    """
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: _Source):
+        self._source = source
+
+    # --- metadata, from the header -----------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return self._source.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._source.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._source.device
+
+    @property
+    def key(self) -> str:
+        """The runtime name this value was fetched under."""
+        return self._source.key
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_meta(self) -> bool:
+        return False
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.element_size()
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.key!r}, shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    # --- data -------------------------------------------------------------------------
+    def materialize(self) -> torch.Tensor:
+        """A new ``torch.Tensor`` of ``dtype`` on ``device`` with the values."""
+        return self._source.to_tensor()
+
+    def copy_into(self, dst: torch.Tensor) -> torch.Tensor:
+        """``dst.copy_(self.materialize())``, bit for bit, with no temporary of the tensor's size."""
+        if tuple(dst.shape) != tuple(self.shape):
+            return dst.copy_(self.materialize())  # broadcasting copy_: let torch decide
+        with torch.no_grad():
+            self._source.read_into(dst)
+        return dst
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        kwargs = kwargs or {}
+        if func is torch.Tensor.copy_ and len(args) == 2 and isinstance(args[1], LazyTensor):
+            dst, src = args
+            if isinstance(dst, torch.Tensor) and not isinstance(dst, LazyTensor):
+                return src.copy_into(dst)
+        if func is torch.Tensor.module_load and isinstance(args[1], LazyTensor):
+            # Under swap_module_params_on_conversion: as Tensor.module_load does, copy into the
+            # parameter and hand back a detached alias (never self or other).
+            dst, src = args
+            if kwargs.get("assign", False):
+                return src.materialize()
+            return src.copy_into(dst).detach()
+        unwrap = lambda x: x.materialize() if isinstance(x, LazyTensor) else x  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other Tensor method or attribute: on a temporary that lives for this call only.
+        if not name.startswith("_") and hasattr(torch.Tensor, name):
+            return getattr(self.materialize(), name)
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.materialize()[index]
+
+    def __array__(self, dtype: Any = None) -> Any:
+        arr = self.materialize().numpy()
+        return arr if dtype is None else arr.astype(dtype)

@@ -1,0 +1,283 @@
+"""``LazyFP8View``: a read-only Mapping over a checkpoint, keyed by runtime names."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from ._checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
+from ._header import TensorEntry
+from ._reader import ShardFile
+from ._source import DEFAULT_CHUNK_ELEMENTS, SCALE_DTYPES, ScaleRef, TensorSource
+from .errors import CheckpointError, MissingScaleError, TensorNotFoundError, UnsupportedDtypeError
+from .keymap import KeyMapping, KeyMappingSpec
+from .lazy import LazyTensor
+from .schemes import Granularity, block_size_from_config, detect_granularity
+
+__all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
+
+_LINEAR_SIBLINGS = frozenset({"activation_scale", "input_scale", "input_scale_ub"})
+_KV_SIBLINGS = frozenset({"k_scale", "v_scale"})
+#: Quantization parameters that are not weights (static activation and KV-cache scales), hidden
+#: from the keys when they belong to a module with an FP8 weight (or its attention parent).
+QUANT_SIBLINGS = _LINEAR_SIBLINGS | _KV_SIBLINGS
+
+_FLOAT_TARGETS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """What the view knows about one key, from headers alone.
+
+    Attributes:
+        key: the runtime name.
+        disk_key: the on-disk name.
+        file: the shard holding it.
+        disk_dtype: the stored dtype.
+        shape: the shape.
+        dtype: the dtype ``get_tensor`` returns.
+        scale_key: the on-disk name of the scale, for an FP8 tensor, else ``None``.
+        scale_file: the shard holding the scale, else ``None``.
+        granularity: how the scale covers the weight, else ``None``.
+    """
+
+    key: str
+    disk_key: str
+    file: str
+    disk_dtype: torch.dtype
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scale_key: str | None = None
+    scale_file: str | None = None
+    granularity: Granularity | None = None
+
+
+def _scale_candidates(key: str) -> list[str]:
+    """Names a scale of the FP8 tensor ``key`` may have: ``<name>_scale_inv`` (HF fp8, DeepSeek,
+    Mistral) and ``<module>.weight_scale`` (compressed-tensors, ModelOpt, fbgemm)."""
+    out = [key + "_scale_inv"]
+    if key.endswith(".weight") or key == "weight":
+        out.append(key + "_scale")
+    return out
+
+
+class LazyFP8View(Mapping[str, LazyTensor]):
+    """A read-only ``Mapping`` from runtime names to lazily read, dequantized tensors.
+
+    Constructing it reads the index and every shard header, nothing else. ``view[key]`` returns a
+    :class:`~lazyfp8.LazyTensor` that reads (and for FP8 tensors dequantizes) only when torch uses
+    it, so ``model.load_state_dict(view)`` streams one tensor at a time with no second copy.
+
+    FP8 tensors (``F8_E4M3``, ``F8_E5M2``... in the header) are paired with their scale sibling
+    and come out as ``dtype``: element-wise ``(w.to(float32) * scale.to(float32)).to(dtype)``
+    (bit-exact). Other tensors come out bit-exact in their stored dtype. Scale tensors and static
+    activation/KV scales of FP8 modules are not keys.
+
+    Args:
+        path (`str` or `os.PathLike`): a directory holding ``model.safetensors.index.json`` and
+            its shards, a directory holding one ``*.safetensors`` file, or one file.
+        key_mapping (`str`, `dict` or `KeyMapping`, *optional*): ``None`` keeps on-disk names; a
+            preset name (``"mistral3"``); or ``{checkpoint_regex: runtime_replacement}`` as in
+            transformers' ``from_pretrained(key_mapping=...)``, first matching rule wins.
+        dtype (`torch.dtype`, defaults to `torch.bfloat16`): what FP8 tensors dequantize to.
+        device (`str` or `torch.device`, defaults to ``"cpu"``): where tensors are produced.
+        block_size (`tuple[int, int]`, *optional*): block size of block scales; defaults to
+            ``quantization_config.weight_block_size`` of ``config.json`` beside the shards.
+        chunk_elements (`int`, *optional*): elements dequantized per step; bounds the working
+            memory (about 11 bytes per element for block scales).
+
+    Raises:
+        MissingShardError, UnsafePathError, CorruptCheckpointError: a bad path, index or header.
+        MissingScaleError: an FP8 tensor without a scale sibling.
+        ScaleShapeError: a scale whose shape fits no granularity for its weight.
+        KeyMappingError: an unknown preset, or two on-disk keys mapping to one runtime name.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key_mapping: KeyMappingSpec = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        block_size: tuple[int, int] | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        if dtype not in _FLOAT_TARGETS:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, _FLOAT_TARGETS))}; got {dtype}")
+        self.path = os.fspath(path)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.key_mapping = KeyMapping.from_spec(key_mapping)
+        ckpt = open_checkpoint(self.path)
+        self._checkpoint = ckpt
+        if block_size is None:
+            block_size = block_size_from_config(ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
+        self.block_size = None if block_size is None else (int(block_size[0]), int(block_size[1]))
+        self._files = {p: ShardFile(p) for p in ckpt.shards}
+        scales, hidden = self._pair_scales(ckpt)
+        exposed = [k for k in ckpt.tensors if k not in hidden]
+        self._to_disk = self.key_mapping.build(exposed)
+        self._sources: dict[str, TensorSource] = {}
+        for runtime, disk in self._to_disk.items():
+            file, entry = ckpt.tensors[disk]
+            self._sources[runtime] = TensorSource(
+                runtime,
+                self._files[file],
+                entry,
+                scale=scales.get(disk),
+                dtype=dtype,
+                device=self.device,
+                chunk=chunk_elements,
+            )
+
+    def _pair_scales(self, ckpt: Checkpoint) -> tuple[dict[str, ScaleRef], set[str]]:
+        """Each FP8 tensor's scale, and the keys that are quantization parameters, not tensors."""
+        scales: dict[str, ScaleRef] = {}
+        hidden: set[str] = set()
+        fp8_modules: set[str] = set()
+        for key, (file, entry) in ckpt.tensors.items():
+            if not entry.dtype.fp8_weight:
+                continue
+            found = [c for c in _scale_candidates(key) if c in ckpt.tensors]
+            if not found:
+                raise MissingScaleError(
+                    f"{os.path.basename(file)} holds the FP8 ({entry.dtype.code}) tensor {key!r} but the "
+                    f"checkpoint has no scale for it ({' or '.join(repr(c) for c in _scale_candidates(key))}); "
+                    "its raw bytes are not weights. Check that every shard is present and that "
+                    "the checkpoint's quantization_config matches it",
+                    file=file,
+                    key=key,
+                )
+            if len(found) > 1:
+                raise CheckpointError(
+                    f"{os.path.basename(file)}: the FP8 tensor {key!r} has two scales, "
+                    f"{found[0]!r} and {found[1]!r}; the checkpoint is ambiguous",
+                    file=file,
+                    key=key,
+                )
+            scale_file, scale_entry = ckpt.tensors[found[0]]
+            self._check_scale_dtype(key, scale_file, scale_entry)
+            granularity = detect_granularity(
+                entry.shape,
+                scale_entry.shape,
+                block_size=self.block_size,
+                weight_key=key,
+                scale_key=found[0],
+                file=file,
+            )
+            scales[key] = ScaleRef(self._files[scale_file], scale_entry, granularity)
+            hidden.add(found[0])
+            fp8_modules.add(key.rpartition(".")[0])
+        if fp8_modules:
+            # A linear's static input scale sits beside its weight (``q_proj.input_scale``); a
+            # KV-cache scale sits on the attention module, the parent (``self_attn.k_scale``).
+            parents = {m.rpartition(".")[0] for m in fp8_modules} | fp8_modules
+            for key in ckpt.tensors:
+                module, _, leaf = key.rpartition(".")
+                if leaf in _LINEAR_SIBLINGS and module in fp8_modules:
+                    hidden.add(key)
+                elif leaf in _KV_SIBLINGS and module in parents:
+                    hidden.add(key)
+        return scales, hidden
+
+    @staticmethod
+    def _check_scale_dtype(key: str, file: str, entry: TensorEntry) -> None:
+        if entry.dtype.code not in SCALE_DTYPES:
+            raise UnsupportedDtypeError(
+                f"{os.path.basename(file)}: scale {entry.name!r} of the FP8 tensor {key!r} has dtype "
+                f"{entry.dtype.code}; scales must be F32, BF16, F16, F64, U8 (ue8m0) or F8_E8M0",
+                file=file,
+                key=entry.name,
+            )
+
+    # --- Mapping ---------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> LazyTensor:
+        source = self._sources.get(key)
+        if source is None:
+            raise self._missing(key)
+        return LazyTensor(source)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sources
+
+    def _missing(self, key: object) -> TensorNotFoundError:
+        msg = f"{self.path} has no tensor {key!r}"
+        if isinstance(key, str):
+            runtime = [r for r, d in self._to_disk.items() if d == key and r != key]
+            if runtime:
+                msg += f"; that is the on-disk name of {runtime[0]!r} under the key mapping"
+            else:
+                close = difflib.get_close_matches(key, list(self._sources), n=3)
+                if close:
+                    msg += f"; did you mean {', '.join(map(repr, close))}?"
+        return TensorNotFoundError(msg)
+
+    # --- beyond Mapping --------------------------------------------------------------------
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """A real tensor: FP8 tensors dequantized to ``dtype``, others in their stored dtype,
+        on ``device``. Reads the file each call."""
+        return self[key].materialize()
+
+    def disk_key(self, key: str) -> str:
+        """The on-disk name of runtime key ``key``."""
+        if key not in self._to_disk:
+            raise self._missing(key)
+        return self._to_disk[key]
+
+    def info(self, key: str) -> TensorInfo:
+        """What the headers say about ``key``; reads no data."""
+        source = self._sources.get(key)
+        if source is None:
+            raise self._missing(key)
+        scale = source.scale
+        return TensorInfo(
+            key=key,
+            disk_key=source.entry.name,
+            file=source.shard.path,
+            disk_dtype=source.entry.dtype.torch,
+            shape=source.entry.shape,
+            dtype=source.dtype,
+            scale_key=None if scale is None else scale.entry.name,
+            scale_file=None if scale is None else scale.shard.path,
+            granularity=None if scale is None else scale.granularity,
+        )
+
+    @property
+    def files(self) -> list[str]:
+        """The shard files, in index order."""
+        return list(self._files)
+
+    @property
+    def config(self) -> dict | None:
+        """The parsed ``config.json`` beside the checkpoint, or ``None``."""
+        return self._checkpoint.config
+
+    def close(self) -> None:
+        """Close the shard files. Reading again reopens them."""
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> "LazyFP8View":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        fp8 = sum(s.scale is not None for s in self._sources.values())
+        return (
+            f"LazyFP8View({self.path!r}, {len(self)} tensors ({fp8} FP8), {len(self._files)} file(s), "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
