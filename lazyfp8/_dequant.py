@@ -52,9 +52,9 @@ class PerTensorKernel:
             and numel >= _PAIR_TABLE_MIN_ELEMENTS
             and sys.byteorder == "little"
         ):
+            # Pair index v = hi * 256 + lo (little-endian): row hi, column lo of a 256 x 256 grid.
             bits = self.table.view(torch.int16).to(torch.int32) & 0xFFFF
-            v = torch.arange(65536, dtype=torch.int32)
-            self.pairs = bits[v & 0xFF] | (bits[v >> 8] << 16)
+            self.pairs = (bits.view(1, 256) | (bits.view(256, 1) << 16)).reshape(-1)
 
     def __call__(self, codes: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
         """``out[i] = reference(codes[i])`` for a flat chunk. ``scratch``: int32, >= numel."""

@@ -139,3 +139,21 @@ class LazyTensor:
     def __array__(self, dtype: Any = None) -> Any:
         arr = self.materialize().numpy()
         return arr if dtype is None else arr.astype(dtype)
+
+
+def _forward(name: str) -> Any:
+    def op(self: LazyTensor, *args: Any) -> Any:
+        return getattr(self.materialize(), name)(*args)
+
+    op.__name__ = name
+    return op
+
+
+# Python looks operators up on the type, not through __getattr__: forward each explicitly.
+for _name in (
+    *(f"__{p}{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift") for p in ("", "r")),
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "__neg__", "__pos__", "__abs__", "__invert__", "__bool__", "__float__", "__int__", "__index__", "__iter__",
+):
+    setattr(LazyTensor, _name, _forward(_name))
+LazyTensor.__hash__ = object.__hash__  # type: ignore[method-assign]  # __eq__ is elementwise; keep identity hashing

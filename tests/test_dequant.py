@@ -1,0 +1,108 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lazyfp8._dequant import GridKernel, PerTensorKernel, code_values
+from tests.helpers import bits, reference
+from tests.strategies import FLOAT_DTYPES, fp8_codes, scales
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+ALL_CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+SCALES = [1e-38, 2.0**-126, 1e-10, 0.0123, 1.0, 3.5, 1e10, 3e38]
+
+
+def run_per_tensor(codes_u8, fp8, scale, dtype):
+    out = torch.empty(codes_u8.numel(), dtype=dtype)
+    k = PerTensorKernel(fp8, torch.tensor(scale, dtype=torch.float32), dtype, codes_u8.numel())
+    k(codes_u8, out, torch.empty(codes_u8.numel(), dtype=torch.int32))
+    return out, k
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_every_code_bit_exact(fp8, dtype, scale):
+    # All 256 codes: +-0, subnormals 0x01-0x07, +-max (448 for e4m3fn), NaN.
+    out, _ = run_per_tensor(ALL_CODES, fp8, scale, dtype)
+    ref = reference(ALL_CODES.view(fp8), torch.tensor(scale), dtype)
+    assert torch.equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1 << 17, (1 << 17) + 1, (1 << 17) + 3])
+def test_pair_table_path_bit_exact(dtype, n):
+    codes = ALL_CODES.repeat(n // 256 + 1)[:n].roll(7)
+    out, k = run_per_tensor(codes, torch.float8_e4m3fn, 0.37, dtype)
+    assert k.pairs is not None, "this size must take the pair-table path"
+    assert torch.equal(bits(out), bits(reference(codes.view(torch.float8_e4m3fn), torch.tensor(0.37), dtype)))
+
+
+def test_misaligned_output_falls_back_exactly():
+    n = 1 << 17
+    codes = ALL_CODES.repeat(n // 256)
+    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(2.0), torch.bfloat16, n)
+    big = torch.empty(n + 1, dtype=torch.bfloat16)
+    out = big[1:]  # 2-byte aligned, not 4
+    k(codes, out, torch.empty(n, dtype=torch.int32))
+    assert torch.equal(bits(out), bits(reference(codes.view(torch.float8_e4m3fn), torch.tensor(2.0), torch.bfloat16)))
+
+
+def test_smallest_positive_subnormal_e4m3():
+    # 0x01 is 2^-9 in e4m3fn.
+    assert code_values(torch.float8_e4m3fn)[1].item() == 2.0**-9
+    assert code_values(torch.float8_e4m3fn)[0x7E].item() == 448.0
+    assert torch.isnan(code_values(torch.float8_e4m3fn)[0x7F])
+
+
+def grid(codes, scale, block, dtype, rows, cols, budget):
+    """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
+    from lazyfp8._source import _rectangles
+
+    k = GridKernel(torch.float8_e4m3fn, scale, block)
+    out = torch.empty(rows * cols, dtype=dtype)
+    flat = codes.reshape(-1)
+    scratch = torch.empty(rows * cols, dtype=torch.int32)
+    f32 = torch.empty(rows * cols, dtype=torch.float32)
+    covered = 0
+    for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], budget):
+        a, b = r0 * cols + c0, (r1 - 1) * cols + c1
+        assert b - a <= max(budget, 1) or (c0, c1) == (0, cols)
+        k(flat[a:b], out[a:b], (r0, r1), c0, scratch, f32)
+        covered += b - a
+    assert covered == rows * cols
+    return out.reshape(rows, cols)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 300), st.integers(1, 300)),
+    block=st.tuples(st.integers(1, 160), st.integers(1, 160)),
+    budget=st.integers(1, 5000),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_grid_kernel_matches_reference_any_block_any_chunking(shape, block, budget, dtype, seed):
+    rows, cols = shape
+    codes = fp8_codes(shape, torch.float8_e4m3fn, seed)
+    g = torch.Generator().manual_seed(seed)
+    gs = (-(-rows // block[0]), -(-cols // block[1]))
+    scale = torch.rand(gs, generator=g) * 10 + 1e-3
+    out = grid(codes.view(torch.uint8), scale, block, dtype, rows, cols, budget)
+    assert torch.equal(bits(out), bits(reference(codes, scale, dtype, block)))
+
+
+def test_ragged_300x200_with_128_blocks():
+    codes = fp8_codes((300, 200), torch.float8_e4m3fn, 1)
+    scale = torch.tensor([[1.0, 2.0], [4.0, 8.0], [16.0, 32.0]])
+    out = grid(codes.view(torch.uint8), scale, (128, 128), torch.float32, 300, 200, 10**6)
+    vals = codes.to(torch.float32)
+    # Element [299, 199] is in the partial corner block (2, 1); [127, 127] in block (0, 0).
+    for (i, j), s in {(299, 199): 32.0, (127, 127): 1.0, (128, 128): 8.0, (256, 0): 16.0}.items():
+        assert bits(out[i, j]) == bits(vals[i, j] * s)
+
+
+@given(scale=scales, seed=st.integers(0, 1000))
+def test_per_tensor_any_scale(scale, seed):
+    codes = fp8_codes((300,), torch.float8_e4m3fn, seed)
+    out, _ = run_per_tensor(codes.view(torch.uint8), torch.float8_e4m3fn, scale, torch.bfloat16)
+    assert torch.equal(bits(out), bits(reference(codes, torch.tensor(scale, dtype=torch.float32), torch.bfloat16)))

@@ -1,0 +1,98 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import lazyfp8
+from lazyfp8 import LazyFP8View, LazyTensor
+from tests.helpers import bits, save
+from tests.strategies import fp8_codes
+
+
+@pytest.fixture
+def view(tmp_path):
+    save(
+        {
+            "lin.weight": fp8_codes((64, 32), torch.float8_e4m3fn, 0),
+            "lin.weight_scale_inv": torch.tensor(0.01),
+            "lin.bias": torch.randn(64).to(torch.bfloat16),
+        },
+        str(tmp_path / "m.safetensors"),
+    )
+    return LazyFP8View(tmp_path)
+
+
+def test_is_tensor_like_and_metadata(view):
+    v = view["lin.weight"]
+    assert torch.overrides.is_tensor_like(v)
+    assert v.shape == (64, 32) and v.size() == (64, 32) and v.size(1) == 32
+    assert v.ndim == v.dim() == 2 and v.numel() == 2048 and v.nbytes == 4096 and v.element_size() == 2
+    assert not v.is_meta and not v.requires_grad and len(v) == 64
+    assert "lin.weight" in repr(v)
+
+
+def test_getitem_does_not_read_until_copy(view, monkeypatch):
+    reads = []
+    real = lazyfp8._reader.ShardFile.read_into
+    monkeypatch.setattr(lazyfp8._reader.ShardFile, "read_into", lambda self, dst, off, key: (reads.append(key), real(self, dst, off, key)))
+    sd = OrderedDict(view)  # what load_state_dict does first
+    assert reads == []
+    m = nn.Linear(32, 64).to(torch.bfloat16)
+    m.load_state_dict({"weight": sd["lin.weight"], "bias": sd["lin.bias"]})
+    assert "lin.weight" in reads and "lin.bias" in reads
+
+
+def test_copy_writes_straight_into_the_destination(view, monkeypatch):
+    dst = torch.empty(64, 32, dtype=torch.bfloat16)
+    ptrs = []
+    from lazyfp8 import _dequant
+
+    real = _dequant.PerTensorKernel.__call__
+    monkeypatch.setattr(_dequant.PerTensorKernel, "__call__", lambda self, c, out, s: (ptrs.append(out.data_ptr()), real(self, c, out, s)))
+    dst.copy_(view["lin.weight"])
+    assert ptrs == [dst.data_ptr()]
+
+
+def test_every_use_reads_again(view):
+    v = view["lin.bias"]
+    a, b = v.materialize(), v.materialize()
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+
+
+def test_operators_and_methods(view):
+    v, t = view["lin.bias"], view.get_tensor("lin.bias")
+    assert torch.equal(v + 1, t + 1) and torch.equal(-v, -t) and torch.equal(v.float(), t.float())
+    assert torch.equal(v[3:5], t[3:5]) and torch.equal(torch.stack([v, v]), torch.stack([t, t]))
+    assert torch.equal(torch.as_tensor(v.materialize()), t)
+    with pytest.raises(AttributeError):
+        v.not_a_tensor_method
+
+
+def test_broadcasting_copy(view):
+    dst = torch.empty(3, 64, dtype=torch.bfloat16)
+    dst.copy_(view["lin.bias"])
+    assert torch.equal(dst[2], view.get_tensor("lin.bias"))
+
+
+def test_swap_module_params_on_conversion(view):
+    m = nn.Linear(32, 64).to(torch.bfloat16)
+    weight = m.weight
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.load_state_dict({"weight": view["lin.weight"], "bias": view["lin.bias"]})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert isinstance(m.weight, nn.Parameter) and m.weight is weight
+    assert torch.equal(bits(m.weight.detach()), bits(view.get_tensor("lin.weight")))
+
+
+def test_load_state_dict_error_for_shape_mismatch_reads_nothing(view, monkeypatch):
+    monkeypatch.setattr(lazyfp8._reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
+    m = nn.Linear(16, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        m.load_state_dict({"weight": view["lin.weight"]}, strict=False)
+
+
+def test_value_type(view):
+    assert isinstance(view["lin.weight"], LazyTensor)

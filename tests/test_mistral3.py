@@ -1,0 +1,72 @@
+"""A real transformers Mistral3 model, loaded strict from its dawn-ridge FP8 checkpoint."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lazyfp8 import LazyFP8View, init_empty_weights, load_into  # noqa: E402
+from lazyfp8.testing import DAWN_RIDGE_TO_DISK, dawn_ridge_fp8, quantize_per_tensor, write_checkpoint  # noqa: E402
+from tests.helpers import bits, reference  # noqa: E402
+
+
+def config(tie: bool):
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, head_dim=16, tie_word_embeddings=tie)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=16, head_dim=16)
+    return transformers.Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=tie)
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def dawn_ridge(request, tmp_path):
+    tie = request.param
+    torch.manual_seed(0)
+    src = transformers.Mistral3ForConditionalGeneration(config(tie)).to(torch.bfloat16)
+    sd = src.state_dict()
+    if tie:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # tied checkpoints store no head
+    write_checkpoint(sd, str(tmp_path), quantize=dawn_ridge_fp8, to_disk=DAWN_RIDGE_TO_DISK, shards=3)
+    return str(tmp_path), src.state_dict(), tie
+
+
+def expected(key, value):
+    if dawn_ridge_fp8(key):
+        codes, scale = quantize_per_tensor(value)
+        return reference(codes, scale, torch.bfloat16)
+    return value
+
+
+def test_disk_layout_is_the_legacy_one(dawn_ridge):
+    path, _, _ = dawn_ridge
+    view = LazyFP8View(path)
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in view
+    assert all(not k.startswith("model.") for k in view)
+
+
+def test_load_state_dict_strict(dawn_ridge):
+    path, sd, tie = dawn_ridge
+    cfg = config(tie)
+    model = transformers.Mistral3ForConditionalGeneration(cfg).to(torch.bfloat16)
+    view = LazyFP8View(path, key_mapping="mistral3")
+    result = model.load_state_dict(view, strict=not tie)
+    assert result.unexpected_keys == []
+    loaded = model.state_dict()
+    for key in view:
+        assert torch.equal(bits(loaded[key]), bits(expected(key, sd[key]))), key
+
+
+def test_load_into_meta_model(dawn_ridge):
+    path, sd, tie = dawn_ridge
+    with init_empty_weights():
+        model = transformers.Mistral3ForConditionalGeneration(config(tie)).to(torch.bfloat16)
+    load_into(model, path, key_mapping="mistral3")
+    loaded = model.state_dict()
+    for key, value in sd.items():
+        assert torch.equal(bits(loaded[key]), bits(expected(key, value))), key
+    if tie:
+        assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    # the model runs
+    ids = torch.tensor([[1, 2, 3]])
+    out = model(input_ids=ids)
+    assert torch.isfinite(out.logits.float()).all()
