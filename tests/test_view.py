@@ -311,3 +311,13 @@ def test_property_any_shapes_scales_shards_and_mapping(tmp_path_factory, ck):
         assert torch.equal(bits(got), bits(ref)), k
         assert view.disk_key(k) == k[len(prefix):]
     assert os.listdir(d)
+
+
+def test_file_truncated_after_the_view_was_built(tmp_path):
+    path = save({"w.weight": torch.randn(64, 64)}, str(tmp_path / "m.safetensors"))
+    view = LazyFP8View(path)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(lazyfp8.CorruptCheckpointError, match="m.safetensors.*'w.weight'.*truncated"):
+        view.get_tensor("w.weight")
