@@ -15,6 +15,7 @@ __all__ = [
     "MissingScaleError",
     "ScaleShapeError",
     "InvalidScaleError",
+    "UnsupportedSchemeError",
     "KeyMappingError",
     "TensorNotFoundError",
 ]
@@ -65,6 +66,11 @@ class ScaleShapeError(CheckpointError):
 
 class InvalidScaleError(CorruptCheckpointError):
     """A scale holds NaN, an infinity, zero or a negative value."""
+
+
+class UnsupportedSchemeError(CheckpointError):
+    """The checkpoint's quantization is not an FP8 scheme lazyfp8 reads, or its config is
+    malformed; raised rather than reading packed or differently-scaled bytes as weights."""
 
 
 class KeyMappingError(LazyFP8Error, ValueError):

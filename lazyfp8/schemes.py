@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
-from .errors import CorruptCheckpointError, ScaleShapeError
+from .errors import ScaleShapeError
 
 __all__ = [
     "PerTensor",
     "PerChannel",
     "PerBlock",
     "Granularity",
+    "Scheme",
+    "MX_BLOCK",
     "grid_shape",
     "matrix_shape",
-    "detect_granularity",
-    "block_size_from_config",
+    "auto_scheme",
+    "make_scheme",
 ]
 
 
@@ -85,76 +87,128 @@ class PerBlock:
 
 Granularity = Union[PerTensor, PerChannel, PerBlock]
 
+#: The OCP MX block: 32 consecutive elements of a row share one power-of-two (ue8m0) scale.
+MX_BLOCK = (1, 32)
 
-def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(d for d in shape if d != 1)
+#: Scale dtypes holding ue8m0 exponents rather than values.
+EXPONENT_SCALE_CODES = frozenset({"U8", "F8_E8M0"})
 
 
-def detect_granularity(
-    weight_shape: Sequence[int],
-    scale_shape: Sequence[int],
-    *,
-    block_size: tuple[int, int] | None,
-    weight_key: str,
-    scale_key: str,
-    file: str,
-) -> Granularity:
-    """Which granularity a scale of ``scale_shape`` has for a weight of ``weight_shape``.
-
-    Decided by shapes and the configured ``block_size`` only, never by names: one element is
-    per-tensor; ``ceil(shape / block_size)`` is per-block (only when a block size is configured);
-    ``[rows, 1]`` or ``[rows]`` is per-channel.
-
-    Raises:
-        ScaleShapeError: naming both tensors, their shapes and what was expected.
-    """
-    scale_shape = tuple(scale_shape)
+def _matches(g: Granularity, weight_shape: Sequence[int], scale_shape: tuple[int, ...]) -> bool:
     if math.prod(scale_shape) == 1 and len(scale_shape) <= 2:
-        return PerTensor()
-    rows, cols = matrix_shape(weight_shape)
-    if block_size is not None:
-        block = PerBlock(tuple(block_size))
-        if scale_shape == block.scale_shape(weight_shape):
-            return block
-    if len(weight_shape) >= 2 and scale_shape in ((rows, 1), (rows,)):
-        return PerChannel()
-    expected = ["() per-tensor"]
-    if len(weight_shape) >= 2:
-        expected.append(f"{(rows, 1)} per-channel")
-    if block_size is not None:
-        expected.append(f"{PerBlock(tuple(block_size)).scale_shape(weight_shape)} for blocks of {tuple(block_size)}")
-    hint = (
-        ""
-        if block_size is not None
-        else "; a block-scaled checkpoint needs quantization_config.weight_block_size in config.json "
-        "or an explicit block_size="
-    )
-    raise ScaleShapeError(
-        f"{file}: scale {scale_key!r} has shape {list(scale_shape)} for the FP8 weight {weight_key!r} "
-        f"of shape {list(weight_shape)}; expected {' or '.join(expected)}{hint}",
-        file=file,
-        key=weight_key,
-    )
+        # One scale: per-tensor, or any granularity whose grid for this weight is one cell.
+        return isinstance(g, PerTensor) or math.prod(g.scale_shape(weight_shape)) == 1
+    if isinstance(g, PerTensor):
+        return False
+    expected = g.scale_shape(weight_shape)
+    if isinstance(g, PerChannel):
+        return len(weight_shape) >= 2 and scale_shape in (expected, expected[:1])
+    return scale_shape == expected
 
 
-def block_size_from_config(config: dict[str, Any] | None, path: str) -> tuple[int, int] | None:
-    """``quantization_config.weight_block_size`` of the parsed ``config.json`` at ``path``, or ``None``."""
-    if not config:
-        return None
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
-        return None
-    bs = qc.get("weight_block_size")
-    if bs is None:
-        return None
-    if (
-        not isinstance(bs, (list, tuple))
-        or len(bs) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in bs)
-    ):
-        raise CorruptCheckpointError(
-            f"{path}: quantization_config.weight_block_size must be two positive integers, "
-            f"found {bs!r}",
-            file=path,
+def _describe(g: Granularity, weight_shape: Sequence[int]) -> str:
+    if isinstance(g, PerTensor):
+        return "() per-tensor"
+    if isinstance(g, PerChannel):
+        return f"{list(g.scale_shape(weight_shape))} per-channel"
+    return f"{list(g.scale_shape(weight_shape))} for blocks of {list(g.block)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How a checkpoint's FP8 weights are scaled.
+
+    Attributes:
+        name: where it came from (``"fp8"``, ``"compressed-tensors"``, ``"auto"``...).
+        granularities: the granularities a scale may have, tried in order against each scale's
+            shape; the first that fits is used, none fitting is a ``ScaleShapeError``.
+        scale_suffixes: scale key = weight key + suffix; ``"_scale_inv"`` is the HF fp8 /
+            DeepSeek / Mistral convention, ``"_scale"`` (``weight`` -> ``weight_scale``) that of
+            compressed-tensors, ModelOpt and fbgemm.
+    """
+
+    name: str
+    granularities: tuple[Granularity, ...]
+    scale_suffixes: tuple[str, ...] = ("_scale_inv", "_scale")
+
+    def scale_keys(self, weight_key: str) -> list[str]:
+        """Candidate scale names for ``weight_key``. ``_scale`` applies to ``*.weight`` only."""
+        return [
+            weight_key + sfx
+            for sfx in self.scale_suffixes
+            if sfx != "_scale" or weight_key == "weight" or weight_key.endswith(".weight")
+        ]
+
+    def granularity(
+        self,
+        weight_shape: Sequence[int],
+        scale_shape: Sequence[int],
+        scale_code: str,
+        *,
+        weight_key: str,
+        scale_key: str,
+        file: str,
+    ) -> Granularity:
+        """The granularity of this scale for this weight.
+
+        Raises:
+            ScaleShapeError: naming both tensors, both shapes and the expected scale shapes.
+        """
+        scale_shape = tuple(scale_shape)
+        candidates = self.granularities
+        if self.name == "auto" and scale_code in EXPONENT_SCALE_CODES:
+            candidates = (PerBlock(MX_BLOCK),) + candidates
+        for g in candidates:
+            if _matches(g, weight_shape, scale_shape):
+                return g
+        expected = " or ".join(dict.fromkeys(_describe(g, weight_shape) for g in candidates))
+        hint = ""
+        if not any(isinstance(g, PerBlock) for g in candidates):
+            hint = (
+                "; a block-scaled checkpoint needs quantization_config.weight_block_size in "
+                "config.json or an explicit block_size="
+            )
+        raise ScaleShapeError(
+            f"{file}: scale {scale_key!r} has shape {list(scale_shape)} for the FP8 weight "
+            f"{weight_key!r} of shape {list(weight_shape)}; scheme {self.name!r} expects "
+            f"{expected}{hint}",
+            file=file,
+            key=weight_key,
         )
-    return int(bs[0]), int(bs[1])
+
+
+def auto_scheme(block_size: tuple[int, int] | None = None) -> Scheme:
+    """Granularity from each scale's shape: per-tensor, per-channel, or blocks of
+    ``block_size`` when one is known (ue8m0 exponent scales: MX 1x32 blocks)."""
+    gs: tuple[Granularity, ...] = (PerTensor(), PerChannel())
+    if block_size is not None:
+        gs += (PerBlock(tuple(block_size)),)
+    return Scheme("auto", gs)
+
+
+#: Schemes a user may name with ``scheme="..."``; ``block`` needs ``block_size=``.
+NAMED_SCHEMES = ("auto", "per-tensor", "per-channel", "block", "mx")
+
+
+def make_scheme(spec: "Scheme | Granularity | str | None", block_size: tuple[int, int] | None) -> Scheme | None:
+    """A scheme from a user's ``scheme=`` argument, or ``None`` when it is ``None``."""
+    if spec is None or isinstance(spec, Scheme):
+        return spec
+    if isinstance(spec, (PerTensor, PerChannel, PerBlock)):
+        return Scheme(type(spec).__name__, (spec,))
+    if spec == "auto":
+        return auto_scheme(block_size)
+    if spec == "per-tensor":
+        return Scheme(spec, (PerTensor(),))
+    if spec == "per-channel":
+        return Scheme(spec, (PerChannel(),))
+    if spec == "mx":
+        return Scheme(spec, (PerBlock(MX_BLOCK),))
+    if spec == "block":
+        if block_size is None:
+            raise ValueError("scheme='block' needs block_size=(rows, cols)")
+        return Scheme(spec, (PerBlock(tuple(block_size)),))
+    raise ValueError(
+        f"unknown scheme {spec!r}; pass a Scheme, PerTensor(), PerChannel(), PerBlock((r, c)) "
+        f"or one of {', '.join(map(repr, NAMED_SCHEMES))}"
+    )

@@ -16,7 +16,8 @@ from ._source import DEFAULT_CHUNK_ELEMENTS, SCALE_DTYPES, ScaleRef, TensorSourc
 from .errors import CheckpointError, MissingScaleError, TensorNotFoundError, UnsupportedDtypeError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
-from .schemes import Granularity, block_size_from_config, detect_granularity
+from ._quant_config import scheme_from_config
+from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
 
@@ -56,13 +57,24 @@ class TensorInfo:
     granularity: Granularity | None = None
 
 
-def _scale_candidates(key: str) -> list[str]:
-    """Names a scale of the FP8 tensor ``key`` may have: ``<name>_scale_inv`` (HF fp8, DeepSeek,
-    Mistral) and ``<module>.weight_scale`` (compressed-tensors, ModelOpt, fbgemm)."""
-    out = [key + "_scale_inv"]
-    if key.endswith(".weight") or key == "weight":
-        out.append(key + "_scale")
-    return out
+def _resolve_scheme(
+    scheme: Scheme | Granularity | str | None,
+    block_size: tuple[int, int] | None,
+    config: dict | None,
+    config_path: str,
+) -> Scheme:
+    """An explicit ``scheme=`` wins; else the config's quantization_config; else ``auto``.
+    ``block_size=`` replaces the block of every block granularity."""
+    explicit = make_scheme(scheme, block_size)
+    if explicit is not None:
+        return explicit
+    declared = scheme_from_config(config, config_path)
+    if declared is None:
+        return auto_scheme(block_size)
+    if block_size is None:
+        return declared
+    gs = tuple(g for g in declared.granularities if not isinstance(g, PerBlock))
+    return dataclasses.replace(declared, granularities=gs + (PerBlock(tuple(block_size)),))
 
 
 class LazyFP8View(Mapping[str, LazyTensor]):
@@ -85,13 +97,23 @@ class LazyFP8View(Mapping[str, LazyTensor]):
             transformers' ``from_pretrained(key_mapping=...)``, first matching rule wins.
         dtype (`torch.dtype`, defaults to `torch.bfloat16`): what FP8 tensors dequantize to.
         device (`str` or `torch.device`, defaults to ``"cpu"``): where tensors are produced.
+        scheme (`Scheme`, granularity or `str`, *optional*): how FP8 weights are scaled. Default:
+            what ``config.json``'s ``quantization_config`` declares (``quant_method`` ``fp8``,
+            ``compressed-tensors``, ``fbgemm_fp8``, ``modelopt``), else ``"auto"``: each scale's
+            granularity from its shape (per-tensor, per-channel, blocks of ``block_size``; ue8m0
+            exponent scales: MX 1x32 blocks). Also ``"per-tensor"``, ``"per-channel"``,
+            ``"block"``, ``"mx"``, or ``PerTensor()``, ``PerChannel()``, ``PerBlock((r, c))``.
         block_size (`tuple[int, int]`, *optional*): block size of block scales; defaults to
-            ``quantization_config.weight_block_size`` of ``config.json`` beside the shards.
+            ``quantization_config.weight_block_size`` (or the compressed-tensors
+            ``block_structure``) of ``config.json`` beside the shards.
+        include_quant_params (`bool`, defaults to `False`): also expose static activation and
+            KV-cache scales (``input_scale``, ``activation_scale``, ``k_scale``...) as keys.
         chunk_elements (`int`, *optional*): elements dequantized per step; bounds the working
             memory (about 11 bytes per element for block scales).
 
     Raises:
         MissingShardError, UnsafePathError, CorruptCheckpointError: a bad path, index or header.
+        UnsupportedSchemeError: a quantization_config that is not an FP8 scheme read here.
         MissingScaleError: an FP8 tensor without a scale sibling.
         ScaleShapeError: a scale whose shape fits no granularity for its weight.
         KeyMappingError: an unknown preset, or two on-disk keys mapping to one runtime name.
@@ -104,7 +126,9 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         key_mapping: KeyMappingSpec = None,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
+        scheme: Scheme | Granularity | str | None = None,
         block_size: tuple[int, int] | None = None,
+        include_quant_params: bool = False,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
         if dtype not in _FLOAT_TARGETS:
@@ -115,11 +139,9 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self.key_mapping = KeyMapping.from_spec(key_mapping)
         ckpt = open_checkpoint(self.path)
         self._checkpoint = ckpt
-        if block_size is None:
-            block_size = block_size_from_config(ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
-        self.block_size = None if block_size is None else (int(block_size[0]), int(block_size[1]))
+        self.scheme = _resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
         self._files = {p: ShardFile(p) for p in ckpt.shards}
-        scales, hidden = self._pair_scales(ckpt)
+        scales, hidden = self._pair_scales(ckpt, include_quant_params)
         exposed = [k for k in ckpt.tensors if k not in hidden]
         self._to_disk = self.key_mapping.build(exposed)
         self._sources: dict[str, TensorSource] = {}
@@ -135,7 +157,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
                 chunk=chunk_elements,
             )
 
-    def _pair_scales(self, ckpt: Checkpoint) -> tuple[dict[str, ScaleRef], set[str]]:
+    def _pair_scales(self, ckpt: Checkpoint, include_quant_params: bool) -> tuple[dict[str, ScaleRef], set[str]]:
         """Each FP8 tensor's scale, and the keys that are quantization parameters, not tensors."""
         scales: dict[str, ScaleRef] = {}
         hidden: set[str] = set()
@@ -143,11 +165,13 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         for key, (file, entry) in ckpt.tensors.items():
             if not entry.dtype.fp8_weight:
                 continue
-            found = [c for c in _scale_candidates(key) if c in ckpt.tensors]
+            candidates = self.scheme.scale_keys(key)
+            found = [c for c in candidates if c in ckpt.tensors]
             if not found:
                 raise MissingScaleError(
                     f"{os.path.basename(file)} holds the FP8 ({entry.dtype.code}) tensor {key!r} but the "
-                    f"checkpoint has no scale for it ({' or '.join(repr(c) for c in _scale_candidates(key))}); "
+                    f"checkpoint has no scale for it ({' or '.join(map(repr, candidates))}, scheme "
+                    f"{self.scheme.name!r}); "
                     "its raw bytes are not weights. Check that every shard is present and that "
                     "the checkpoint's quantization_config matches it",
                     file=file,
@@ -162,10 +186,10 @@ class LazyFP8View(Mapping[str, LazyTensor]):
                 )
             scale_file, scale_entry = ckpt.tensors[found[0]]
             self._check_scale_dtype(key, scale_file, scale_entry)
-            granularity = detect_granularity(
+            granularity = self.scheme.granularity(
                 entry.shape,
                 scale_entry.shape,
-                block_size=self.block_size,
+                scale_entry.dtype.code,
                 weight_key=key,
                 scale_key=found[0],
                 file=file,
@@ -173,7 +197,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
             scales[key] = ScaleRef(self._files[scale_file], scale_entry, granularity)
             hidden.add(found[0])
             fp8_modules.add(key.rpartition(".")[0])
-        if fp8_modules:
+        if fp8_modules and not include_quant_params:
             # A linear's static input scale sits beside its weight (``q_proj.input_scale``); a
             # KV-cache scale sits on the attention module, the parent (``self_attn.k_scale``).
             parents = {m.rpartition(".")[0] for m in fp8_modules} | fp8_modules

@@ -1,0 +1,97 @@
+"""Turn ``config.json``'s ``quantization_config`` into a :class:`~lazyfp8.schemes.Scheme`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import UnsupportedSchemeError
+from .schemes import Granularity, PerBlock, PerChannel, PerTensor, Scheme
+
+__all__ = ["scheme_from_config", "SUPPORTED_METHODS"]
+
+SUPPORTED_METHODS = ("fp8", "compressed-tensors", "fbgemm_fp8", "modelopt")
+
+
+def _block(value: Any, what: str, path: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
+    ):
+        raise UnsupportedSchemeError(f"{path}: {what} must be two positive integers, found {value!r}", file=path)
+    return int(value[0]), int(value[1])
+
+
+def _compressed_tensors(qc: dict[str, Any], path: str) -> Scheme:
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise UnsupportedSchemeError(f"{path}: compressed-tensors config has no config_groups", file=path)
+    found: list[Granularity] = []
+    for name, group in groups.items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            continue
+        kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
+        if kind != "float" or bits != 8:
+            raise UnsupportedSchemeError(
+                f"{path}: compressed-tensors group {name!r} quantizes weights to {bits}-bit {kind}; "
+                "lazyfp8 reads 8-bit float weights only",
+                file=path,
+            )
+        if strategy == "tensor":
+            found.append(PerTensor())
+        elif strategy == "channel":
+            found.append(PerChannel())
+        elif strategy == "block":
+            found.append(PerBlock(_block(weights.get("block_structure"), f"group {name!r} block_structure", path)))
+        elif strategy == "group":
+            size = weights.get("group_size")
+            if not isinstance(size, int) or size <= 0:
+                raise UnsupportedSchemeError(f"{path}: group {name!r} has group_size {size!r}", file=path)
+            found.append(PerBlock((1, size)))
+        else:
+            raise UnsupportedSchemeError(
+                f"{path}: compressed-tensors group {name!r} has weight strategy {strategy!r}; "
+                "lazyfp8 reads tensor, channel, block and group",
+                file=path,
+            )
+    if not found:
+        raise UnsupportedSchemeError(f"{path}: no compressed-tensors group quantizes weights", file=path)
+    return Scheme("compressed-tensors", tuple(dict.fromkeys(found)), ("_scale",))
+
+
+def scheme_from_config(config: dict[str, Any] | None, path: str) -> Scheme | None:
+    """The scheme ``config.json`` at ``path`` declares, or ``None`` if it declares none.
+
+    Raises:
+        UnsupportedSchemeError: a ``quant_method`` that is not an FP8 scheme read here, or a
+            malformed quantization_config.
+    """
+    qc = (config or {}).get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise UnsupportedSchemeError(f"{path}: quantization_config must be an object", file=path)
+    method = qc.get("quant_method")
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if block is None:
+            return Scheme("fp8", (PerTensor(),), ("_scale_inv",))
+        return Scheme("fp8", (PerBlock(_block(block, "quantization_config.weight_block_size", path)),), ("_scale_inv",))
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc, path)
+    if method == "fbgemm_fp8":
+        return Scheme("fbgemm_fp8", (PerChannel(),), ("_scale",))
+    if method == "modelopt":
+        algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
+        if algo != "FP8":
+            raise UnsupportedSchemeError(
+                f"{path}: modelopt quant_algo {algo!r} is not FP8; lazyfp8 reads FP8 only", file=path
+            )
+        return Scheme("modelopt", (PerTensor(),), ("_scale",))
+    raise UnsupportedSchemeError(
+        f"{path}: quantization_config.quant_method is {method!r}; lazyfp8 reads "
+        f"{', '.join(SUPPORTED_METHODS)} (pass scheme= to override)",
+        file=path,
+    )
+
