@@ -17,11 +17,12 @@ from .errors import (
     TensorNotFoundError,
     UnsafePathError,
     UnsupportedDtypeError,
+    UnsupportedSchemeError,
 )
 from .keymap import PRESETS, KeyMapping, Rule, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
-from .schemes import PerBlock, PerChannel, PerTensor
+from .schemes import PerBlock, PerChannel, PerTensor, Scheme
 from .view import LazyFP8View, TensorInfo
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "PerTensor",
     "PerChannel",
     "PerBlock",
+    "Scheme",
     # errors
     "LazyFP8Error",
     "CheckpointError",
@@ -49,6 +51,7 @@ __all__ = [
     "MissingShardError",
     "UnsafePathError",
     "UnsupportedDtypeError",
+    "UnsupportedSchemeError",
     "MissingScaleError",
     "ScaleShapeError",
     "InvalidScaleError",

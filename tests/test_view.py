@@ -320,3 +320,58 @@ def test_file_truncated_after_the_view_was_built(tmp_path):
         f.truncate(size - 100)
     with pytest.raises(lazyfp8.CorruptCheckpointError, match="m.safetensors.*'w.weight'.*truncated"):
         view.get_tensor("w.weight")
+
+
+def test_e4m3fnuz_same_bits_mean_half_and_0x80_is_nan(tmp_path):
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    save(
+        {
+            "fn.weight": codes.view(torch.float8_e4m3fn), "fn.weight_scale_inv": torch.tensor(1.0),
+            "uz.weight": codes.clone().view(torch.float8_e4m3fnuz), "uz.weight_scale_inv": torch.tensor(1.0),
+        },
+        str(tmp_path / "m.safetensors"),
+    )
+    view = LazyFP8View(tmp_path, dtype=torch.float32)
+    fn, uz = view.get_tensor("fn.weight"), view.get_tensor("uz.weight")
+    finite = torch.isfinite(fn) & torch.isfinite(uz) & (codes != 0x80)
+    assert torch.equal(uz[finite], fn[finite] / 2)
+    assert torch.isnan(uz[0x80]) and fn[0x80].item() == 0.0  # -0 in e4m3fn, NaN in fnuz
+
+
+def test_include_quant_params(tmp_path):
+    t = mixed_tensors()
+    save(t, str(tmp_path / "m.safetensors"))
+    view = LazyFP8View(tmp_path, block_size=(128, 128), include_quant_params=True)
+    assert {"layers.0.q_proj.activation_scale", "layers.0.k_proj.input_scale", "layers.0.k_scale"} <= set(view)
+    assert "layers.0.q_proj.weight_scale_inv" not in view
+    assert view.get_tensor("layers.0.q_proj.activation_scale").item() == 1.5
+
+
+def test_compressed_tensors_config_selects_weight_scale(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = fp8_codes((8, 16), E4, 0)
+    s = torch.rand(8, 1, generator=g) + 0.5
+    save({"l.weight": w, "l.weight_scale": s, "l.input_scale": torch.tensor(2.0)}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "config.json").write_text(
+        '{"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": '
+        '{"weights": {"type": "float", "num_bits": 8, "strategy": "channel"}}}}}'
+    )
+    view = LazyFP8View(tmp_path)
+    assert view.scheme.name == "compressed-tensors" and set(view) == {"l.weight"}
+    assert torch.equal(bits(view.get_tensor("l.weight")), bits(reference(w, s, torch.bfloat16)))
+
+
+def test_declared_scheme_rejects_a_mismatched_scale(tmp_path):
+    save({"l.weight": fp8_codes((8, 16), E4, 0), "l.weight_scale_inv": torch.ones(8, 1)}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "fp8", "weight_block_size": null}}')
+    with pytest.raises(ScaleShapeError, match="scheme 'fp8' expects"):
+        LazyFP8View(tmp_path)
+    assert LazyFP8View(tmp_path, scheme="per-channel").info("l.weight").granularity == PerChannel()
+
+
+def test_unsupported_quant_method(tmp_path):
+    save({"l.weight": torch.ones(2, 2)}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "gptq"}}')
+    with pytest.raises(lazyfp8.UnsupportedSchemeError, match="'gptq'"):
+        LazyFP8View(tmp_path)
+    assert set(LazyFP8View(tmp_path, scheme="auto")) == {"l.weight"}
