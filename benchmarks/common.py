@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import struct
 import subprocess
 import sys
@@ -101,18 +102,22 @@ class MemoryProbe:
 
 
 class Stopwatch:
-    """Named wall-clock laps: ``with watch.lap("load"): ...``."""
+    """Named laps: ``with watch.lap("load"): ...`` records wall seconds in ``laps[name]`` and
+    this process's CPU seconds (all threads) in ``cpu[name]``. CPU time tells a loader that
+    uses both cores from one that waits, and is less disturbed by other processes."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextlib.contextmanager
     def lap(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.laps[name] = self.laps.get(name, 0.0) + time.perf_counter() - t0
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,24 +445,50 @@ def warm_page_cache(paths: Iterable[str], chunk: int = 16 * MiB) -> int:
 # --------------------------------------------------------------------------------------------
 # Running cases
 # --------------------------------------------------------------------------------------------
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle since boot (from ``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal_and_guest = sum(fields[7:])  # steal, guest, guest_nice: not this machine's work
+    return (sum(fields) - idle - steal_and_guest) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User+system seconds of this process's finished children."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_case(script: str, case: str, args: Sequence[str] = (), timeout: float = 900) -> dict[str, Any]:
     """Run ``script --case CASE --result FILE ARGS`` in a fresh interpreter and return the JSON
     it wrote to FILE. A crash or a timeout becomes ``{"case", "error"}`` with the stderr tail, so
-    one failing case never hides the others' results."""
+    one failing case never hides the others' results.
+
+    Also records ``others_cpu_s``: CPU seconds the rest of the machine used while the case ran
+    (machine busy time minus the child's own), so a timing disturbed by another process on the
+    same two cores can be recognized instead of trusted.
+    """
     with tempfile.TemporaryDirectory(prefix="lazyfp8-case-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, script, "--case", case, "--result", result_path, *args]
         env = dict(os.environ, **OFFLINE_ENV)
+        busy0, child0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"case": case, "error": f"timed out after {timeout} s"}
+        others = (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - child0)
         if os.path.exists(result_path):
             with open(result_path) as f:
                 result = json.load(f)
             result.setdefault("stderr_tail", _tail(proc.stderr))
-            return result
-        return {"case": case, "error": f"exit code {proc.returncode}: {_tail(proc.stderr) or _tail(proc.stdout)}"}
+        else:
+            err = _tail(proc.stderr) or _tail(proc.stdout)
+            result = {"case": case, "error": f"exit code {proc.returncode}: {err}"}
+        result["process_s"] = time.perf_counter() - t0
+        result["others_cpu_s"] = max(others, 0.0)
+        return result
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -479,6 +510,8 @@ def environment() -> dict[str, Any]:
     import lazyfp8
 
     return {
+        "lazyfp8_path": os.path.dirname(lazyfp8.__file__),
+        "git": git_revision(os.path.dirname(os.path.dirname(os.path.abspath(lazyfp8.__file__)))),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -489,6 +522,18 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
     }
+
+
+def git_revision(path: str) -> str | None:
+    """``<commit>[+dirty]`` of the git checkout at ``path``, or ``None`` outside one."""
+    try:
+        rev = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--", "lazyfp8"], capture_output=True, text=True)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------

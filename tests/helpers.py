@@ -21,6 +21,8 @@ def reference(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, block: tuple
         sf = sf.reshape(-(-rows // block[0]), -1)
         sf = sf.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
         return (wf.reshape(rows, cols) * sf).reshape(w.shape).to(dtype)
+    if sf.numel() == 1:
+        sf = sf.reshape(())
     return (wf * sf).to(dtype)
 
 

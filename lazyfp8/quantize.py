@@ -1,0 +1,104 @@
+"""Quantize a tensor to FP8 with any granularity: the inverse of what the view reads.
+
+``scale = amax / fp8_max`` per group (float32), ``codes = round(clamp(w / scale, ±fp8_max))``.
+A group of zeros gets scale 1.0 (finite and non-zero, as readers require). For MX (ue8m0)
+scales the scale is the smallest power of two ``>= amax / fp8_max``, stored as its biased
+exponent byte.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schemes import Granularity, PerChannel, PerTensor, grid_shape, matrix_shape
+
+__all__ = ["quantize", "fp8_max", "NonFiniteError"]
+
+_FP8_MAX = {
+    torch.float8_e4m3fn: 448.0,
+    torch.float8_e5m2: 57344.0,
+    torch.float8_e4m3fnuz: 240.0,
+    torch.float8_e5m2fnuz: 57344.0,
+}
+
+# Row bands are processed this many elements at a time so a float32 copy of a whole tensor is
+# never made.
+_BAND_ELEMENTS = 1 << 22
+
+
+class NonFiniteError(ValueError):
+    """The tensor to quantize holds NaN or an infinity."""
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an FP8 dtype."""
+    try:
+        return _FP8_MAX[dtype]
+    except KeyError:
+        raise ValueError(f"{dtype} is not an FP8 weight dtype; use one of {list(_FP8_MAX)}") from None
+
+
+def _bands(rows: int, cols: int, b0: int) -> list[tuple[int, int]]:
+    """Row ranges holding whole block rows and about _BAND_ELEMENTS elements each."""
+    per = max(_BAND_ELEMENTS // max(cols, 1) // b0, 1) * b0
+    return [(r, min(r + per, rows)) for r in range(0, rows, per)]
+
+
+def quantize(
+    w: torch.Tensor,
+    granularity: Granularity = PerTensor(),
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    *,
+    ue8m0: bool = False,
+    name: str = "tensor",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` for ``w``.
+
+    Args:
+        w: any floating tensor (CPU).
+        granularity: ``PerTensor()`` (scale shape ``()``), ``PerChannel()`` (``[rows, 1]``) or
+            ``PerBlock((b0, b1))`` (``[ceil(rows/b0), ceil(cols/b1)]``), over ``w``'s
+            ``[rows, cols]`` view.
+        fp8_dtype: the codes' dtype.
+        ue8m0: store power-of-two scales as biased exponents (``torch.uint8``), as MX does.
+        name: used in error messages.
+
+    Returns:
+        codes of ``fp8_dtype`` and ``w.shape``; float32 scales (or uint8 exponents).
+
+    Raises:
+        NonFiniteError: ``w`` holds NaN or an infinity (naming ``name``).
+    """
+    fmax = fp8_max(fp8_dtype)
+    rows, cols = matrix_shape(w.shape)
+    block = granularity.block_size(w.shape)
+    b0, b1 = block
+    w2 = w.detach().reshape(rows, cols)
+    gr, gc = grid_shape(rows, cols, block) if w.numel() else (1, 1)
+    scale = torch.empty(gr, gc, dtype=torch.float32)
+    codes = torch.empty(rows, cols, dtype=fp8_dtype)
+    pad = gc * b1 - cols
+    for r0, r1 in _bands(rows, cols, b0):
+        x = w2[r0:r1].to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"cannot quantize {name!r}: it holds NaN or an infinity")
+        nr = r1 - r0
+        g0, g1 = r0 // b0, -(-r1 // b0)
+        xa = torch.nn.functional.pad(x.abs(), (0, pad, 0, (g1 - g0) * b0 - nr))
+        amax = xa.view(g1 - g0, b0, gc, b1).amax(dim=(1, 3))
+        s = amax / fmax
+        if ue8m0:
+            s = torch.exp2(torch.ceil(torch.log2(s)))
+        s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+        scale[g0:g1] = s
+        s_rows = s.repeat_interleave(b0, 0)[:nr].repeat_interleave(b1, 1)[:, :cols]
+        codes[r0:r1] = (x / s_rows).clamp_(-fmax, fmax).to(fp8_dtype)
+    codes = codes.reshape(w.shape)
+    if isinstance(granularity, PerTensor):
+        scale = scale.reshape(())
+    elif isinstance(granularity, PerChannel):
+        scale = scale.reshape(rows, 1)
+    if ue8m0:
+        scale = (torch.log2(scale).round() + 127).to(torch.uint8)
+    return codes, scale
+
