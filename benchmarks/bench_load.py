@@ -334,6 +334,7 @@ def parent_main(args: argparse.Namespace) -> int:
     spec = common.SPECS[mode]
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    env = common.environment()  # before the runs: the lazyfp8 revision they measure
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"lazyfp8-bench-{mode}-")
     try:
         ck = common.ensure_checkpoints(workdir, spec)
@@ -353,7 +354,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 "page_cache": "warm",
                 "repeat": args.repeat,
                 "bound_bytes": ck.manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK,
-                "environment": common.environment(),
+                "environment": env,
                 "checkpoint": {k: v for k, v in ck.manifest.items()},
                 "fp8_quantization_config": common.FP8_QUANTIZATION_CONFIG,
                 "rows": rows,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -11,8 +12,11 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .view import LazyFP8View
+
+_log = logging.getLogger("lazyfp8")
 
 __all__ = ["load_into", "init_empty_weights"]
 
@@ -76,6 +80,7 @@ def load_into(
     *,
     strict: bool = True,
     device: str | torch.device | None = None,
+    key_mapping: KeyMappingSpec = None,
     **view_kwargs: Any,
 ) -> _IncompatibleKeys:
     """Load ``source`` into ``model`` one tensor at a time; parameters may be on the meta device.
@@ -95,15 +100,27 @@ def load_into(
             checkpoint path (opened with ``view_kwargs`` and closed afterwards).
         strict (`bool`, defaults to `True`): as in ``load_state_dict``.
         device (`str` or `torch.device`, *optional*): where meta parameters are materialized.
+        key_mapping (*optional*): for a path or a :class:`LazyFP8View` source, the key mapping to
+            apply (see :class:`LazyFP8View`), or ``"auto"``: infer prefix rules that map the
+            checkpoint's keys onto this model's (logged at INFO on the ``lazyfp8`` logger;
+            ``KeyMappingError`` when no consistent set exists).
 
     Returns:
         ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as ``load_state_dict``.
     """
     if isinstance(source, (str, os.PathLike)):
-        with LazyFP8View(source, **view_kwargs) as view:
-            return load_into(model, view, strict=strict, device=device)
+        mapping = None if key_mapping == "auto" else key_mapping
+        with LazyFP8View(source, key_mapping=mapping, **view_kwargs) as view:
+            return load_into(model, view, strict=strict, device=device, key_mapping="auto" if key_mapping == "auto" else None)
     if view_kwargs:
         raise TypeError(f"view options {sorted(view_kwargs)} apply only when source is a path")
+    if key_mapping is not None:
+        if not isinstance(source, LazyFP8View):
+            raise TypeError("key_mapping applies to a path or a LazyFP8View source")
+        if key_mapping == "auto":
+            key_mapping = KeyMapping.infer(source.disk_keys(), model.state_dict(keep_vars=True).keys())
+            _log.info("key_mapping='auto' chose: %s", "; ".join(key_mapping.describe()) or "identity")
+        source = source.remap(key_mapping)
     if device is None:
         device = getattr(source, "device", None) or "cpu"
     device = torch.device(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -141,21 +142,36 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._checkpoint = ckpt
         self.scheme = _resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
         self._files = {p: ShardFile(p) for p in ckpt.shards}
-        scales, hidden = self._pair_scales(ckpt, include_quant_params)
-        exposed = [k for k in ckpt.tensors if k not in hidden]
-        self._to_disk = self.key_mapping.build(exposed)
+        self._chunk = chunk_elements
+        self._scales, hidden = self._pair_scales(ckpt, include_quant_params)
+        self._exposed = [k for k in ckpt.tensors if k not in hidden]
+        self._apply_mapping()
+
+    def _apply_mapping(self) -> None:
+        self._to_disk = self.key_mapping.build(self._exposed)
         self._sources: dict[str, TensorSource] = {}
         for runtime, disk in self._to_disk.items():
-            file, entry = ckpt.tensors[disk]
+            file, entry = self._checkpoint.tensors[disk]
             self._sources[runtime] = TensorSource(
                 runtime,
                 self._files[file],
                 entry,
-                scale=scales.get(disk),
-                dtype=dtype,
+                scale=self._scales.get(disk),
+                dtype=self.dtype,
                 device=self.device,
-                chunk=chunk_elements,
+                chunk=self._chunk,
             )
+
+    def remap(self, key_mapping: KeyMappingSpec) -> "LazyFP8View":
+        """The same checkpoint under another key mapping, without reading headers again."""
+        other = copy.copy(self)
+        other.key_mapping = KeyMapping.from_spec(key_mapping)
+        other._apply_mapping()
+        return other
+
+    def disk_keys(self) -> list[str]:
+        """The on-disk names of the keys, in checkpoint order (scales excluded)."""
+        return list(self._exposed)
 
     def _pair_scales(self, ckpt: Checkpoint, include_quant_params: bool) -> tuple[dict[str, ScaleRef], set[str]]:
         """Each FP8 tensor's scale, and the keys that are quantization parameters, not tensors."""

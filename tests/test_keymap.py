@@ -80,3 +80,76 @@ def test_mistral3_is_one_to_one_on_any_prefixed_tree(keys):
     disk = [p + k for k in keys for p in ("language_model.model.", "vision_tower.", "multi_modal_projector.")]
     table = KeyMapping.from_spec("mistral3").build(disk)
     assert len(table) == len(disk) and sorted(table.values()) == sorted(disk)
+
+
+def test_preset_inverts():
+    km = KeyMapping.from_spec("mistral3")
+    for disk, runtime in MISTRAL3.items():
+        assert km.to_disk(runtime) == disk
+    assert km.build_inverse(MISTRAL3.values()) == MISTRAL3
+
+
+def test_transformers_style_unescaped_dots_invert():
+    km = KeyMapping.from_spec({r"^language_model.model": "model.language_model"})
+    assert km.to_disk("model.language_model.norm.weight") == "language_model.model.norm.weight"
+
+
+def test_non_literal_rule_needs_an_explicit_inverse():
+    km = KeyMapping.from_spec({r"^layers\.(\d+)\.": r"model.layers.\1."})
+    with pytest.raises(KeyMappingError, match="cannot be inverted automatically"):
+        km.to_disk("model.layers.1.w")
+    explicit = KeyMapping(km.rules, inverse=(Rule(r"^model\.layers\.(\d+)\.", r"layers.\1."),))
+    assert explicit.build_inverse(["model.layers.3.w"]) == {"layers.3.w": "model.layers.3.w"}
+
+
+def test_inverse_that_does_not_round_trip_names_the_key():
+    # "new.x" is written as "old.x" ... which is also how the unmapped runtime key "old.x" is written.
+    km = KeyMapping.from_spec({r"^old\.": "new."})
+    with pytest.raises(KeyMappingError, match="'old.x'.*reads back as 'new.x'"):
+        km.build_inverse(["new.x", "old.x"])
+
+
+PREFIXES = st.sampled_from(["", "model.", "language_model.model.", "a.", "a.b.", "vision_tower."])
+
+
+@given(key_trees(), st.lists(st.tuples(PREFIXES, PREFIXES), min_size=0, max_size=4))
+def test_round_trip_or_a_named_error(keys, pairs):
+    """For any prefix rule set, over any key set: either both directions round-trip on every key,
+    or building the mapping fails with an error that names keys; never a silent loss."""
+    rules = tuple(prefix_rule(d, r) for d, r in pairs)
+    km = KeyMapping(rules)
+    disk_keys = [d + k for d, _ in (pairs or [("", "")]) for k in keys]
+    disk_keys = list(dict.fromkeys(disk_keys))
+    try:
+        forward = km.build(disk_keys)
+        backward = km.build_inverse(forward)
+    except KeyMappingError as e:
+        assert "'" in str(e)  # names at least one key
+        return
+    assert backward == {d: r for r, d in forward.items()}
+    for r, d in forward.items():
+        assert km.to_runtime(km.to_disk(r)) == r and km.to_disk(km.to_runtime(d)) == d
+
+
+def test_infer_finds_the_mistral3_rules():
+    inferred = KeyMapping.infer(MISTRAL3.keys(), MISTRAL3.values())
+    assert inferred.build(MISTRAL3) == {v: k for k, v in MISTRAL3.items()}
+    assert set(inferred.rules) == set(PRESETS["mistral3"])
+
+
+def test_infer_identity_when_names_match():
+    assert KeyMapping.infer(["a.w", "b.w"], ["a.w", "b.w"]).rules == ()
+
+
+def test_infer_fails_clearly():
+    with pytest.raises(KeyMappingError, match="match no model key.*'zzz.q'"):
+        KeyMapping.infer(["zzz.q"], ["a.w"])
+    with pytest.raises(KeyMappingError, match="several model keys"):
+        KeyMapping.infer(["x.w"], ["a.x.w", "b.x.w"])
+
+
+@given(key_trees(min_size=2), st.sampled_from(["model.", "transformer.", "a.b."]))
+def test_infer_recovers_a_prefix_from_any_tree(keys, prefix):
+    runtime = [prefix + k for k in keys]
+    inferred = KeyMapping.infer(keys, runtime)
+    assert inferred.build(keys) == dict(zip(runtime, keys))

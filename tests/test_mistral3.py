@@ -70,3 +70,14 @@ def test_load_into_meta_model(dawn_ridge):
     ids = torch.tensor([[1, 2, 3]])
     out = model(input_ids=ids)
     assert torch.isfinite(out.logits.float()).all()
+
+
+def test_auto_key_mapping_finds_the_layout(dawn_ridge, caplog):
+    path, sd, tie = dawn_ridge
+    with init_empty_weights():
+        model = transformers.Mistral3ForConditionalGeneration(config(tie)).to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="lazyfp8"):
+        load_into(model, path, key_mapping="auto")
+    assert "^language_model\\.model\\. -> model.language_model." in caplog.text
+    for key, value in model.state_dict().items():
+        assert torch.equal(bits(value), bits(expected(key, sd[key]))), key

@@ -1,0 +1,213 @@
+"""Build FP8 checkpoints the way released ones are laid out, for the parity and model tests.
+
+Quantization is ``lazyfp8.quantize.quantize`` and writing is safetensors' ``save_file`` (through
+``tests.helpers.write_sharded``); nothing here reads a checkpoint back. Every builder returns what
+a test needs to compute the expected values independently of the reader under test: for each FP8
+weight its codes and the scale exactly as written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+
+from lazyfp8.quantize import quantize
+from lazyfp8.schemes import Granularity
+from tests.helpers import reference, write_sharded
+
+#: ``{weight key: (codes, scale as written)}`` for every FP8 weight of a built checkpoint.
+Quantized = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+EXPONENT_SCALE_DTYPES = (torch.uint8, torch.float8_e8m0fnu)
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    select: Callable[[str], bool],
+    granularity: Granularity,
+    *,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    suffix: str = "_scale_inv",
+    scale_dtype: torch.dtype | Callable[[str], torch.dtype] = torch.float32,
+    plain_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[dict[str, torch.Tensor], Quantized]:
+    """The on-disk tensors of ``state_dict`` with the keys ``select`` picks quantized.
+
+    Args:
+        select: which keys to store as FP8 (``fp8_dtype`` codes, scale at ``key + suffix``).
+        granularity: passed to ``quantize``.
+        suffix: ``"_scale_inv"`` (HF fp8 / DeepSeek) or ``"_scale"`` (compressed-tensors).
+        scale_dtype: the stored scale dtype (or a function of the key): ``torch.float32``,
+            ``torch.bfloat16`` (the float32 scale rounded, as some exporters store it),
+            ``torch.uint8`` (ue8m0 exponent bytes) or ``torch.float8_e8m0fnu`` (the same bytes
+            under the F8_E8M0 header code).
+        plain_dtype: dtype of every floating tensor not quantized (``None`` keeps it).
+    """
+    disk: dict[str, torch.Tensor] = {}
+    quantized: Quantized = {}
+    for key, value in state_dict.items():
+        value = value.detach()
+        if not select(key):
+            keep = plain_dtype is None or not value.is_floating_point()
+            disk[key] = (value if keep else value.to(plain_dtype)).contiguous()
+            continue
+        sdt = scale_dtype(key) if callable(scale_dtype) else scale_dtype
+        exponent = sdt in EXPONENT_SCALE_DTYPES
+        codes, scale = quantize(value, granularity, fp8_dtype, ue8m0=exponent, name=key)
+        if sdt == torch.float8_e8m0fnu:
+            scale = scale.view(torch.float8_e8m0fnu)
+        elif not exponent:
+            scale = scale.to(sdt)
+        disk[key] = codes
+        disk[key + suffix] = scale
+        quantized[key] = (codes, scale)
+    return disk, quantized
+
+
+def scale_multipliers(scale: torch.Tensor) -> torch.Tensor:
+    """A stored scale as float32 multipliers: ue8m0 bytes ``b`` mean ``2 ** (b - 127)``
+    (computed with ``exp2``, not through torch's e8m0 dtype, so it checks the reader's decoding)."""
+    if scale.dtype in EXPONENT_SCALE_DTYPES:
+        return torch.exp2(scale.view(torch.uint8).to(torch.float32) - 127.0)
+    return scale.to(torch.float32)
+
+
+def expected(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] | None) -> torch.Tensor:
+    """The reference dequantization (``tests.helpers.reference``) of one built FP8 weight;
+    ``block`` is the block size, or ``None`` for per-tensor and per-channel ``[N, 1]`` scales."""
+    s = scale_multipliers(scale)
+    if block is None and s.numel() > 1:  # per-channel: one row of the grid per output row
+        block = (1, codes.shape[-1])
+    return reference(codes, s, dtype, block)
+
+
+def write_checkpoint(
+    directory: str,
+    tensors: Mapping[str, torch.Tensor],
+    config: dict | None = None,
+    *,
+    shards: int = 1,
+    scales_apart: bool = False,
+    scale_pattern: str = r"_scale(_inv)?$",
+) -> str:
+    """Write ``tensors`` as ``model-0000i-of-0000n.safetensors`` files with a
+    ``model.safetensors.index.json`` (and ``config.json`` when given).
+
+    Keys are split in order into ``shards`` files; with ``scales_apart`` every scale goes to one
+    extra, last file, so no scale shares a file with its weight.
+    """
+    keys = list(tensors)
+    scale_keys = [k for k in keys if scales_apart and re.search(scale_pattern, k)]
+    rest = [k for k in keys if k not in set(scale_keys)]
+    per = max(1, math.ceil(len(rest) / shards))
+    groups = [rest[i : i + per] for i in range(0, len(rest), per)]
+    if scale_keys:
+        groups.append(scale_keys)
+    n = len(groups)
+    files = {
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors": {k: tensors[k] for k in group}
+        for i, group in enumerate(groups)
+    }
+    return write_sharded(directory, files, config)
+
+
+def fp8_block_config(model_config: dict, block: tuple[int, int] = (128, 128)) -> dict:
+    """``config.json`` of an HF "fp8" block-scaled checkpoint (DeepSeek-V3, Qwen3-FP8)."""
+    return {
+        **model_config,
+        "quantization_config": {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "weight_block_size": list(block),
+        },
+    }
+
+
+def mx_config(model_config: dict) -> dict:
+    """``config.json`` of an HF "fp8" checkpoint with ue8m0 scales over 1x32 blocks (MXFP8)."""
+    return {
+        **model_config,
+        "quantization_config": {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "scale_fmt": "ue8m0",
+            "weight_block_size": [1, 32],
+        },
+    }
+
+
+def compressed_tensors_channel_config(model_config: dict, ignore: list[str]) -> dict:
+    """``config.json`` of an llm-compressor FP8 checkpoint: per-channel weight scales, static
+    per-tensor input scales (the "FP8" preset)."""
+    return {
+        **model_config,
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "ignore": list(ignore),
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 8,
+                        "type": "float",
+                        "strategy": "channel",
+                        "symmetric": True,
+                        "dynamic": False,
+                    },
+                    "input_activations": {
+                        "num_bits": 8,
+                        "type": "float",
+                        "strategy": "tensor",
+                        "symmetric": True,
+                        "dynamic": False,
+                    },
+                }
+            },
+        },
+    }
+
+
+def add_input_scales(tensors: dict[str, torch.Tensor], quantized: Quantized, seed: int = 0) -> list[str]:
+    """Add a static ``input_scale`` (F32, shape ``[1]``) beside every FP8 weight, as
+    compressed-tensors does; returns the keys added."""
+    g = torch.Generator().manual_seed(seed)
+    added = []
+    for key in quantized:
+        name = key.rpartition(".")[0] + ".input_scale"
+        tensors[name] = torch.rand(1, generator=g) + 0.01
+        added.append(name)
+    return added
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def unfuse_experts(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's runtime MoE layout -> the per-expert layout DeepSeek-V3 ships.
+
+    ``<p>.mlp.experts.gate_up_proj`` ``[E, 2I, H]`` becomes ``<p>.mlp.experts.{e}.gate_proj.weight``
+    (rows ``:I``) and ``.up_proj.weight`` (rows ``I:``), the inverse of transformers'
+    ``MergeModulelist(dim=0)`` + ``Concatenate(dim=1)``; ``down_proj`` ``[E, H, I]`` becomes
+    ``<p>.mlp.experts.{e}.down_proj.weight``. Other keys are kept in order.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _FUSED_EXPERTS.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, which = m.groups()
+        for e in range(value.shape[0]):
+            if which == "gate_up_proj":
+                gate, up = value[e].chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.clone()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.clone()
+            else:
+                out[f"{prefix}.{e}.down_proj.weight"] = value[e].clone()
+    return out
