@@ -203,6 +203,23 @@ class KeyMapping:
             out[disk] = runtime
         return out
 
+    def bijection(self, disk_keys: Iterable[str]) -> dict[str, str]:
+        """``{runtime_key: disk_key}`` over ``disk_keys``, checked in both directions: every key
+        maps to a distinct runtime name and the inverse rules give each disk key back.
+
+        Raises:
+            KeyMappingError: naming the keys that collide or do not come back.
+        """
+        table = self.build(disk_keys)
+        for runtime, disk in table.items():
+            back = self.to_disk(runtime)
+            if back != disk:
+                raise KeyMappingError(
+                    f"key mapping is not invertible on {disk!r}: it reads as {runtime!r}, "
+                    f"which is written back as {back!r}"
+                )
+        return table
+
     @classmethod
     def infer(cls, disk_keys: Iterable[str], runtime_keys: Iterable[str]) -> "KeyMapping":
         """Prefix rules that map checkpoint keys onto a model's keys (``key_mapping="auto"``).

@@ -121,7 +121,7 @@ def test_round_trip_or_a_named_error(keys, pairs):
     disk_keys = [d + k for d, _ in (pairs or [("", "")]) for k in keys]
     disk_keys = list(dict.fromkeys(disk_keys))
     try:
-        forward = km.build(disk_keys)
+        forward = km.bijection(disk_keys)
         backward = km.build_inverse(forward)
     except KeyMappingError as e:
         assert "'" in str(e)  # names at least one key
