@@ -23,7 +23,9 @@ from .keymap import PRESETS, KeyMapping, Rule, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
 from .schemes import PerBlock, PerChannel, PerTensor, Scheme
+from .quantize import NonFiniteError, quantize
 from .view import LazyFP8View, TensorInfo
+from .writer import SaveResult, save
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,10 @@ __all__ = [
     "TensorInfo",
     "load_into",
     "init_empty_weights",
+    # writing
+    "save",
+    "SaveResult",
+    "quantize",
     # key mapping
     "KeyMapping",
     "Rule",
@@ -57,5 +63,6 @@ __all__ = [
     "InvalidScaleError",
     "KeyMappingError",
     "TensorNotFoundError",
+    "NonFiniteError",
     "__version__",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .schemes import Granularity, PerChannel, PerTensor, grid_shape, matrix_shape
+from .schemes import Granularity, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["quantize", "fp8_max", "NonFiniteError"]
 
@@ -50,6 +50,7 @@ def quantize(
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     *,
     ue8m0: bool = False,
+    scale: torch.Tensor | None = None,
     name: str = "tensor",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scale)`` for ``w``.
@@ -61,6 +62,9 @@ def quantize(
             ``[rows, cols]`` view.
         fp8_dtype: the codes' dtype.
         ue8m0: store power-of-two scales as biased exponents (``torch.uint8``), as MX does.
+        scale: use these scales (the granularity's shape; float multipliers, or uint8 ue8m0
+            exponents) instead of ``amax / fp8_max``: re-quantizing a dequantized tensor with its
+            original scales gives back its original codes.
         name: used in error messages.
 
     Returns:
@@ -73,8 +77,19 @@ def quantize(
     rows, cols = matrix_shape(w.shape)
     block = granularity.block_size(w.shape)
     b0, b1 = block
+    expected = tuple(granularity.scale_shape(w.shape))
+    gr, gc = grid_shape(rows, cols, block)
+    given = None
+    if scale is not None and w.numel():
+        if scale.numel() != gr * gc:
+            raise ValueError(f"scale for {name!r} has shape {list(scale.shape)}; {granularity} expects {list(expected)}")
+        given = scale.detach().reshape(gr, gc)
+        # uint8 scales are ue8m0 exponents; anything else is a multiplier.
+        given = torch.exp2(given.to(torch.float32) - 127) if given.dtype == torch.uint8 else given.to(torch.float32)
+    if w.numel() == 0:
+        out = torch.ones(expected, dtype=torch.float32)
+        return torch.empty(w.shape, dtype=fp8_dtype), (out.to(torch.uint8) * 127 if ue8m0 else out)
     w2 = w.detach().reshape(rows, cols)
-    gr, gc = grid_shape(rows, cols, block) if w.numel() else (1, 1)
     scale = torch.empty(gr, gc, dtype=torch.float32)
     codes = torch.empty(rows, cols, dtype=fp8_dtype)
     pad = gc * b1 - cols
@@ -84,20 +99,19 @@ def quantize(
             raise NonFiniteError(f"cannot quantize {name!r}: it holds NaN or an infinity")
         nr = r1 - r0
         g0, g1 = r0 // b0, -(-r1 // b0)
-        xa = torch.nn.functional.pad(x.abs(), (0, pad, 0, (g1 - g0) * b0 - nr))
-        amax = xa.view(g1 - g0, b0, gc, b1).amax(dim=(1, 3))
-        s = amax / fmax
-        if ue8m0:
-            s = torch.exp2(torch.ceil(torch.log2(s)))
-        s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+        if given is not None:
+            s = given[g0:g1]
+        else:
+            xa = torch.nn.functional.pad(x.abs(), (0, pad, 0, (g1 - g0) * b0 - nr))
+            s = xa.view(g1 - g0, b0, gc, b1).amax(dim=(1, 3)) / fmax
+            if ue8m0:
+                s = torch.exp2(torch.ceil(torch.log2(s)))
+            s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
         scale[g0:g1] = s
         s_rows = s.repeat_interleave(b0, 0)[:nr].repeat_interleave(b1, 1)[:, :cols]
         codes[r0:r1] = (x / s_rows).clamp_(-fmax, fmax).to(fp8_dtype)
     codes = codes.reshape(w.shape)
-    if isinstance(granularity, PerTensor):
-        scale = scale.reshape(())
-    elif isinstance(granularity, PerChannel):
-        scale = scale.reshape(rows, 1)
+    scale = scale.reshape(expected)
     if ue8m0:
         scale = (torch.log2(scale).round() + 127).to(torch.uint8)
     return codes, scale

@@ -13,7 +13,7 @@ import torch
 from ._checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
 from ._header import TensorEntry
 from ._reader import ShardFile
-from ._source import DEFAULT_CHUNK_ELEMENTS, SCALE_DTYPES, ScaleRef, TensorSource
+from ._source import DEFAULT_CHUNK_ELEMENTS, SCALE_DTYPES, ScaleRef, TensorSource, read_scale
 from .errors import CheckpointError, MissingScaleError, TensorNotFoundError, UnsupportedDtypeError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
@@ -268,6 +268,14 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         """A real tensor: FP8 tensors dequantized to ``dtype``, others in their stored dtype,
         on ``device``. Reads the file each call."""
         return self[key].materialize()
+
+    def scale(self, key: str) -> torch.Tensor | None:
+        """The stored scale of FP8 key ``key`` as float32 multipliers (its stored shape), or
+        ``None`` for a tensor that is not FP8. Reads only the scale."""
+        source = self._sources.get(key)
+        if source is None:
+            raise self._missing(key)
+        return None if source.scale is None else read_scale(source.scale, key)
 
     def disk_key(self, key: str) -> str:
         """The on-disk name of runtime key ``key``."""

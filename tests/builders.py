@@ -211,3 +211,37 @@ def unfuse_experts(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             else:
                 out[f"{prefix}.{e}.down_proj.weight"] = value[e].clone()
     return out
+
+
+#: The Linear weights DeepSeek-V3 ships as FP8: attention (``q_a_proj``, ``q_b_proj``,
+#: ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``), dense MLPs, routed and shared experts.
+#: The router (``mlp.gate.weight``), norms, embeddings and ``lm_head`` stay BF16.
+DEEPSEEK_FP8 = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
+
+
+def deepseek_v3_checkpoint(
+    directory: str,
+    runtime_state_dict: Mapping[str, torch.Tensor],
+    model_config: dict,
+    *,
+    shards: int = 3,
+) -> tuple[dict[str, torch.Tensor], Quantized]:
+    """Write the on-disk layout DeepSeek-V3 ships from a transformers 5 ``DeepseekV3ForCausalLM``
+    state dict: per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``, every ``DEEPSEEK_FP8``
+    weight as ``float8_e4m3fn`` with a float32 ``weight_scale_inv`` over 128x128 blocks (partial
+    at ragged edges), ``e_score_correction_bias`` in F32, everything else in BF16, and a
+    ``config.json`` declaring ``quant_method: fp8`` with ``weight_block_size: [128, 128]``.
+
+    Returns the on-disk tensors and the FP8 weights' codes and scales.
+    """
+    from lazyfp8.schemes import PerBlock
+
+    per_expert = unfuse_experts(runtime_state_dict)
+    disk, quantized = quantize_state_dict(
+        per_expert, lambda k: DEEPSEEK_FP8.match(k) is not None, PerBlock((128, 128))
+    )
+    for key in disk:
+        if key.endswith(".e_score_correction_bias"):
+            disk[key] = per_expert[key].to(torch.float32)
+    write_checkpoint(directory, disk, fp8_block_config(model_config), shards=shards)
+    return disk, quantized

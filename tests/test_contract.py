@@ -29,7 +29,14 @@ def sharded(tmp_path):
     return LazyFP8View(tmp_path)
 
 
-@pytest.fixture(params=[dict_source, single_file, sharded], ids=["dict", "single-file", "sharded"])
+def written(tmp_path):
+    from lazyfp8 import save
+
+    save(TENSORS, tmp_path, scheme=None, max_shard_size=50)
+    return LazyFP8View(tmp_path)
+
+
+@pytest.fixture(params=[dict_source, single_file, sharded, written], ids=["dict", "single-file", "sharded", "writer-output"])
 def source(request, tmp_path):
     return request.param(tmp_path)
 
