@@ -16,23 +16,16 @@ from collections.abc import Callable, Mapping
 import torch
 from safetensors.torch import save_file
 
+from .quantize import quantize
+from .schemes import PerTensor
+
 __all__ = ["quantize_per_tensor", "write_checkpoint", "DAWN_RIDGE_TO_DISK", "dawn_ridge_fp8"]
-
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-
 
 def quantize_per_tensor(
     w: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, scale)`` with ``scale = amax / fp8_max`` (float32, 0-d; 1.0 for an all-zero
-    tensor) and ``codes = clamp(w / scale)`` rounded to ``fp8_dtype``."""
-    fmax = FP8_MAX[fp8_dtype]
-    wf = w.detach().to(torch.float32)
-    amax = wf.abs().max() if wf.numel() else torch.tensor(0.0)
-    scale = (amax / fmax) if float(amax) > 0 else torch.tensor(1.0)
-    scale = scale.to(torch.float32).reshape(())
-    codes = (wf / scale).clamp(-fmax, fmax).to(fp8_dtype)
-    return codes, scale
+    """``quantize(w, PerTensor(), fp8_dtype)``: codes and a 0-d float32 scale."""
+    return quantize(w, PerTensor(), fp8_dtype)
 
 
 #: Runtime (transformers Mistral3) -> on-disk names of the dawn-ridge / legacy LLaVA layout.
