@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ._header import ShardHeader, TensorEntry, parse_json, read_header
-from .errors import CorruptCheckpointError, MissingShardError, UnsafePathError
+from .errors import CheckpointError, CorruptCheckpointError, MissingShardError, UnsafePathError
 
 __all__ = ["Checkpoint", "INDEX_NAME", "open_checkpoint"]
 
@@ -100,8 +100,9 @@ def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[
     return path
 
 
-def _read_index(root: str, index_path: str) -> dict[str, str]:
-    """weight_map, validated: on-disk key -> absolute shard path."""
+def _read_index(root: str, index_path: str, problems: list[CheckpointError] | None) -> dict[str, str]:
+    """weight_map, validated: on-disk key -> absolute shard path (keys of bad shards left out
+    when ``problems`` collects the errors)."""
     index = _load_json(index_path, "the index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
@@ -112,11 +113,19 @@ def _read_index(root: str, index_path: str) -> dict[str, str]:
         )
     roots = _allowed_roots(root)
     resolved: dict[str, str] = {}
-    by_name: dict[str, str] = {}
+    by_name: dict[str, str | None] = {}
     for key, name in weight_map.items():
-        if name not in by_name:
-            by_name[name] = _resolve_shard(root, name, key, index_path, roots)
-        resolved[key] = by_name[name]
+        hashable = name if isinstance(name, str) else repr(name)
+        if hashable not in by_name:
+            try:
+                by_name[hashable] = _resolve_shard(root, name, key, index_path, roots)
+            except CheckpointError as e:
+                if problems is None:
+                    raise
+                problems.append(e)
+                by_name[hashable] = None
+        if by_name[hashable] is not None:
+            resolved[key] = by_name[hashable]  # type: ignore[assignment]
     return resolved
 
 
@@ -146,8 +155,12 @@ def _find_files(path: str) -> tuple[str, str | None, list[str]]:
     )
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError] | None = None) -> Checkpoint:
     """Locate and read every header of the checkpoint at ``path``.
+
+    With ``problems`` given, errors confined to one shard or tensor (a missing or damaged shard,
+    an index entry its shard does not hold) are appended there and that shard or tensor is left
+    out, so that every problem can be reported at once.
 
     Raises:
         MissingShardError: nothing to read at ``path``, or the index names an absent shard.
@@ -163,22 +176,40 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     shards: dict[str, ShardHeader] = {}
     tensors: dict[str, tuple[str, TensorEntry]] = {}
-    if index_path is None:
-        header = read_header(files[0])
-        shards[files[0]] = header
-        tensors = {k: (files[0], e) for k, e in header.tensors.items()}
-    else:
-        for key, shard in _read_index(root, index_path).items():
-            if shard not in shards:
+    bad: set[str] = set()
+
+    def header_of(shard: str) -> ShardHeader | None:
+        if shard not in shards and shard not in bad:
+            try:
                 shards[shard] = read_header(shard)
-            entry = shards[shard].tensors.get(key)
+            except CheckpointError as e:
+                if problems is None:
+                    raise
+                problems.append(e)
+                bad.add(shard)
+        return shards.get(shard)
+
+    if index_path is None:
+        header = header_of(files[0])
+        if header is not None:
+            tensors = {k: (files[0], e) for k, e in header.tensors.items()}
+    else:
+        for key, shard in _read_index(root, index_path, problems).items():
+            header = header_of(shard)
+            if header is None:
+                continue
+            entry = header.tensors.get(key)
             if entry is None:
-                raise CorruptCheckpointError(
+                error = CorruptCheckpointError(
                     f"{index_path}: names {key!r} in {os.path.basename(shard)}, "
                     "but that shard does not hold it",
                     file=shard,
                     key=key,
                 )
+                if problems is None:
+                    raise error
+                problems.append(error)
+                continue
             tensors[key] = (shard, entry)
     return Checkpoint(
         root=root, shards=shards, tensors=tensors, config=config, index_path=index_path

@@ -10,23 +10,17 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from ._checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
-from ._header import TensorEntry
+from ._checkpoint import CONFIG_NAME, open_checkpoint
+from ._pairing import QUANT_SIBLINGS, pair_scales
 from ._reader import ShardFile
-from ._source import DEFAULT_CHUNK_ELEMENTS, SCALE_DTYPES, ScaleRef, TensorSource, read_scale
-from .errors import CheckpointError, MissingScaleError, TensorNotFoundError, UnsupportedDtypeError
+from ._source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
+from .errors import TensorNotFoundError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from ._quant_config import scheme_from_config
 from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
-
-_LINEAR_SIBLINGS = frozenset({"activation_scale", "input_scale", "input_scale_ub"})
-_KV_SIBLINGS = frozenset({"k_scale", "v_scale"})
-#: Quantization parameters that are not weights (static activation and KV-cache scales), hidden
-#: from the keys when they belong to a module with an FP8 weight (or its attention parent).
-QUANT_SIBLINGS = _LINEAR_SIBLINGS | _KV_SIBLINGS
 
 _FLOAT_TARGETS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -143,7 +137,11 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self.scheme = _resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
         self._files = {p: ShardFile(p) for p in ckpt.shards}
         self._chunk = chunk_elements
-        self._scales, hidden = self._pair_scales(ckpt, include_quant_params)
+        pairing = pair_scales(ckpt.tensors, self.scheme)
+        self._scales = {
+            k: ScaleRef(self._files[file], entry, granularity) for k, (file, entry, granularity) in pairing.scales.items()
+        }
+        hidden = pairing.scale_keys | (set() if include_quant_params else pairing.quant_params)
         self._exposed = [k for k in ckpt.tensors if k not in hidden]
         self._apply_mapping()
 
@@ -172,68 +170,6 @@ class LazyFP8View(Mapping[str, LazyTensor]):
     def disk_keys(self) -> list[str]:
         """The on-disk names of the keys, in checkpoint order (scales excluded)."""
         return list(self._exposed)
-
-    def _pair_scales(self, ckpt: Checkpoint, include_quant_params: bool) -> tuple[dict[str, ScaleRef], set[str]]:
-        """Each FP8 tensor's scale, and the keys that are quantization parameters, not tensors."""
-        scales: dict[str, ScaleRef] = {}
-        hidden: set[str] = set()
-        fp8_modules: set[str] = set()
-        for key, (file, entry) in ckpt.tensors.items():
-            if not entry.dtype.fp8_weight:
-                continue
-            candidates = self.scheme.scale_keys(key)
-            found = [c for c in candidates if c in ckpt.tensors]
-            if not found:
-                raise MissingScaleError(
-                    f"{os.path.basename(file)} holds the FP8 ({entry.dtype.code}) tensor {key!r} but the "
-                    f"checkpoint has no scale for it ({' or '.join(map(repr, candidates))}, scheme "
-                    f"{self.scheme.name!r}); "
-                    "its raw bytes are not weights. Check that every shard is present and that "
-                    "the checkpoint's quantization_config matches it",
-                    file=file,
-                    key=key,
-                )
-            if len(found) > 1:
-                raise CheckpointError(
-                    f"{os.path.basename(file)}: the FP8 tensor {key!r} has two scales, "
-                    f"{found[0]!r} and {found[1]!r}; the checkpoint is ambiguous",
-                    file=file,
-                    key=key,
-                )
-            scale_file, scale_entry = ckpt.tensors[found[0]]
-            self._check_scale_dtype(key, scale_file, scale_entry)
-            granularity = self.scheme.granularity(
-                entry.shape,
-                scale_entry.shape,
-                scale_entry.dtype.code,
-                weight_key=key,
-                scale_key=found[0],
-                file=file,
-            )
-            scales[key] = ScaleRef(self._files[scale_file], scale_entry, granularity)
-            hidden.add(found[0])
-            fp8_modules.add(key.rpartition(".")[0])
-        if fp8_modules and not include_quant_params:
-            # A linear's static input scale sits beside its weight (``q_proj.input_scale``); a
-            # KV-cache scale sits on the attention module, the parent (``self_attn.k_scale``).
-            parents = {m.rpartition(".")[0] for m in fp8_modules} | fp8_modules
-            for key in ckpt.tensors:
-                module, _, leaf = key.rpartition(".")
-                if leaf in _LINEAR_SIBLINGS and module in fp8_modules:
-                    hidden.add(key)
-                elif leaf in _KV_SIBLINGS and module in parents:
-                    hidden.add(key)
-        return scales, hidden
-
-    @staticmethod
-    def _check_scale_dtype(key: str, file: str, entry: TensorEntry) -> None:
-        if entry.dtype.code not in SCALE_DTYPES:
-            raise UnsupportedDtypeError(
-                f"{os.path.basename(file)}: scale {entry.name!r} of the FP8 tensor {key!r} has dtype "
-                f"{entry.dtype.code}; scales must be F32, BF16, F16, F64, U8 (ue8m0) or F8_E8M0",
-                file=file,
-                key=entry.name,
-            )
 
     # --- Mapping ---------------------------------------------------------------------------
     def __getitem__(self, key: str) -> LazyTensor:
