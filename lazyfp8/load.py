@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from ._progress import ProgressSpec, make_progress
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .view import LazyFP8View
@@ -81,6 +82,7 @@ def load_into(
     strict: bool = True,
     device: str | torch.device | None = None,
     key_mapping: KeyMappingSpec = None,
+    progress: ProgressSpec = None,
     **view_kwargs: Any,
 ) -> _IncompatibleKeys:
     """Load ``source`` into ``model`` one tensor at a time; parameters may be on the meta device.
@@ -104,6 +106,8 @@ def load_into(
             apply (see :class:`LazyFP8View`), or ``"auto"``: infer prefix rules that map the
             checkpoint's keys onto this model's (logged at INFO on the ``lazyfp8`` logger;
             ``KeyMappingError`` when no consistent set exists).
+        progress (*optional*): ``True`` for a bar on stderr (tqdm), or a callback
+            ``(done_bytes, total_bytes, key)`` called after each tensor.
 
     Returns:
         ``NamedTuple`` with ``missing_keys`` and ``unexpected_keys``, as ``load_state_dict``.
@@ -111,7 +115,8 @@ def load_into(
     if isinstance(source, (str, os.PathLike)):
         mapping = None if key_mapping == "auto" else key_mapping
         with LazyFP8View(source, key_mapping=mapping, **view_kwargs) as view:
-            return load_into(model, view, strict=strict, device=device, key_mapping="auto" if key_mapping == "auto" else None)
+            auto = "auto" if key_mapping == "auto" else None
+            return load_into(model, view, strict=strict, device=device, key_mapping=auto, progress=progress)
     if view_kwargs:
         raise TypeError(f"view options {sorted(view_kwargs)} apply only when source is a path")
     if key_mapping is not None:
@@ -161,7 +166,8 @@ def load_into(
     if errors:
         raise _error(model, errors)
 
-    with torch.no_grad():
+    total = sum(t.numel() * t.element_size() for t, _, _ in plan)
+    with torch.no_grad(), make_progress(progress, total, "loading") as bar:
         for target, slots, key in plan:
             value = source[key]
             if target.is_meta:
@@ -170,6 +176,7 @@ def load_into(
                 _assign(slots, new, target)
             else:
                 _copy(target, value)
+            bar.update(target.numel() * target.element_size(), key)
     return _IncompatibleKeys(missing, unexpected)
 
 

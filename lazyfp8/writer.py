@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._checkpoint import CONFIG_NAME, INDEX_NAME
+from ._progress import ProgressSpec, make_progress
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .quantize import quantize as _quantize
@@ -166,6 +167,7 @@ def save(
     max_shard_size: int | str = "5GB",
     config: dict[str, Any] | None = None,
     overwrite: bool = False,
+    progress: ProgressSpec = None,
 ) -> SaveResult:
     """Write ``source`` to directory ``path`` as a (sharded) FP8 safetensors checkpoint.
 
@@ -192,6 +194,7 @@ def save(
         max_shard_size: as in ``huggingface_hub`` (``"5GB"``, or bytes).
         config: written as ``config.json`` with ``quantization_config`` describing the result.
         overwrite: replace an existing checkpoint in ``path`` (its stale shards are removed).
+        progress: ``True`` for a bar on stderr (tqdm), or ``callback(done_bytes, total_bytes, key)``.
 
     Returns:
         A :class:`SaveResult`.
@@ -246,6 +249,7 @@ def save(
 
     scale_source = _scale_lookup(scales)
     written: list[str] = []
+    bar = make_progress(progress, sum(sizes.values()), "writing")
     try:
         for fname, keys in files.items():
             shard: dict[str, torch.Tensor] = {}
@@ -260,6 +264,7 @@ def save(
                 else:
                     shard[disk] = t
                 del t
+                bar.update(sizes[k], k)
             tmp = os.path.join(path, f".{fname}.tmp-{os.getpid()}")
             written.append(tmp)
             _save_file(shard, tmp)
@@ -283,6 +288,7 @@ def save(
         elif os.path.exists(index_path):
             os.remove(index_path)
     finally:
+        bar.close()
         for tmp in written:
             if os.path.exists(tmp):
                 os.remove(tmp)

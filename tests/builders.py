@@ -75,7 +75,9 @@ def scale_multipliers(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def expected(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] | None) -> torch.Tensor:
+def expected(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] | None
+) -> torch.Tensor:
     """The reference dequantization (``tests.helpers.reference``) of one built FP8 weight;
     ``block`` is the block size, or ``None`` for per-tensor and per-channel ``[N, 1]`` scales."""
     s = scale_multipliers(scale)

@@ -55,7 +55,9 @@ def block_checkpoint(request, tmp_path_factory):
     g = torch.Generator().manual_seed(b)
     weights = {k: torch.randn(s, generator=g) * 0.05 for k, s in SHAPES.items()}
     disk, q = quantize_state_dict(weights, lambda k: k != "b.weight", PerBlock((b, b)))
-    e5, q5 = quantize_state_dict({"b.weight": weights["b.weight"]}, lambda k: True, PerBlock((b, b)), fp8_dtype=torch.float8_e5m2)
+    e5, q5 = quantize_state_dict(
+        {"b.weight": weights["b.weight"]}, lambda k: True, PerBlock((b, b)), fp8_dtype=torch.float8_e5m2
+    )
     disk.update(e5)
     q.update(q5)
     codes = fp8_codes((260, 140), torch.float8_e4m3fn, 1)
@@ -105,7 +107,7 @@ def test_dcp_fails_on_a_0d_per_tensor_scale_lazyfp8_reads_it(tmp_path):
     write_checkpoint(str(tmp_path), disk, {"quantization_config": {"quant_method": "fp8"}})
     with pytest.raises(CheckpointException, match="too many indices for tensor of dimension 0") as err:
         dcp_read(str(tmp_path), {"w.weight": (64, 48)}, torch.bfloat16, 128)
-    (failure, _trace), = err.value.failures.values()
+    ((failure, _trace),) = err.value.failures.values()
     assert isinstance(failure, IndexError)
     ours = LazyFP8View(str(tmp_path)).get_tensor("w.weight")
     assert torch.equal(bits(ours), bits(reference(*q["w.weight"], torch.bfloat16)))
@@ -119,7 +121,9 @@ def test_dcp_misreads_a_per_channel_scale(tmp_path):
     g = torch.Generator().manual_seed(8)
     narrow = torch.randn(64, 96, generator=g) * torch.linspace(0.1, 4, 64)[:, None]
     disk, q = quantize_state_dict({"w.weight": narrow}, lambda k: True, PerChannel())
-    wide, _ = quantize_state_dict({"x.weight": torch.randn(64, 200, generator=g)}, lambda k: True, PerChannel())
+    wide, _ = quantize_state_dict(
+        {"x.weight": torch.randn(64, 200, generator=g)}, lambda k: True, PerChannel()
+    )
     write_checkpoint(str(tmp_path / "narrow"), disk)
     write_checkpoint(str(tmp_path / "wide"), wide)
     codes, scale = q["w.weight"]

@@ -18,18 +18,18 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' FP8 quantizer refuses to run without it
 
-from transformers.integrations.finegrained_fp8 import Fp8Dequantize  # noqa: E402
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-from lazyfp8 import LazyFP8View, PerBlock, init_empty_weights, load_into  # noqa: E402
-from tests.builders import (  # noqa: E402
+from lazyfp8 import LazyFP8View, PerBlock, init_empty_weights, load_into
+from tests.builders import (
     deepseek_v3_checkpoint,
     expected,
     fp8_block_config,
     quantize_state_dict,
     write_checkpoint,
 )
-from tests.helpers import bits, reference, save  # noqa: E402
-from tests.strategies import fp8_codes  # noqa: E402
+from tests.helpers import bits, reference, save
+from tests.strategies import fp8_codes
 
 TARGETS = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -169,8 +169,14 @@ def qwen3_config():
     # Every Linear is a multiple of 128 both ways (q/o 256x256, k/v 128x256, gate/up 384x256,
     # down 256x384): transformers' inferred block is the declared one.
     return transformers.Qwen3Config(
-        hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, vocab_size=256, tie_word_embeddings=False,
+        hidden_size=256,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=256,
+        tie_word_embeddings=False,
     )
 
 
@@ -228,10 +234,24 @@ def deepseek_config():
     # DeepSeek-V3's [576, 7168]; 192 rows over a 2-row grid let transformers infer 96-row blocks
     # without complaint. Every other Linear is a multiple of 128.
     return transformers.DeepseekV3Config(
-        vocab_size=256, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
-        num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, num_attention_heads=2, num_key_value_heads=2,
-        q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=384,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
         num_mtp_layers=0,
     )
 
@@ -241,8 +261,12 @@ def test_from_pretrained_deepseek_v3_layout_matches_except_ragged_kv_a_proj(tmp_
     torch.manual_seed(0)
     src = transformers.DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
     path = str(tmp_path)
-    _, quantized = deepseek_v3_checkpoint(path, src.state_dict(), {**cfg.to_dict(), "architectures": ["DeepseekV3ForCausalLM"]})
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, output_loading_info=True)
+    _, quantized = deepseek_v3_checkpoint(
+        path, src.state_dict(), {**cfg.to_dict(), "architectures": ["DeepseekV3ForCausalLM"]}
+    )
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]  # loads "cleanly"
     theirs = hf.state_dict()
     view = LazyFP8View(path)
@@ -251,7 +275,12 @@ def test_from_pretrained_deepseek_v3_layout_matches_except_ragged_kv_a_proj(tmp_
     experts = "model.layers.1.mlp.experts"
     for key, value in theirs.items():
         if key == f"{experts}.gate_up_proj":  # transformers fuses [gate; up] of every expert
-            ours = torch.stack([torch.cat([view.get_tensor(f"{experts}.{e}.{p}_proj.weight") for p in ("gate", "up")]) for e in range(4)])
+            ours = torch.stack(
+                [
+                    torch.cat([view.get_tensor(f"{experts}.{e}.{p}_proj.weight") for p in ("gate", "up")])
+                    for e in range(4)
+                ]
+            )
         elif key == f"{experts}.down_proj":
             ours = torch.stack([view.get_tensor(f"{experts}.{e}.down_proj.weight") for e in range(4)])
         else:

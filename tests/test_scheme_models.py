@@ -14,10 +14,10 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP, DeepseekV3MoE  # noqa: E402
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP, DeepseekV3MoE
 
-from lazyfp8 import LazyFP8View, PerBlock, PerChannel, init_empty_weights, load_into  # noqa: E402
-from tests.builders import (  # noqa: E402
+from lazyfp8 import LazyFP8View, PerBlock, PerChannel, init_empty_weights, load_into
+from tests.builders import (
     DEEPSEEK_FP8,
     add_input_scales,
     compressed_tensors_channel_config,
@@ -27,7 +27,7 @@ from tests.builders import (  # noqa: E402
     quantize_state_dict,
     write_checkpoint,
 )
-from tests.helpers import bits  # noqa: E402
+from tests.helpers import bits
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -63,10 +63,24 @@ def deepseek_config():
     # ragged (a [2, 2] grid, last row of blocks 64 rows high) as DeepSeek-V3's [576, 7168].
     # Layer 0 dense (first_k_dense_replace=1), layer 1 MoE with 4 routed experts + 1 shared.
     return transformers.DeepseekV3Config(
-        vocab_size=256, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
-        num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, num_attention_heads=2, num_key_value_heads=2,
-        q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=384,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
         num_mtp_layers=0,
     )
 
@@ -78,7 +92,8 @@ def per_expert_deepseek(cfg):
         for layer in model.model.layers:
             if isinstance(layer.mlp, DeepseekV3MoE):
                 layer.mlp.experts = nn.ModuleList(
-                    DeepseekV3MLP(cfg, intermediate_size=cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+                    DeepseekV3MLP(cfg, intermediate_size=cfg.moe_intermediate_size)
+                    for _ in range(cfg.n_routed_experts)
                 )
     return model.to(torch.bfloat16)
 
@@ -102,7 +117,9 @@ def test_deepseek_v3_view_keys_and_values(deepseek):
     assert set(view) == set(disk) - scales
     assert view.scheme.name == "fp8"
     experts = {k for k in view if ".mlp.experts." in k}
-    assert len(experts) == 4 * 3 and all(re.fullmatch(r".*\.experts\.[0-3]\.(gate|up|down)_proj\.weight", k) for k in experts)
+    assert len(experts) == 4 * 3 and all(
+        re.fullmatch(r".*\.experts\.[0-3]\.(gate|up|down)_proj\.weight", k) for k in experts
+    )
     # FP8: layer 0's 5 MLA Linears + 3 dense MLP, layer 1's 5 MLA + 12 expert + 3 shared-expert
     assert len(quantized) == 28 and set(quantized) == {k for k in view if DEEPSEEK_FP8.match(k)}
     for key in view:
@@ -138,7 +155,10 @@ def test_deepseek_v3_does_not_strict_load_into_the_fused_runtime_model(deepseek)
     path, cfg, _, _ = deepseek
     with init_empty_weights():
         model = transformers.DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: .*"model\.layers\.1\.mlp\.experts\.gate_up_proj"'):
+    with pytest.raises(
+        RuntimeError,
+        match=r'Missing key\(s\) in state_dict: .*"model\.layers\.1\.mlp\.experts\.gate_up_proj"',
+    ):
         load_into(model, path)
 
 
@@ -147,8 +167,14 @@ def test_deepseek_v3_does_not_strict_load_into_the_fused_runtime_model(deepseek)
 
 def llama_config():
     return transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        tie_word_embeddings=False,
     )
 
 
@@ -160,12 +186,17 @@ def compressed_tensors(tmp_path_factory):
     # llm-compressor's FP8 preset: [N, 1] weight_scale per output channel (F32 for attention,
     # BF16 for the MLP here, as exporters differ), a static [1] input_scale beside each weight.
     disk, quantized = quantize_state_dict(
-        src.state_dict(), lambda k: LINEAR.match(k) is not None, PerChannel(), suffix="_scale",
+        src.state_dict(),
+        lambda k: LINEAR.match(k) is not None,
+        PerChannel(),
+        suffix="_scale",
         scale_dtype=lambda k: torch.bfloat16 if ".mlp." in k else torch.float32,
     )
     input_scales = add_input_scales(disk, quantized)
     path = str(tmp_path_factory.mktemp("compressed_tensors"))
-    write_checkpoint(path, disk, compressed_tensors_channel_config(cfg.to_dict(), ignore=["lm_head"]), shards=2)
+    write_checkpoint(
+        path, disk, compressed_tensors_channel_config(cfg.to_dict(), ignore=["lm_head"]), shards=2
+    )
     return path, cfg, disk, quantized, input_scales
 
 
@@ -205,8 +236,14 @@ def test_compressed_tensors_input_scales_are_what_strict_loading_hides(compresse
 def qwen3_config():
     # Every Linear's width (64 or 96) is a multiple of the 32-element MX block.
     return transformers.Qwen3Config(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        tie_word_embeddings=False,
     )
 
 
@@ -226,7 +263,11 @@ def test_ue8m0_strict_load(tmp_path, scale_dtype, fp8, declared):
     torch.manual_seed(2)
     src = transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16)
     disk, quantized = quantize_state_dict(
-        src.state_dict(), lambda k: LINEAR.match(k) is not None, PerBlock((1, 32)), fp8_dtype=fp8, scale_dtype=scale_dtype
+        src.state_dict(),
+        lambda k: LINEAR.match(k) is not None,
+        PerBlock((1, 32)),
+        fp8_dtype=fp8,
+        scale_dtype=scale_dtype,
     )
     config = mx_config(cfg.to_dict()) if declared else cfg.to_dict()
     write_checkpoint(str(tmp_path), disk, config, shards=2)

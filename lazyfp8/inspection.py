@@ -1,0 +1,149 @@
+"""``inspect_checkpoint``: everything the headers say about a checkpoint, and every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from typing import Any
+
+from ._checkpoint import CONFIG_NAME, open_checkpoint
+from ._pairing import pair_scales
+from ._quant_config import scheme_from_config
+from .errors import CheckpointError, LazyFP8Error
+from .keymap import KeyMapping, KeyMappingSpec
+from .schemes import Granularity, PerBlock, auto_scheme, make_scheme
+
+__all__ = ["Report", "inspect_checkpoint"]
+
+
+def _gran_name(g: Granularity) -> str:
+    return f"block{list(g.block)}" if isinstance(g, PerBlock) else type(g).__name__
+
+
+@dataclasses.dataclass
+class Report:
+    """What :func:`inspect_checkpoint` found. ``problems`` empty means the headers are sound.
+
+    Attributes:
+        path: the checkpoint.
+        files: per shard: name, bytes, tensor count.
+        tensors: number of tensors in the index (or file).
+        bytes_by_dtype: bytes of tensor data by stored dtype.
+        scheme: the scheme name in force (explicit, from config.json, or ``auto``).
+        fp8: per FP8 tensor: key, dtype, shape, scale key, granularity.
+        fp8_summary: counts by (dtype, granularity, scale suffix).
+        quant_params: static activation / KV-cache scales (not weights).
+        orphan_scales: scale-named tensors no FP8 tensor uses.
+        config: what config.json says (model type, architectures, quantization_config).
+        key_mapping: the rules used, and ``runtime_names`` (disk -> runtime) under them.
+        problems: one line per problem, naming file and key.
+    """
+
+    path: str
+    files: list[dict[str, Any]]
+    tensors: int
+    bytes_by_dtype: dict[str, int]
+    scheme: str
+    fp8: list[dict[str, Any]]
+    fp8_summary: list[dict[str, Any]]
+    quant_params: list[str]
+    orphan_scales: list[str]
+    config: dict[str, Any] | None
+    key_mapping: list[str]
+    runtime_names: dict[str, str]
+    problems: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _model_keys(root: str) -> list[str]:
+    """State-dict keys of the model ``config.json`` describes, built on the meta device."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise LazyFP8Error("key_mapping='auto' needs the model's keys: install transformers") from None
+    config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise LazyFP8Error(f"{root}/config.json names no transformers architecture ({archs!r})")
+    with torch.device("meta"):
+        model = cls(config)
+    return list(model.state_dict().keys())
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    key_mapping: KeyMappingSpec = None,
+    scheme: Any = None,
+    block_size: tuple[int, int] | None = None,
+) -> Report:
+    """Read every header of ``path`` and report what it holds and what is wrong with it.
+
+    Never raises for a damaged shard, tensor or scale: each becomes a line in ``problems``.
+    Raises only when ``path`` holds no checkpoint at all.
+
+    ``key_mapping="auto"`` builds the model ``config.json`` names on the meta device (needs
+    transformers) and infers the rules onto its keys.
+    """
+    problems: list[CheckpointError] = []
+    ckpt = open_checkpoint(path, problems)
+    config_path = os.path.join(ckpt.root, CONFIG_NAME)
+    lines: list[str] = []
+    try:
+        sch = make_scheme(scheme, block_size) or scheme_from_config(ckpt.config, config_path) or auto_scheme(block_size)
+    except (CheckpointError, ValueError) as e:
+        lines.append(str(e))
+        sch = auto_scheme(block_size)
+    pairing = pair_scales(ckpt.tensors, sch, problems)
+
+    files = []
+    for shard, header in ckpt.shards.items():
+        files.append({"name": os.path.basename(shard), "bytes": header.size, "tensors": len(header.tensors)})
+    by_dtype: Counter[str] = Counter()
+    for _, entry in ckpt.tensors.values():
+        by_dtype[entry.dtype.code] += entry.nbytes
+    fp8, summary = [], Counter()
+    for key, (file, entry, g) in pairing.scales.items():
+        w = ckpt.tensors[key][1]
+        suffix = entry.name[len(key):]
+        fp8.append({"key": key, "dtype": w.dtype.code, "shape": list(w.shape), "scale_key": entry.name,
+                    "scale_dtype": entry.dtype.code, "granularity": _gran_name(g)})
+        summary[(w.dtype.code, _gran_name(g), suffix, entry.dtype.code)] += 1
+    hidden = pairing.scale_keys | pairing.quant_params
+    exposed = [k for k in ckpt.tensors if k not in hidden]
+    rules: list[str] = []
+    runtime: dict[str, str] = {}
+    if key_mapping is not None:
+        try:
+            km = KeyMapping.infer(exposed, _model_keys(ckpt.root)) if key_mapping == "auto" else KeyMapping.from_spec(key_mapping)
+            rules = km.describe()
+            runtime = {d: r for r, d in km.build(exposed).items()}
+        except LazyFP8Error as e:
+            lines.append(str(e))
+    for orphan in pairing.orphans:
+        lines.append(f"{os.path.basename(ckpt.tensors[orphan][0])}: scale {orphan!r} belongs to no FP8 tensor")
+    lines = [str(p) for p in problems] + lines
+    cfg = None
+    if ckpt.config is not None:
+        cfg = {k: ckpt.config.get(k) for k in ("model_type", "architectures", "torch_dtype", "dtype", "quantization_config") if k in ckpt.config}
+    return Report(
+        path=os.fspath(path),
+        files=files,
+        tensors=len(ckpt.tensors),
+        bytes_by_dtype=dict(by_dtype),
+        scheme=sch.name,
+        fp8=fp8,
+        fp8_summary=[{"dtype": d, "granularity": g, "scale_suffix": s, "scale_dtype": sd, "count": n}
+                     for (d, g, s, sd), n in summary.most_common()],
+        quant_params=sorted(pairing.quant_params),
+        orphan_scales=list(pairing.orphans),
+        config=cfg,
+        key_mapping=rules,
+        runtime_names=runtime,
+        problems=lines,
+    )
