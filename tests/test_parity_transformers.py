@@ -152,7 +152,7 @@ def test_ragged_real_quantized_weight_differs_in_bf16(tmp_path):
 
 def test_ragged_deepseek_v3_kv_a_proj_shape_makes_transformers_raise(tmp_path):
     # DeepSeek-V3's kv_a_proj_with_mqa is [576, 7168] with a [5, 56] grid: 576 % 5 != 0, so
-    # transformers refuses to dequantize it on CPU; lazyfp8 reads it (a narrow slice of it here).
+    # transformers refuses to dequantize it on CPU; lazyfp8 reads it (here 576 x 128, one grid column).
     codes = fp8_codes((576, 128), torch.float8_e4m3fn, 2)
     scale = random_scales((5, 1), 2)
     path = save({"w.weight": codes, "w.weight_scale_inv": scale}, str(tmp_path / "m.safetensors"))
@@ -267,7 +267,7 @@ def test_from_pretrained_deepseek_v3_layout_matches_except_ragged_kv_a_proj(tmp_
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, output_loading_info=True
     )
-    assert not info["missing_keys"] and not info["unexpected_keys"]  # loads "cleanly"
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # no sign of the error below
     theirs = hf.state_dict()
     view = LazyFP8View(path)
     ragged = {f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight" for i in range(2)}
