@@ -73,12 +73,16 @@ class PerTensorKernel:
 
 
 class GridKernel:
-    """A float32 scale grid over the weight's ``[rows, cols]`` view, one scale per ``block``."""
+    """A float32 scale grid over the weight's ``[rows, cols]`` view, one scale per ``block``.
 
-    def __init__(self, fp8_dtype: torch.dtype, scale_grid: torch.Tensor, block: tuple[int, int]):
+    ``period`` rows form one matrix whose tiling starts afresh (a stack of fused experts); the
+    grid holds each matrix's ``ceil(period / b0)`` scale rows one after another."""
+
+    def __init__(self, fp8_dtype: torch.dtype, scale_grid: torch.Tensor, block: tuple[int, int], period: int):
         self.values = code_values(fp8_dtype)
-        self.scale = scale_grid.to(torch.float32)
+        self.scale = scale_grid.to(torch.float32).reshape(-1, scale_grid.shape[-1])
         self.block = block
+        self.period = period
 
     def __call__(
         self,
@@ -100,7 +104,9 @@ class GridKernel:
         idx = scratch[:n]
         idx.copy_(codes)
         vals = torch.index_select(self.values, 0, idx, out=f32[:n]).view(nr, w)
-        s = self.scale.index_select(0, torch.arange(r0, r1) // b0)  # [nr, grid cols]
+        rows = torch.arange(r0, r1)
+        per_matrix = -(-self.period // b0)
+        s = self.scale.index_select(0, rows // self.period * per_matrix + rows % self.period // b0)
         g = col_start // b1
         # Columns up to the next block boundary, then whole blocks, then a partial last block.
         lead = min(w, (-col_start) % b1)

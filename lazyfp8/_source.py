@@ -18,7 +18,7 @@ from ._dequant import GridKernel, PerTensorKernel
 from ._header import TensorEntry
 from ._reader import ShardFile
 from .errors import InvalidScaleError, UnsupportedDtypeError
-from .schemes import Granularity, PerTensor, grid_shape, matrix_shape
+from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS", "SCALE_DTYPES"]
 
@@ -161,7 +161,9 @@ class TensorSource:
 
         rows, cols = matrix_shape(e.shape)
         block = self.scale.granularity.block_size(e.shape)
-        grid = GridKernel(fp8, scale.reshape(grid_shape(rows, cols, block)), block)
+        g = self.scale.granularity
+        period = g.period(e.shape) if isinstance(g, PerBlock) else rows
+        grid = GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period)
         f32 = torch.empty(n, dtype=torch.float32)
         for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], self.chunk):
             a, b = r0 * cols + c0, (r1 - 1) * cols + c1

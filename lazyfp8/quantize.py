@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .schemes import Granularity, PerTensor, grid_shape, matrix_shape
+from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["quantize", "fp8_max", "NonFiniteError"]
 
@@ -74,6 +74,19 @@ def quantize(
         NonFiniteError: ``w`` holds NaN or an infinity (naming ``name``).
     """
     fmax = fp8_max(fp8_dtype)
+    if isinstance(granularity, PerBlock) and w.dim() >= 3:
+        # A stack of matrices (fused experts) is tiled matrix by matrix.
+        mats = w.detach().reshape(-1, *w.shape[-2:])
+        given_mats = None if scale is None else scale.reshape(mats.shape[0], -1)
+        parts = [
+            quantize(m, granularity, fp8_dtype, ue8m0=ue8m0, name=name,
+                     scale=None if given_mats is None else given_mats[i])
+            for i, m in enumerate(mats)
+        ]
+        return (
+            torch.stack([c for c, _ in parts]).reshape(w.shape),
+            torch.stack([s for _, s in parts]).reshape(granularity.scale_shape(w.shape)),
+        )
     rows, cols = matrix_shape(w.shape)
     block = granularity.block_size(w.shape)
     b0, b1 = block

@@ -67,7 +67,10 @@ class PerChannel:
 @dataclasses.dataclass(frozen=True)
 class PerBlock:
     """One scale per ``block_size`` tile. For a ``[300, 200]`` weight and ``(128, 128)`` blocks the
-    scale is ``[3, 2]`` and the last row and column of tiles are partial."""
+    scale is ``[3, 2]`` and the last row and column of tiles are partial.
+
+    A weight of 3 or more dims (fused MoE experts ``[E, R, C]``) is a stack of matrices, each
+    tiled on its own: the scale is ``[E, ceil(R / b0), ceil(C / b1)]``."""
 
     block: tuple[int, int] = (128, 128)
 
@@ -81,8 +84,15 @@ class PerBlock:
         return self.block
 
     def scale_shape(self, weight_shape: Sequence[int]) -> tuple[int, ...]:
+        if len(weight_shape) >= 3:
+            return (*weight_shape[:-2], *grid_shape(weight_shape[-2], weight_shape[-1], self.block))
         rows, cols = matrix_shape(weight_shape)
         return grid_shape(rows, cols, self.block)
+
+    def period(self, weight_shape: Sequence[int]) -> int:
+        """Rows of each matrix in the stack: the block grid restarts every ``period`` rows of
+        the ``[rows, cols]`` view."""
+        return weight_shape[-2] if len(weight_shape) >= 3 else max(matrix_shape(weight_shape)[0], 1)
 
 
 Granularity = Union[PerTensor, PerChannel, PerBlock]

@@ -59,7 +59,7 @@ def grid(codes, scale, block, dtype, rows, cols, budget):
     """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
     from lazyfp8._source import _rectangles
 
-    k = GridKernel(torch.float8_e4m3fn, scale, block)
+    k = GridKernel(torch.float8_e4m3fn, scale, block, rows)
     out = torch.empty(rows * cols, dtype=dtype)
     flat = codes.reshape(-1)
     scratch = torch.empty(rows * cols, dtype=torch.int32)

@@ -375,3 +375,17 @@ def test_unsupported_quant_method(tmp_path):
     with pytest.raises(lazyfp8.UnsupportedSchemeError, match="'gptq'"):
         LazyFP8View(tmp_path)
     assert set(LazyFP8View(tmp_path, scheme="auto")) == {"l.weight"}
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 128), (3, 200, 130), (2, 2, 130, 64)])
+def test_fused_experts_are_tiled_matrix_by_matrix(tmp_path, shape):
+    # transformers' fused experts: [E, R, C] with a per-expert grid [E, ceil(R/b0), ceil(C/b1)]
+    w = torch.randn(shape)
+    codes, scale = lazyfp8.quantize(w, PerBlock((128, 128)))
+    assert tuple(scale.shape) == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+    save({"mlp.experts.gate_up_proj": codes, "mlp.experts.gate_up_proj_scale_inv": scale}, str(tmp_path / "m.safetensors"))
+    view = LazyFP8View(tmp_path, block_size=(128, 128), dtype=torch.float32, chunk_elements=5000)
+    got = view.get_tensor("mlp.experts.gate_up_proj")
+    assert torch.equal(bits(got), bits(reference(codes, scale, torch.float32, (128, 128))))
+    per_expert = torch.stack([reference(c, s_, torch.float32, (128, 128)) for c, s_ in zip(codes.reshape(-1, *shape[-2:]), scale.reshape(-1, *scale.shape[-2:]))])
+    assert torch.equal(bits(got.reshape(per_expert.shape)), bits(per_expert))
