@@ -42,13 +42,21 @@ class PerTensorKernel:
     """One float32 scale for every element: a 256-entry table of the reference results, and for
     large 2-byte outputs a 65,536-entry table over code pairs (one lookup writes two outputs)."""
 
-    def __init__(self, fp8_dtype: torch.dtype, scale: torch.Tensor, out_dtype: torch.dtype, numel: int):
-        s = scale.reshape(()).to(torch.float32)
+    def __init__(
+        self,
+        fp8_dtype: torch.dtype,
+        scale: torch.Tensor,
+        out_dtype: torch.dtype,
+        numel: int,
+        device: torch.device = torch.device("cpu"),
+    ):
+        s = scale.reshape(()).to(device=device, dtype=torch.float32)
         self.out_dtype = out_dtype
-        self.table = (code_values(fp8_dtype) * s).to(out_dtype)
+        self.table = (code_values(fp8_dtype).to(device) * s).to(out_dtype)
         self.pairs: torch.Tensor | None = None
         if (
-            out_dtype.itemsize == 2
+            device.type == "cpu"
+            and out_dtype.itemsize == 2
             and numel >= _PAIR_TABLE_MIN_ELEMENTS
             and sys.byteorder == "little"
         ):
@@ -78,11 +86,19 @@ class GridKernel:
     ``period`` rows form one matrix whose tiling starts afresh (a stack of fused experts); the
     grid holds each matrix's ``ceil(period / b0)`` scale rows one after another."""
 
-    def __init__(self, fp8_dtype: torch.dtype, scale_grid: torch.Tensor, block: tuple[int, int], period: int):
-        self.values = code_values(fp8_dtype)
-        self.scale = scale_grid.to(torch.float32).reshape(-1, scale_grid.shape[-1])
+    def __init__(
+        self,
+        fp8_dtype: torch.dtype,
+        scale_grid: torch.Tensor,
+        block: tuple[int, int],
+        period: int,
+        device: torch.device = torch.device("cpu"),
+    ):
+        self.values = code_values(fp8_dtype).to(device)
+        self.scale = scale_grid.to(device=device, dtype=torch.float32).reshape(-1, scale_grid.shape[-1])
         self.block = block
         self.period = period
+        self.device = device
 
     def __call__(
         self,
@@ -104,7 +120,7 @@ class GridKernel:
         idx = scratch[:n]
         idx.copy_(codes)
         vals = torch.index_select(self.values, 0, idx, out=f32[:n]).view(nr, w)
-        rows = torch.arange(r0, r1)
+        rows = torch.arange(r0, r1, device=self.device)
         per_matrix = -(-self.period // b0)
         s = self.scale.index_select(0, rows // self.period * per_matrix + rows % self.period // b0)
         g = col_start // b1

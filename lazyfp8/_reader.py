@@ -17,6 +17,8 @@ from .errors import CorruptCheckpointError
 
 __all__ = ["ShardFile", "writable_bytes"]
 
+_FADV_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+
 
 def writable_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory. Keep ``t`` alive while it is used."""
@@ -65,6 +67,20 @@ class ShardFile:
                     key=key,
                 )
             done += n
+
+    def will_need(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading ``[offset, offset + nbytes)`` in the background, so a
+        cold-cache read overlaps with the dequantization of what is already in."""
+        if _FADV_WILLNEED is not None and nbytes:
+            try:
+                os.posix_fadvise(self._descriptor(), offset, nbytes, _FADV_WILLNEED)
+            except OSError:  # advice only: a filesystem that refuses it loses nothing
+                pass
+
+    def drop_cache(self) -> None:
+        """Evict this file from the page cache (for cold-cache benchmarks)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._descriptor(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         with self._lock:

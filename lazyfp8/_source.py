@@ -10,7 +10,7 @@ allocated besides the destination.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -120,56 +120,94 @@ class TensorSource:
         if not dst.is_contiguous():
             dst.copy_(self.to_tensor())
             return
-        flat = dst.view(-1)
-        direct = dst.device.type == "cpu" and dst.dtype == self.dtype
-        if self.scale is None and direct:
-            self.shard.read_into(flat, self.entry.offset, self.entry.name)
+        if dst.device.type == "cuda":
+            from ._cuda import read_into_cuda
+
+            read_into_cuda(self, dst)
             return
-        staging = None if direct else torch.empty(min(self.chunk, self.numel), dtype=self.dtype)
-        for a, b, fill in self._chunks():
-            out = flat[a:b] if staging is None else staging[: b - a]
-            fill(out)
-            if staging is not None:
+        flat = dst.view(-1)
+        e = self.entry
+        self.shard.will_need(e.offset, e.nbytes)
+        if self.scale is None and dst.dtype == self.dtype and dst.device.type == "cpu":
+            self.shard.read_into(flat, e.offset, e.name)
+            return
+        plan = self.plan()
+        kernel = self.kernel(torch.device("cpu"))
+        work = Workspace(plan.largest, self.dtype, torch.device("cpu"), need_f32=plan.grid)
+        direct = dst.device.type == "cpu" and dst.dtype == self.dtype
+        for a, b, rows, c0 in plan.chunks:
+            out = flat[a:b] if direct else work.staging[: b - a]
+            if kernel is None:
+                self.shard.read_into(out, e.offset + a * e.dtype.itemsize, e.name)
+            else:
+                codes = work.codes[: b - a]
+                self.shard.read_into(codes, e.offset + a, e.name)
+                kernel(codes, out, rows, c0, work)
+            if not direct:
                 flat[a:b].copy_(out)
 
-    def _chunks(self) -> Iterator[tuple[int, int, object]]:
-        """(start, stop, fill) over flat element ranges; ``fill(out)`` writes them into ``out``."""
+    def plan(self) -> "Plan":
+        """The chunks to process: flat ``[a, b)`` ranges, with their rectangle for a scale grid."""
         e = self.entry
-        if self.scale is None:
-            isz = e.dtype.itemsize
-            for a in range(0, self.numel, self.chunk):
-                b = min(a + self.chunk, self.numel)
-                yield a, b, lambda out, a=a: self.shard.read_into(out, e.offset + a * isz, e.name)
-            return
-        scale = read_scale(self.scale, self.key)
-        n = min(self.chunk, self.numel)
-        codes = torch.empty(n, dtype=torch.uint8)
-        scratch = torch.empty(n, dtype=torch.int32)
-        fp8 = e.dtype.torch
-
-        def read_codes(a: int, b: int) -> torch.Tensor:
-            c = codes[: b - a]
-            self.shard.read_into(c, e.offset + a, e.name)
-            return c
-
-        if isinstance(self.scale.granularity, PerTensor):
-            kernel = PerTensorKernel(fp8, scale, self.dtype, self.numel)
-            for a in range(0, self.numel, self.chunk):
-                b = min(a + self.chunk, self.numel)
-                yield a, b, lambda out, a=a, b=b: kernel(read_codes(a, b), out, scratch)
-            return
-
+        if self.scale is None or isinstance(self.scale.granularity, PerTensor):
+            chunks = [(a, min(a + self.chunk, self.numel), None, 0) for a in range(0, self.numel, self.chunk)]
+            return Plan(chunks, grid=False)
         rows, cols = matrix_shape(e.shape)
         block = self.scale.granularity.block_size(e.shape)
+        chunks = [
+            (r0 * cols + c0, (r1 - 1) * cols + c1, (r0, r1), c0)
+            for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], self.chunk)
+        ]
+        return Plan(chunks, grid=True)
+
+    def kernel(self, device: torch.device) -> "Kernel | None":
+        """``kernel(codes, out, rows, col_start, work)`` dequantizing one chunk on ``device``, or
+        ``None`` for a tensor that is not FP8. Reads the scale."""
+        if self.scale is None:
+            return None
+        scale = read_scale(self.scale, self.key).to(device)
+        e = self.entry
+        fp8 = e.dtype.torch
         g = self.scale.granularity
+        if isinstance(g, PerTensor):
+            k = PerTensorKernel(fp8, scale, self.dtype, self.numel, device=device)
+            return lambda codes, out, rows, c0, work: k(codes, out, work.scratch)
+        rows, cols = matrix_shape(e.shape)
+        block = g.block_size(e.shape)
         period = g.period(e.shape) if isinstance(g, PerBlock) else rows
-        grid = GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period)
-        f32 = torch.empty(n, dtype=torch.float32)
-        for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], self.chunk):
-            a, b = r0 * cols + c0, (r1 - 1) * cols + c1
-            yield a, b, lambda out, a=a, b=b, r=(r0, r1), c0=c0: grid(
-                read_codes(a, b), out, r, c0, scratch, f32
-            )
+        grid = GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
+        return lambda codes, out, rows, c0, work: grid(codes, out, rows, c0, work.scratch, work.f32)
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, "tuple[int, int] | None", int, "Workspace"], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    chunks: list[tuple[int, int, "tuple[int, int] | None", int]]
+    grid: bool
+
+    @property
+    def largest(self) -> int:
+        return max((b - a for a, b, _, _ in self.chunks), default=0)
+
+
+class Workspace:
+    """The chunk-sized buffers one read uses: codes, int32 indices, float32 products, and a
+    staging tensor of the output dtype for destinations that cannot be written in place."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, *, need_f32: bool):
+        self.codes = torch.empty(n, dtype=torch.uint8, device=device)
+        self.scratch = torch.empty(n, dtype=torch.int32, device=device)
+        self.f32 = torch.empty(n if need_f32 else 0, dtype=torch.float32, device=device)
+        self._staging: torch.Tensor | None = None
+        self._n, self._dtype, self._device = n, dtype, device
+
+    @property
+    def staging(self) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(self._n, dtype=self._dtype, device=self._device)
+        return self._staging
 
 
 def _rectangles(rows: int, cols: int, block_cols: int, budget: int) -> Iterator[tuple[int, int, int, int]]:

@@ -1,10 +1,10 @@
-"""The CUDA path. Runs only where a GPU is present."""
+"""The CUDA path. Runs only where a GPU is present (skipped on CPU-only machines)."""
 
 import pytest
 import torch
 
-from lazyfp8 import LazyFP8View
-from tests.helpers import bits, save
+from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor, init_empty_weights, load_into, save
+from tests.helpers import bits, save as save_file
 from tests.strategies import fp8_codes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -12,29 +12,68 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture
 def ckpt(tmp_path):
-    save(
+    save_file(
         {
-            "a.weight": fp8_codes((300, 200), torch.float8_e4m3fn, 0),
+            "a.weight": fp8_codes((300, 200), torch.float8_e4m3fn, 0),  # every code, NaN included
             "a.weight_scale_inv": torch.tensor(0.03),
             "b.weight": torch.randn(50, 60).to(torch.bfloat16),
+            "c.weight": fp8_codes((300, 200), torch.float8_e5m2, 1),
+            "c.weight_scale_inv": torch.rand(3, 2) + 0.1,
         },
         str(tmp_path / "m.safetensors"),
     )
     return str(tmp_path)
 
 
-def test_get_tensor_on_cuda_matches_cpu(ckpt):
-    cpu = LazyFP8View(ckpt)
-    gpu = LazyFP8View(ckpt, device="cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk", [4096, 1 << 21])
+def test_get_tensor_on_cuda_matches_cpu_bit_for_bit(ckpt, dtype, chunk):
+    cpu = LazyFP8View(ckpt, dtype=dtype, block_size=(128, 128))
+    gpu = LazyFP8View(ckpt, dtype=dtype, block_size=(128, 128), device="cuda", chunk_elements=chunk)
     for k in cpu:
         t = gpu.get_tensor(k)
         assert t.device.type == "cuda"
-        assert torch.equal(bits(t.cpu()), bits(cpu.get_tensor(k)))
+        assert torch.equal(bits(t.cpu()), bits(cpu.get_tensor(k))), k
 
 
-def test_copy_into_cuda_parameter(ckpt):
-    view = LazyFP8View(ckpt, chunk_elements=4096)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_copy_into_cuda_parameter_of_any_dtype(ckpt, param_dtype):
+    view = LazyFP8View(ckpt, chunk_elements=4096, block_size=(128, 128))
     for k in view:
-        dst = torch.empty(view[k].shape, dtype=torch.float32, device="cuda")
+        dst = torch.empty(view[k].shape, dtype=param_dtype, device="cuda")
         dst.copy_(view[k])
-        assert torch.equal(bits(dst.cpu()), bits(view.get_tensor(k).float()))
+        ref = torch.empty(view[k].shape, dtype=param_dtype).copy_(view.get_tensor(k))
+        assert torch.equal(bits(dst.cpu()), bits(ref)), k
+
+
+@pytest.mark.parametrize("scheme", [PerTensor(), PerChannel(), PerBlock((128, 128))])
+def test_gpu_memory_above_the_model_is_a_few_chunks(tmp_path, scheme):
+    fmt = "compressed-tensors" if isinstance(scheme, PerChannel) else "fp8"
+    save({"big.weight": torch.randn(4096, 4096)}, tmp_path, scheme=scheme, format=fmt)
+    chunk = 1 << 20
+    view = LazyFP8View(tmp_path, device="cuda", chunk_elements=chunk)
+    dst = torch.empty(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    dst.copy_(view["big.weight"])
+    torch.cuda.synchronize()
+    above = torch.cuda.max_memory_allocated() - base
+    # two code buffers (1 B) + int32 indices (4 B) + float32 products (4 B) per chunk element
+    assert above <= chunk * (2 + 4 + 4) + (1 << 20), above
+    assert torch.equal(bits(dst.cpu()), bits(LazyFP8View(tmp_path).get_tensor("big.weight")))
+
+
+def test_load_into_a_meta_model_on_cuda(ckpt):
+    view = LazyFP8View(ckpt, device="cuda", block_size=(128, 128))
+    with init_empty_weights():
+        model = torch.nn.Module()
+        for name in ("a", "b", "c"):
+            setattr(model, name, torch.nn.Linear(1, 1, bias=False))
+        model.a.weight = torch.nn.Parameter(torch.empty(300, 200, dtype=torch.bfloat16, device="meta"))
+        model.b.weight = torch.nn.Parameter(torch.empty(50, 60, dtype=torch.bfloat16, device="meta"))
+        model.c.weight = torch.nn.Parameter(torch.empty(300, 200, dtype=torch.bfloat16, device="meta"))
+    load_into(model, view)
+    cpu = LazyFP8View(ckpt, block_size=(128, 128))
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cuda" and torch.equal(bits(v.cpu()), bits(cpu.get_tensor(k)))
