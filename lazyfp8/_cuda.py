@@ -21,7 +21,7 @@ __all__ = ["read_into_cuda"]
 
 def read_into_cuda(source: "TensorSource", dst: torch.Tensor) -> None:
     """Fill contiguous CUDA tensor ``dst`` with ``source``'s values (bit-exact to the CPU path)."""
-    from ._source import Workspace
+    from ._dequant import Workspace
 
     e = source.entry
     device = dst.device
@@ -32,8 +32,7 @@ def read_into_cuda(source: "TensorSource", dst: torch.Tensor) -> None:
     kernel = source.kernel(device)
     raw_dtype = torch.uint8 if kernel is not None else e.dtype.torch
     direct = dst.dtype == source.dtype
-    work = Workspace(n if kernel is not None else 0, source.dtype, device, need_f32=plan.grid)
-    staging = None if direct else torch.empty(n, dtype=source.dtype, device=device)
+    work = Workspace(device)
     pinned = [torch.empty(n, dtype=raw_dtype, pin_memory=True) for _ in range(2)]
     on_device = [torch.empty(n, dtype=raw_dtype, device=device) for _ in range(2)] if (kernel is not None or not direct) else None
     copy_stream = torch.cuda.Stream(device=device)
@@ -59,7 +58,7 @@ def read_into_cuda(source: "TensorSource", dst: torch.Tensor) -> None:
             compute.wait_event(copied[j])
             if on_device is not None:
                 if kernel is not None:
-                    out = flat[a:b] if direct else staging[:m]  # type: ignore[index]
+                    out = flat[a:b] if direct else work.get(m, source.dtype)
                     kernel(on_device[j][:m], out, rows, c0, work)
                 else:
                     out = on_device[j][:m]

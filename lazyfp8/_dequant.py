@@ -15,10 +15,26 @@ import sys
 
 import torch
 
-__all__ = ["PerTensorKernel", "GridKernel"]
+__all__ = ["PerTensorKernel", "GridKernel", "Workspace"]
 
 # Below this many elements building the 65,536-entry pair table costs more than it saves.
 _PAIR_TABLE_MIN_ELEMENTS = 1 << 17
+
+
+class Workspace:
+    """Reusable buffers for one worker, grown on demand: each holds one chunk at most, so a
+    worker's memory is bounded by the chunk size whatever the tensor size."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.device = device
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``n`` elements of ``dtype`` (contents undefined)."""
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[dtype] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,18 +80,18 @@ class PerTensorKernel:
             bits = self.table.view(torch.int16).to(torch.int32) & 0xFFFF
             self.pairs = (bits.view(1, 256) | (bits.view(256, 1) << 16)).reshape(-1)
 
-    def __call__(self, codes: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
-        """``out[i] = reference(codes[i])`` for a flat chunk. ``scratch``: int32, >= numel."""
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, work: Workspace) -> None:
+        """``out[i] = reference(codes[i])`` for a flat chunk."""
         n = codes.numel()
         if self.pairs is not None and n >= 2 and out.data_ptr() % 4 == 0 and codes.data_ptr() % 2 == 0:
             m = n - (n & 1)
-            idx = _u16_pairs_to_index(codes[:m], scratch[: m // 2])
+            idx = _u16_pairs_to_index(codes[:m], work.get(m // 2, torch.int32))
             torch.index_select(self.pairs, 0, idx, out=out[:m].view(torch.int32))
             if m == n:
                 return
             codes, out = codes[m:], out[m:]
             n = 1
-        idx = scratch[:n]
+        idx = work.get(n, torch.int32)
         idx.copy_(codes)
         torch.index_select(self.table, 0, idx, out=out)
 
@@ -106,20 +122,19 @@ class GridKernel:
         out: torch.Tensor,
         rows: tuple[int, int],
         col_start: int,
-        scratch: torch.Tensor,
-        f32: torch.Tensor,
+        work: Workspace,
     ) -> None:
         """Dequantize the rectangle rows ``rows[0]:rows[1]`` x columns
         ``col_start:col_start + codes.numel() // (rows[1] - rows[0])``, given as flat row-major
-        ``codes`` into flat ``out``. ``scratch`` (int32) and ``f32`` hold ``codes.numel()``."""
+        ``codes`` into flat ``out``."""
         r0, r1 = rows
         nr = r1 - r0
         n = codes.numel()
         w = n // nr
         b0, b1 = self.block
-        idx = scratch[:n]
+        idx = work.get(n, torch.int32)
         idx.copy_(codes)
-        vals = torch.index_select(self.values, 0, idx, out=f32[:n]).view(nr, w)
+        vals = torch.index_select(self.values, 0, idx, out=work.get(n, torch.float32)).view(nr, w)
         rows = torch.arange(r0, r1, device=self.device)
         per_matrix = -(-self.period // b0)
         s = self.scale.index_select(0, rows // self.period * per_matrix + rows % self.period // b0)

@@ -10,19 +10,21 @@ allocated besides the destination.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._dequant import GridKernel, PerTensorKernel
+from ._dequant import GridKernel, PerTensorKernel, Workspace
 from ._header import TensorEntry
+from ._parallel import run_split
 from ._reader import ShardFile
 from .errors import InvalidScaleError, UnsupportedDtypeError
 from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS", "SCALE_DTYPES"]
 
-# 2M elements: 2 MiB of codes, 8 MiB of int32 indices, 8 MiB of float32 for a block scale.
+# 2M elements per step and worker: 2 MiB of codes and 4 MiB of pair indices for a per-tensor scale;
+# a scale grid works on 1M at a time (1 + 4 + 4 MiB of codes, indices and float32 products).
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 # Scale dtypes and how a stored scale becomes float32 multipliers.
@@ -72,7 +74,7 @@ class TensorSource:
     Holds file positions only, never data.
     """
 
-    __slots__ = ("key", "shard", "entry", "scale", "dtype", "device", "chunk")
+    __slots__ = ("key", "shard", "entry", "scale", "dtype", "device", "chunk", "threads")
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class TensorSource:
         dtype: torch.dtype,
         device: torch.device,
         chunk: int = DEFAULT_CHUNK_ELEMENTS,
+        threads: int = 1,
     ):
         self.key = key
         self.shard = shard
@@ -92,6 +95,7 @@ class TensorSource:
         self.dtype = dtype if scale is not None else entry.dtype.torch
         self.device = device
         self.chunk = max(int(chunk), 1)
+        self.threads = max(int(threads), 1)
 
     @property
     def shape(self) -> torch.Size:
@@ -128,23 +132,24 @@ class TensorSource:
         flat = dst.view(-1)
         e = self.entry
         self.shard.will_need(e.offset, e.nbytes)
-        if self.scale is None and dst.dtype == self.dtype and dst.device.type == "cpu":
-            self.shard.read_into(flat, e.offset, e.name)
-            return
         plan = self.plan()
         kernel = self.kernel(torch.device("cpu"))
-        work = Workspace(plan.largest, self.dtype, torch.device("cpu"), need_f32=plan.grid)
         direct = dst.device.type == "cpu" and dst.dtype == self.dtype
-        for a, b, rows, c0 in plan.chunks:
-            out = flat[a:b] if direct else work.staging[: b - a]
-            if kernel is None:
-                self.shard.read_into(out, e.offset + a * e.dtype.itemsize, e.name)
-            else:
-                codes = work.codes[: b - a]
-                self.shard.read_into(codes, e.offset + a, e.name)
-                kernel(codes, out, rows, c0, work)
-            if not direct:
-                flat[a:b].copy_(out)
+
+        def work_on(chunks: Sequence[Chunk]) -> None:
+            work = Workspace()
+            for a, b, rows, c0 in chunks:
+                out = flat[a:b] if direct else work.get(b - a, self.dtype)
+                if kernel is None:
+                    self.shard.read_into(out, e.offset + a * e.dtype.itemsize, e.name)
+                else:
+                    codes = work.get(b - a, torch.uint8)
+                    self.shard.read_into(codes, e.offset + a, e.name)
+                    kernel(codes, out, rows, c0, work)
+                if not direct:
+                    flat[a:b].copy_(out)
+
+        run_split(plan.chunks, self.threads, work_on)
 
     def plan(self) -> "Plan":
         """The chunks to process: flat ``[a, b)`` ranges, with their rectangle for a scale grid."""
@@ -154,9 +159,12 @@ class TensorSource:
             return Plan(chunks, grid=False)
         rows, cols = matrix_shape(e.shape)
         block = self.scale.granularity.block_size(e.shape)
+        # A scale grid needs float32 products besides the codes and indices: half the chunk keeps
+        # each worker's buffers near those of the per-tensor path.
+        budget = max(self.chunk // 2, 1)
         chunks = [
             (r0 * cols + c0, (r1 - 1) * cols + c1, (r0, r1), c0)
-            for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], self.chunk)
+            for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], budget)
         ]
         return Plan(chunks, grid=True)
 
@@ -171,43 +179,27 @@ class TensorSource:
         g = self.scale.granularity
         if isinstance(g, PerTensor):
             k = PerTensorKernel(fp8, scale, self.dtype, self.numel, device=device)
-            return lambda codes, out, rows, c0, work: k(codes, out, work.scratch)
+            return lambda codes, out, rows, c0, work: k(codes, out, work)
         rows, cols = matrix_shape(e.shape)
         block = g.block_size(e.shape)
         period = g.period(e.shape) if isinstance(g, PerBlock) else rows
         grid = GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
-        return lambda codes, out, rows, c0, work: grid(codes, out, rows, c0, work.scratch, work.f32)
+        return lambda codes, out, rows, c0, work: grid(codes, out, rows, c0, work)
 
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, "tuple[int, int] | None", int, "Workspace"], None]
+Kernel = Callable[[torch.Tensor, torch.Tensor, "tuple[int, int] | None", int, Workspace], None]
+#: (flat start, flat stop, rows of the rectangle for a scale grid, its first column)
+Chunk = tuple[int, int, "tuple[int, int] | None", int]
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    chunks: list[tuple[int, int, "tuple[int, int] | None", int]]
+    chunks: list[Chunk]
     grid: bool
 
     @property
     def largest(self) -> int:
         return max((b - a for a, b, _, _ in self.chunks), default=0)
-
-
-class Workspace:
-    """The chunk-sized buffers one read uses: codes, int32 indices, float32 products, and a
-    staging tensor of the output dtype for destinations that cannot be written in place."""
-
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, *, need_f32: bool):
-        self.codes = torch.empty(n, dtype=torch.uint8, device=device)
-        self.scratch = torch.empty(n, dtype=torch.int32, device=device)
-        self.f32 = torch.empty(n if need_f32 else 0, dtype=torch.float32, device=device)
-        self._staging: torch.Tensor | None = None
-        self._n, self._dtype, self._device = n, dtype, device
-
-    @property
-    def staging(self) -> torch.Tensor:
-        if self._staging is None:
-            self._staging = torch.empty(self._n, dtype=self._dtype, device=self._device)
-        return self._staging
 
 
 def _rectangles(rows: int, cols: int, block_cols: int, budget: int) -> Iterator[tuple[int, int, int, int]]:

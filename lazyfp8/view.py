@@ -12,6 +12,7 @@ import torch
 
 from ._checkpoint import CONFIG_NAME, open_checkpoint
 from ._pairing import QUANT_SIBLINGS, pair_scales
+from ._parallel import default_threads
 from ._reader import ShardFile
 from ._source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
 from .errors import TensorNotFoundError
@@ -104,7 +105,9 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         include_quant_params (`bool`, defaults to `False`): also expose static activation and
             KV-cache scales (``input_scale``, ``activation_scale``, ``k_scale``...) as keys.
         chunk_elements (`int`, *optional*): elements dequantized per step; bounds the working
-            memory (about 11 bytes per element for block scales).
+            memory (about 11 bytes per element and thread for block scales).
+        threads (`int`, *optional*): threads that read and dequantize the chunks of one tensor
+            (default: the usable CPUs, at most 4).
 
     Raises:
         MissingShardError, UnsafePathError, CorruptCheckpointError: a bad path, index or header.
@@ -125,6 +128,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         block_size: tuple[int, int] | None = None,
         include_quant_params: bool = False,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        threads: int | None = None,
     ):
         if dtype not in _FLOAT_TARGETS:
             raise ValueError(f"dtype must be one of {', '.join(map(str, _FLOAT_TARGETS))}; got {dtype}")
@@ -137,6 +141,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self.scheme = _resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
         self._files = {p: ShardFile(p) for p in ckpt.shards}
         self._chunk = chunk_elements
+        self._threads = default_threads() if threads is None else max(int(threads), 1)
         pairing = pair_scales(ckpt.tensors, self.scheme)
         self._scales = {
             k: ScaleRef(self._files[file], entry, granularity) for k, (file, entry, granularity) in pairing.scales.items()
@@ -158,6 +163,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
                 dtype=self.dtype,
                 device=self.device,
                 chunk=self._chunk,
+                threads=self._threads,
             )
 
     def remap(self, key_mapping: KeyMappingSpec) -> "LazyFP8View":

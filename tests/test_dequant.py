@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8._dequant import GridKernel, PerTensorKernel, code_values
+from lazyfp8._dequant import GridKernel, PerTensorKernel, Workspace, code_values
 from tests.helpers import bits, reference
 from tests.strategies import FLOAT_DTYPES, fp8_codes, scales
 
@@ -15,7 +15,7 @@ SCALES = [1e-38, 2.0**-126, 1e-10, 0.0123, 1.0, 3.5, 1e10, 3e38]
 def run_per_tensor(codes_u8, fp8, scale, dtype):
     out = torch.empty(codes_u8.numel(), dtype=dtype)
     k = PerTensorKernel(fp8, torch.tensor(scale, dtype=torch.float32), dtype, codes_u8.numel())
-    k(codes_u8, out, torch.empty(codes_u8.numel(), dtype=torch.int32))
+    k(codes_u8, out, Workspace())
     return out, k
 
 
@@ -44,7 +44,7 @@ def test_misaligned_output_falls_back_exactly():
     k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(2.0), torch.bfloat16, n)
     big = torch.empty(n + 1, dtype=torch.bfloat16)
     out = big[1:]  # 2-byte aligned, not 4
-    k(codes, out, torch.empty(n, dtype=torch.int32))
+    k(codes, out, Workspace())
     assert torch.equal(bits(out), bits(reference(codes.view(torch.float8_e4m3fn), torch.tensor(2.0), torch.bfloat16)))
 
 
@@ -62,13 +62,12 @@ def grid(codes, scale, block, dtype, rows, cols, budget):
     k = GridKernel(torch.float8_e4m3fn, scale, block, rows)
     out = torch.empty(rows * cols, dtype=dtype)
     flat = codes.reshape(-1)
-    scratch = torch.empty(rows * cols, dtype=torch.int32)
-    f32 = torch.empty(rows * cols, dtype=torch.float32)
+    work = Workspace()
     covered = 0
     for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], budget):
         a, b = r0 * cols + c0, (r1 - 1) * cols + c1
         assert b - a <= max(budget, 1) or (c0, c1) == (0, cols)
-        k(flat[a:b], out[a:b], (r0, r1), c0, scratch, f32)
+        k(flat[a:b], out[a:b], (r0, r1), c0, work)
         covered += b - a
     assert covered == rows * cols
     return out.reshape(rows, cols)

@@ -1,0 +1,58 @@
+"""A small shared thread pool for chunk work. torch ops and ``preadv`` release the GIL, so
+chunks of one tensor dequantize on several cores at once; each worker brings its own buffers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+__all__ = ["default_threads", "run_split"]
+
+T = TypeVar("T")
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+
+
+def default_threads() -> int:
+    """Workers per tensor: the CPUs this process may use, at most 4 (beyond that a load is bound
+    by memory bandwidth, not by arithmetic)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def _get_pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="lazyfp8")
+            _pool_size = size
+        return _pool
+
+
+def run_split(items: Sequence[T], workers: int, work: Callable[[Sequence[T]], None]) -> None:
+    """Run ``work`` on ``workers`` interleaved slices of ``items`` (slice ``i`` holds items
+    ``i, i + workers, ...``), one slice on the calling thread; re-raise the first error."""
+    workers = max(1, min(workers, len(items)))
+    if workers == 1:
+        work(items)
+        return
+    slices = [items[i::workers] for i in range(workers)]
+    pool = _get_pool(workers - 1)
+    futures = [pool.submit(work, s) for s in slices[1:]]
+    try:
+        work(slices[0])
+    finally:
+        errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
