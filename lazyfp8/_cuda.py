@@ -13,58 +13,66 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._dequant import Workspace
+
 if TYPE_CHECKING:
-    from ._source import TensorSource
+    from ._source import Plan, TensorSource
 
 __all__ = ["read_into_cuda"]
 
 
-def read_into_cuda(source: "TensorSource", dst: torch.Tensor) -> None:
-    """Fill contiguous CUDA tensor ``dst`` with ``source``'s values (bit-exact to the CPU path)."""
-    from ._dequant import Workspace
-
+def read_into_cuda(source: "TensorSource", dst: torch.Tensor, plan: "Plan") -> None:
+    """Fill contiguous CUDA tensor ``dst`` (the box ``plan`` covers) with ``source``'s values,
+    bit-exact to the CPU path."""
     e = source.entry
     device = dst.device
     flat = dst.view(-1)
-    plan = source.plan()
     n = plan.largest
-    isz = e.dtype.itemsize
     kernel = source.kernel(device)
     raw_dtype = torch.uint8 if kernel is not None else e.dtype.torch
     direct = dst.dtype == source.dtype
+    # Pass-through data of the destination's dtype is copied straight into it; anything else
+    # lands in a device buffer first (codes to dequantize, or values to convert).
+    via_buffer = kernel is not None or not direct
     work = Workspace(device)
     pinned = [torch.empty(n, dtype=raw_dtype, pin_memory=True) for _ in range(2)]
-    on_device = [torch.empty(n, dtype=raw_dtype, device=device) for _ in range(2)] if (kernel is not None or not direct) else None
+    on_device = [torch.empty(n, dtype=raw_dtype, device=device) for _ in range(2)] if via_buffer else None
     copy_stream = torch.cuda.Stream(device=device)
     compute = torch.cuda.current_stream(device)
     copied = [torch.cuda.Event() for _ in range(2)]
     consumed = [torch.cuda.Event() for _ in range(2)]
     used = [False, False]
-    source.shard.will_need(e.offset, e.nbytes)
+    for start, stop in plan.spans:
+        source.shard.will_need(start, stop - start)
     with torch.cuda.device(device):
-        for i, (a, b, rows, c0) in enumerate(plan.chunks):
+        for i, rect in enumerate(plan.chunks):
             j = i % 2
-            m = b - a
+            m = rect.numel
             if used[j]:
                 copied[j].synchronize()  # the pinned buffer's previous copy has left the host
-            source.shard.read_into(pinned[j][:m], e.offset + a * (1 if kernel is not None else isz), e.name)
+            source.read_rect(pinned[j][:m], rect)
             with torch.cuda.stream(copy_stream):
-                if used[j]:
+                if used[j] and via_buffer:
                     copy_stream.wait_event(consumed[j])  # the device buffer is free again
-                target = flat[a:b] if on_device is None else on_device[j][:m]
+                target = on_device[j][:m] if on_device is not None else flat[rect.local : rect.local + m]
                 target.copy_(pinned[j][:m], non_blocking=True)
                 copied[j].record(copy_stream)
             used[j] = True
+            if on_device is None:
+                continue
             compute.wait_event(copied[j])
-            if on_device is not None:
-                if kernel is not None:
-                    out = flat[a:b] if direct else work.get(m, source.dtype)
-                    kernel(on_device[j][:m], out, rows, c0, work)
-                else:
-                    out = on_device[j][:m]
+            dest = flat[rect.local : rect.local + m]
+            if kernel is not None:
+                out = dest if direct else work.get(m, source.dtype)
+                kernel(on_device[j][:m], out, (rect.r0, rect.r1), rect.c0, work)
                 if not direct:
-                    flat[a:b].copy_(out)
-                consumed[j].record(compute)
-    # The pinned buffers must outlive their copies; the caller may use dst on the compute stream.
-    for ev in copied:
-        ev.synchronize()
+                    dest.copy_(out)
+            else:
+                dest.copy_(on_device[j][:m])
+            consumed[j].record(compute)
+        # Copies straight into the destination ran on the side stream: order them before any
+        # later use of dst on the compute stream. The pinned buffers must outlive their copies.
+        compute.wait_stream(copy_stream)
+    for ev, was_used in zip(copied, used):
+        if was_used:
+            ev.synchronize()

@@ -37,6 +37,9 @@ class ShardFile:
         self.path = path
         self._fd: int | None = None
         self._lock = threading.Lock()
+        self._counter = threading.Lock()
+        #: Bytes read from the file so far (tensor data and scales; headers are read elsewhere).
+        self.bytes_read = 0
 
     def _descriptor(self) -> int:
         fd = self._fd
@@ -67,6 +70,8 @@ class ShardFile:
                     key=key,
                 )
             done += n
+        with self._counter:
+            self.bytes_read += total
 
     def will_need(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading ``[offset, offset + nbytes)`` in the background, so a

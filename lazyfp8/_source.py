@@ -10,6 +10,7 @@ allocated besides the destination.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -115,58 +116,92 @@ class TensorSource:
         """Write the values into ``dst`` (same shape; any dtype or device), exactly as
         ``dst.copy_(self.to_tensor())`` would, without a temporary of the tensor's size
         unless ``dst`` is not contiguous."""
-        if tuple(dst.shape) != self.entry.shape:
-            raise ValueError(
-                f"{self.key!r} has shape {list(self.entry.shape)}, the destination {list(dst.shape)}"
-            )
-        if self.numel == 0:
+        self.read_box_into(dst, (0,) * len(self.entry.shape), self.entry.shape)
+
+    def read_box_into(self, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """Write the box ``[offsets, offsets + lengths)`` of the values into ``dst`` (of shape
+        ``lengths``), reading only the bytes of that box from the file: one rank's shard of a
+        distributed parameter.
+
+        Raises:
+            ValueError: a box outside the tensor, or a destination of another shape.
+        """
+        shape = self.entry.shape
+        offsets, lengths = tuple(int(o) for o in offsets), tuple(int(n) for n in lengths)
+        if (
+            len(offsets) != len(shape)
+            or len(lengths) != len(shape)
+            or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, lengths, shape))
+        ):
+            raise ValueError(f"box at {list(offsets)} of size {list(lengths)} is outside {self.key!r} of shape {list(shape)}")
+        if tuple(dst.shape) != lengths:
+            raise ValueError(f"the box of {self.key!r} has shape {list(lengths)}, the destination {list(dst.shape)}")
+        if dst.numel() == 0:
             return
         if not dst.is_contiguous():
-            dst.copy_(self.to_tensor())
+            tmp = torch.empty(lengths, dtype=self.dtype, device=dst.device)
+            self.read_box_into(tmp, offsets, lengths)
+            dst.copy_(tmp)
             return
+        plan = self.plan(offsets, lengths)
         if dst.device.type == "cuda":
             from ._cuda import read_into_cuda
 
-            read_into_cuda(self, dst)
+            read_into_cuda(self, dst, plan)
             return
         flat = dst.view(-1)
-        e = self.entry
-        self.shard.will_need(e.offset, e.nbytes)
-        plan = self.plan()
         kernel = self.kernel(torch.device("cpu"))
-        direct = dst.device.type == "cpu" and dst.dtype == self.dtype
+        direct = dst.dtype == self.dtype
+        for start, stop in plan.spans:
+            self.shard.will_need(start, stop - start)
 
-        def work_on(chunks: Sequence[Chunk]) -> None:
+        def work_on(chunks: Sequence[Rect]) -> None:
             work = Workspace()
-            for a, b, rows, c0 in chunks:
-                out = flat[a:b] if direct else work.get(b - a, self.dtype)
+            for rect in chunks:
+                n = rect.numel
+                out = flat[rect.local : rect.local + n] if direct else work.get(n, self.dtype)
                 if kernel is None:
-                    self.shard.read_into(out, e.offset + a * e.dtype.itemsize, e.name)
+                    self.read_rect(out, rect)
                 else:
-                    codes = work.get(b - a, torch.uint8)
-                    self.shard.read_into(codes, e.offset + a, e.name)
-                    kernel(codes, out, rows, c0, work)
+                    codes = work.get(n, torch.uint8)
+                    self.read_rect(codes, rect)
+                    kernel(codes, out, (rect.r0, rect.r1), rect.c0, work)
                 if not direct:
-                    flat[a:b].copy_(out)
+                    flat[rect.local : rect.local + n].copy_(out)
 
         run_split(plan.chunks, self.threads, work_on)
 
-    def plan(self) -> "Plan":
-        """The chunks to process: flat ``[a, b)`` ranges, with their rectangle for a scale grid."""
+    def read_rect(self, buf: torch.Tensor, rect: "Rect") -> None:
+        """The stored bytes of ``rect`` (row-major) into contiguous CPU tensor ``buf``: one read
+        for whole rows, one per row for a column range."""
         e = self.entry
-        if self.scale is None or isinstance(self.scale.granularity, PerTensor):
-            chunks = [(a, min(a + self.chunk, self.numel), None, 0) for a in range(0, self.numel, self.chunk)]
-            return Plan(chunks, grid=False)
-        rows, cols = matrix_shape(e.shape)
-        block = self.scale.granularity.block_size(e.shape)
+        isz = e.dtype.itemsize
+        cols = matrix_shape(e.shape)[1]
+        w = rect.c1 - rect.c0
+        if w == cols or rect.r1 - rect.r0 == 1:
+            self.shard.read_into(buf, e.offset + (rect.r0 * cols + rect.c0) * isz, e.name)
+            return
+        for i, r in enumerate(range(rect.r0, rect.r1)):
+            self.shard.read_into(buf[i * w : (i + 1) * w], e.offset + (r * cols + rect.c0) * isz, e.name)
+
+    def plan(self, offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> "Plan":
+        """The rectangles of the ``[rows, cols]`` view that cover the box (default: the whole
+        tensor), each at most one chunk, with where each lands in the destination."""
+        shape = self.entry.shape
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+        lengths = tuple(lengths) if lengths is not None else shape
+        rows, cols = matrix_shape(shape)
+        grid = self.scale is not None and not isinstance(self.scale.granularity, PerTensor)
         # A scale grid needs float32 products besides the codes and indices: half the chunk keeps
         # each worker's buffers near those of the per-tensor path.
-        budget = max(self.chunk // 2, 1)
-        chunks = [
-            (r0 * cols + c0, (r1 - 1) * cols + c1, (r0, r1), c0)
-            for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], budget)
-        ]
-        return Plan(chunks, grid=True)
+        budget = max(self.chunk // 2, 1) if grid else self.chunk
+        chunks: list[Rect] = []
+        spans: list[tuple[int, int]] = []
+        isz = self.entry.dtype.itemsize
+        for r0, r1, c0, c1, local in _box_rects(shape, offsets, lengths, rows, cols):
+            spans.append((self.entry.offset + (r0 * cols + c0) * isz, self.entry.offset + ((r1 - 1) * cols + c1) * isz))
+            chunks.extend(_split(r0, r1, c0, c1, local, budget))
+        return Plan(chunks, spans)
 
     def kernel(self, device: torch.device) -> "Kernel | None":
         """``kernel(codes, out, rows, col_start, work)`` dequantizing one chunk on ``device``, or
@@ -187,36 +222,74 @@ class TensorSource:
         return lambda codes, out, rows, c0, work: grid(codes, out, rows, c0, work)
 
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, "tuple[int, int] | None", int, Workspace], None]
-#: (flat start, flat stop, rows of the rectangle for a scale grid, its first column)
-Chunk = tuple[int, int, "tuple[int, int] | None", int]
+Kernel = Callable[[torch.Tensor, torch.Tensor, "tuple[int, int]", int, Workspace], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rect:
+    """Rows ``r0:r1`` x columns ``c0:c1`` of the ``[rows, cols]`` view; ``local`` is where its
+    first element lands in the (flat, row-major) destination box."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    local: int
+
+    @property
+    def numel(self) -> int:
+        return (self.r1 - self.r0) * (self.c1 - self.c0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    chunks: list[Chunk]
-    grid: bool
+    chunks: list[Rect]
+    spans: list[tuple[int, int]]  # byte ranges of the file the box touches
 
     @property
     def largest(self) -> int:
-        return max((b - a for a, b, _, _ in self.chunks), default=0)
+        return max((r.numel for r in self.chunks), default=0)
 
 
-def _rectangles(rows: int, cols: int, block_cols: int, budget: int) -> Iterator[tuple[int, int, int, int]]:
-    """Cover ``[rows, cols]`` row-major with contiguous rectangles of at most ``budget`` elements:
-    whole-row bands when a row fits, else single-row segments cut at multiples of the block
-    width (or inside one block when a block is wider than the budget)."""
-    if cols <= budget:
-        step = max(budget // cols, 1)
-        for r in range(0, rows, step):
-            yield r, min(r + step, rows), 0, cols
+def _box_rects(
+    shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...], rows: int, cols: int
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """The box as rectangles ``(r0, r1, c0, c1, local)`` of the ``[rows, cols]`` view.
+
+    With the last partial dim ``k`` before the last dim, every dim after ``k`` is whole: each
+    rectangle is a band of whole rows. With the last dim partial, each is a column range over
+    the consecutive rows of dim ``n - 2``. One rectangle per index of the dims before the band.
+    """
+    n = len(shape)
+    if n <= 1:
+        o, m = (offsets[0], lengths[0]) if n == 1 else (0, 1)
+        yield 0, 1, o, o + m, 0
         return
-    if block_cols <= budget:
-        width = (budget // block_cols) * block_cols
-        cuts = range(0, cols, width)
+    partial = [d for d in range(n) if offsets[d] != 0 or lengths[d] != shape[d]]
+    k = partial[-1] if partial else 0
+    strides = [1] * (n - 1)  # rows of the view spanned by one step of each dim before the last
+    for d in range(n - 3, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    if k == n - 1:
+        band_dim, c0, c1 = n - 2, offsets[-1], offsets[-1] + lengths[-1]
     else:
-        cuts = sorted({c for k in range(0, cols, block_cols) for c in range(k, min(k + block_cols, cols), budget)})
-    cuts = list(cuts) + [cols]
-    for r in range(rows):
-        for c0, c1 in zip(cuts, cuts[1:]):
-            yield r, r + 1, c0, c1
+        band_dim, c0, c1 = k, 0, cols
+    band = lengths[band_dim] * strides[band_dim]
+    ranges = [range(offsets[d], offsets[d] + lengths[d]) for d in range(band_dim)]
+    for i, idx in enumerate(itertools.product(*ranges)):
+        row = sum(j * strides[d] for d, j in enumerate(idx)) + offsets[band_dim] * strides[band_dim]
+        yield row, row + band, c0, c1, i * band * (c1 - c0)
+
+
+def _split(r0: int, r1: int, c0: int, c1: int, local: int, budget: int) -> Iterator[Rect]:
+    """Cut a rectangle into rectangles of at most ``budget`` elements: bands of rows, or, when one
+    row is wider than the budget, row segments."""
+    w = c1 - c0
+    if w <= budget:
+        step = max(budget // max(w, 1), 1)
+        for r in range(r0, r1, step):
+            yield Rect(r, min(r + step, r1), c0, c1, local + (r - r0) * w)
+        return
+    for r in range(r0, r1):
+        for c in range(c0, c1, budget):
+            yield Rect(r, r + 1, c, min(c + budget, c1), local + (r - r0) * w + (c - c0))

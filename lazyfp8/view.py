@@ -244,6 +244,11 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         )
 
     @property
+    def bytes_read(self) -> int:
+        """Bytes of tensor data and scales read from the files by this view so far."""
+        return sum(f.bytes_read for f in self._files.values())
+
+    @property
     def files(self) -> list[str]:
         """The shard files, in index order."""
         return list(self._files)

@@ -57,17 +57,17 @@ def test_smallest_positive_subnormal_e4m3():
 
 def grid(codes, scale, block, dtype, rows, cols, budget):
     """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
-    from lazyfp8._source import _rectangles
+    from lazyfp8._source import _split
 
     k = GridKernel(torch.float8_e4m3fn, scale, block, rows)
     out = torch.empty(rows * cols, dtype=dtype)
     flat = codes.reshape(-1)
     work = Workspace()
     covered = 0
-    for r0, r1, c0, c1 in _rectangles(rows, cols, block[1], budget):
-        a, b = r0 * cols + c0, (r1 - 1) * cols + c1
-        assert b - a <= max(budget, 1) or (c0, c1) == (0, cols)
-        k(flat[a:b], out[a:b], (r0, r1), c0, work)
+    for rect in _split(0, rows, 0, cols, 0, budget):
+        a, b = rect.local, rect.local + rect.numel
+        assert rect.numel <= max(budget, cols if budget >= cols else budget)
+        k(flat[a:b], out[a:b], (rect.r0, rect.r1), rect.c0, work)
         covered += b - a
     assert covered == rows * cols
     return out.reshape(rows, cols)
