@@ -5,6 +5,7 @@ whose values read and dequantize themselves only when torch copies them into a p
 ``model.load_state_dict(view)`` streams with no second copy of the weights.
 """
 
+from .distributed import LazyFP8StorageReader
 from .errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -36,6 +37,7 @@ __all__ = [
     "TensorInfo",
     "load_into",
     "init_empty_weights",
+    "LazyFP8StorageReader",
     # writing
     "save",
     "SaveResult",

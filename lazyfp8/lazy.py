@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils._pytree import tree_map
 
+from .distributed import copy_into_dtensor, is_dtensor
+
 __all__ = ["LazyTensor"]
 
 
@@ -106,6 +108,9 @@ class LazyTensor:
         """``dst.copy_(self.materialize())``, bit for bit, with no temporary of the tensor's size."""
         if tuple(dst.shape) != tuple(self.shape):
             return dst.copy_(self.materialize())  # broadcasting copy_: let torch decide
+        if is_dtensor(dst):
+            copy_into_dtensor(self._source, dst)  # this rank's box only
+            return dst
         with torch.no_grad():
             self._source.read_into(dst)
         return dst

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ._progress import ProgressSpec, make_progress
+from .distributed import is_dtensor
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .view import LazyFP8View
@@ -167,6 +168,13 @@ def load_into(
         raise _error(model, errors)
 
     total = sum(t.numel() * t.element_size() for t, _, _ in plan)
+    sharded_meta = [key for t, _, key in plan if t.is_meta and is_dtensor(t)]
+    if sharded_meta:
+        raise RuntimeError(
+            f"{len(sharded_meta)} sharded (DTensor) parameter(s) are on the meta device (e.g. "
+            f"{sharded_meta[0]!r}); after fully_shard / distribute_tensor call "
+            "model.to_empty(device=...) and then load_into"
+        )
     with torch.no_grad(), make_progress(progress, total, "loading") as bar:
         for target, slots, key in plan:
             value = source[key]

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import difflib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -210,6 +210,16 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         """A real tensor: FP8 tensors dequantized to ``dtype``, others in their stored dtype,
         on ``device``. Reads the file each call."""
         return self[key].materialize()
+
+    def read_box(self, key: str, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+        """Read the box ``[offsets, offsets + lengths)`` of ``key`` into ``dst`` (shape
+        ``lengths``, any dtype or device), reading only that box's bytes. Returns ``dst``."""
+        source = self._sources.get(key)
+        if source is None:
+            raise self._missing(key)
+        with torch.no_grad():
+            source.read_box_into(dst, offsets, lengths)
+        return dst
 
     def scale(self, key: str) -> torch.Tensor | None:
         """The stored scale of FP8 key ``key`` as float32 multipliers (its stored shape), or

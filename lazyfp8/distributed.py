@@ -1,0 +1,153 @@
+"""Sharded loads on torch.distributed: each rank reads and dequantizes only its own slice.
+
+Two entry points, both built on torch.distributed rather than beside it:
+
+- ``DTensor`` parameters (FSDP2 ``fully_shard``, tensor parallel ``distribute_tensor``):
+  ``model.load_state_dict(view)`` and ``lazyfp8.load_into(model, view)`` work unchanged. When a
+  lazy value is copied into a DTensor, the rank's box of the global tensor comes from torch's
+  own ``compute_local_shape_and_global_offset`` and only that box is read from the file.
+- :class:`LazyFP8StorageReader`, a ``torch.distributed.checkpoint`` storage reader:
+  ``dcp.load(state_dict, storage_reader=LazyFP8StorageReader(path, key_mapping=...))`` resolves
+  every read request through a :class:`~lazyfp8.LazyFP8View`, for every scale format it reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ._source import TensorSource
+    from .view import LazyFP8View
+
+__all__ = ["LazyFP8StorageReader", "is_dtensor", "local_box", "copy_into_dtensor"]
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (without importing torch.distributed when nothing else did)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(global offsets, local lengths)`` of this rank's shard of DTensor ``t``.
+
+    Raises:
+        NotImplementedError: a placement other than ``Shard`` or ``Replicate``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for p in t.placements:
+        if type(p) not in (Shard, Replicate):
+            raise NotImplementedError(f"loading into a DTensor placed as {p} is not supported; use Shard or Replicate")
+    lengths, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(offsets), tuple(lengths)
+
+
+def copy_into_dtensor(source: "TensorSource", dst: torch.Tensor) -> None:
+    """Read ``source``'s box for this rank straight into ``dst``'s local tensor."""
+    local = dst.to_local()
+    offsets, lengths = local_box(dst)
+    if tuple(local.shape) != tuple(lengths):
+        raise RuntimeError(
+            f"{source.key!r}: the local shard has shape {list(local.shape)} but its placement "
+            f"describes {list(lengths)} (a padded shard?)"
+        )
+    with torch.no_grad():
+        source.read_box_into(local, offsets, lengths)
+
+
+class LazyFP8StorageReader:
+    """A ``torch.distributed.checkpoint`` ``StorageReader`` over an FP8 safetensors checkpoint.
+
+    Keys are the runtime names of a :class:`~lazyfp8.LazyFP8View` (``key_mapping``), values are
+    dequantized to ``dtype`` (FP8) or kept in their stored dtype, and every scale format the view
+    reads works here too, including the per-tensor 0-d and per-channel scales that torch's
+    ``QuantizedHuggingFaceStorageReader`` rejects. Each read request reads only its box.
+
+    Args:
+        path: the checkpoint (as for :class:`~lazyfp8.LazyFP8View`).
+        **view_kwargs: ``key_mapping``, ``dtype``, ``scheme``, ``block_size``... passed to the view.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **view_kwargs: Any):
+        _register()
+        self.path = os.fspath(path)
+        self._view_kwargs = view_kwargs
+        self._view: "LazyFP8View | None" = None
+
+    @property
+    def view(self) -> "LazyFP8View":
+        if self._view is None:
+            from .view import LazyFP8View
+
+            self._view = LazyFP8View(self.path, **self._view_kwargs)
+        return self._view
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None and os.fspath(checkpoint_id) != self.path:
+            self.path = os.fspath(checkpoint_id)
+            self._view = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import (
+            ChunkStorageMetadata,
+            Metadata,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        md = {}
+        for key in self.view:
+            value = self.view[key]
+            size = torch.Size(value.shape)
+            md[key] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=value.dtype),
+                size=size,
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)],
+            )
+        return Metadata(state_dict_metadata=md)
+
+    def set_up_storage_reader(self, metadata: Any, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.view  # noqa: B018 - open the headers on every rank before reads start
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        return plans
+
+    def read_data(self, plan: Any, planner: Any) -> "torch.futures.Future[None]":
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        view = self.view
+        for item in plan.items:
+            key = item.storage_index.fqn
+            if item.type != LoadItemType.TENSOR:
+                raise NotImplementedError(f"{self.path} holds tensors only; {key!r} was requested as bytes")
+            target = planner.resolve_tensor(item).detach()
+            view.read_box(key, target, item.storage_offsets, item.lengths)
+            planner.commit_tensor(item, target)
+        fut: torch.futures.Future[None] = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return os.path.exists(checkpoint_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    # A virtual subclass of torch's abstract StorageReader, registered on first use: importing
+    # torch.distributed.checkpoint costs half a second that plain loads should not pay.
+    try:
+        from torch.distributed.checkpoint.storage import StorageReader
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        return
+    StorageReader.register(LazyFP8StorageReader)
