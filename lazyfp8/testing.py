@@ -9,6 +9,7 @@ renamed to on-disk names and split into shards with a ``model.safetensors.index.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -19,7 +20,29 @@ from safetensors.torch import save_file
 from .quantize import quantize
 from .schemes import PerTensor
 
-__all__ = ["quantize_per_tensor", "write_checkpoint", "DAWN_RIDGE_TO_DISK", "dawn_ridge_fp8"]
+__all__ = ["reference", "quantize_per_tensor", "write_checkpoint", "DAWN_RIDGE_TO_DISK", "dawn_ridge_fp8"]
+
+def reference(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The reference dequantization ``(w.to(float32) * s.to(float32)).to(dtype)``, block scales
+    (``block`` over the ``[rows, cols]`` view, or per matrix of a 3-D+ stack) expanded first.
+    Straightforward and memory-hungry (a float32 copy of ``w``): for checking, not loading."""
+    wf = w.to(torch.float32)
+    sf = s.to(torch.float32)
+    if block is not None and sf.numel() > 1 and w.dim() >= 3:
+        # a stack of matrices, each tiled on its own
+        mats = wf.reshape(-1, *w.shape[-2:])
+        grids = sf.reshape(mats.shape[0], -1, sf.shape[-1])
+        return torch.stack([reference(m, g, torch.float32, block) for m, g in zip(mats, grids)]).reshape(w.shape).to(dtype)
+    if block is not None and sf.numel() > 1:
+        rows = math.prod(w.shape[:-1]) if w.dim() > 1 else 1
+        cols = w.shape[-1]
+        sf = sf.reshape(-(-rows // block[0]), -1)
+        sf = sf.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        return (wf.reshape(rows, cols) * sf).reshape(w.shape).to(dtype)
+    if sf.numel() == 1:
+        sf = sf.reshape(())
+    return (wf * sf).to(dtype)
+
 
 def quantize_per_tensor(
     w: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn

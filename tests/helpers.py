@@ -10,25 +10,7 @@ import struct
 import torch
 from safetensors.torch import save_file
 
-
-def reference(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] | None = None) -> torch.Tensor:
-    """``(w.to(float32) * s.to(float32)).to(dtype)``, block scales expanded first."""
-    wf = w.to(torch.float32)
-    sf = s.to(torch.float32)
-    if block is not None and sf.numel() > 1 and w.dim() >= 3:
-        # a stack of matrices, each tiled on its own
-        mats = wf.reshape(-1, *w.shape[-2:])
-        grids = sf.reshape(mats.shape[0], -1, sf.shape[-1])
-        return torch.stack([reference(m, g, torch.float32, block) for m, g in zip(mats, grids)]).reshape(w.shape).to(dtype)
-    if block is not None and sf.numel() > 1:
-        rows = math.prod(w.shape[:-1]) if w.dim() > 1 else 1
-        cols = w.shape[-1]
-        sf = sf.reshape(-(-rows // block[0]), -1)
-        sf = sf.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-        return (wf.reshape(rows, cols) * sf).reshape(w.shape).to(dtype)
-    if sf.numel() == 1:
-        sf = sf.reshape(())
-    return (wf * sf).to(dtype)
+from lazyfp8.testing import reference  # noqa: F401  (re-exported for the tests)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
