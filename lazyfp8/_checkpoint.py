@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 from typing import Any
 
 from ._header import ShardHeader, TensorEntry, parse_json, read_header
@@ -18,6 +19,7 @@ from .errors import CheckpointError, CorruptCheckpointError, MissingShardError, 
 __all__ = ["Checkpoint", "INDEX_NAME", "open_checkpoint"]
 
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 CONFIG_NAME = "config.json"
 
 
@@ -142,6 +144,14 @@ def _find_files(path: str) -> tuple[str, str | None, list[str]]:
         return path, index_path, []
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if len(files) == 1:
+        part = _SHARD_NAME.search(os.path.basename(files[0]))
+        if part and int(part.group(2)) > 1:
+            # An interrupted download or conversion: never read it as a whole checkpoint.
+            raise MissingShardError(
+                f"{path}: holds only {os.path.basename(files[0])}, shard {int(part.group(1))} of "
+                f"{int(part.group(2))}, and no {INDEX_NAME}; the download or conversion is incomplete",
+                file=files[0],
+            )
         return path, None, files
     if not files:
         raise MissingShardError(
@@ -194,7 +204,14 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
         if header is not None:
             tensors = {k: (files[0], e) for k, e in header.tensors.items()}
     else:
-        for key, shard in _read_index(root, index_path, problems).items():
+        try:
+            weight_map = _read_index(root, index_path, problems)
+        except CheckpointError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            weight_map = {}
+        for key, shard in weight_map.items():
             header = header_of(shard)
             if header is None:
                 continue

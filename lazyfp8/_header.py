@@ -22,6 +22,7 @@ __all__ = ["TensorEntry", "ShardHeader", "read_header", "parse_json", "MAX_HEADE
 
 # safetensors itself refuses headers above 100 MB; a larger length is a damaged file.
 MAX_HEADER_BYTES = 100_000_000
+_INT64 = 2**63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,8 @@ def parse_json(raw: bytes, path: str, what: str) -> Any:
         ) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptCheckpointError(f"{path}: {what} is not valid JSON ({e})", file=path) from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: {what} nests too deeply to be a safetensors header or index", file=path) from None
 
 
 def _is_int(x: Any) -> bool:
@@ -182,6 +185,9 @@ def _parse_entry(path: str, name: str, info: Any, data_start: int, data_size: in
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise bad(f"'data_offsets' must be [begin, end] with 0 <= begin <= end, found {offsets!r}")
+    # torch indexes with int64: a dimension or a stride beyond it cannot be a tensor, even an empty one.
+    if any(d >= _INT64 for d in shape) or math.prod(d for d in shape if d) >= _INT64:
+        raise bad(f"'shape' {shape} is too large for any tensor")
     begin, end = offsets
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:

@@ -13,8 +13,10 @@ __all__ = ["default_threads", "run_split"]
 
 T = TypeVar("T")
 
+# One pool for the process, never shut down (a reader may hold it at any time). Its threads
+# start on demand, so the cap costs nothing until that many workers are asked for at once.
+_MAX_WORKERS = 64
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_size = 0
 _lock = threading.Lock()
 
 
@@ -28,26 +30,23 @@ def default_threads() -> int:
     return max(1, min(n, 4))
 
 
-def _get_pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
-    global _pool, _pool_size
+def _get_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
     with _lock:
-        if _pool is None or _pool_size < size:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="lazyfp8")
-            _pool_size = size
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="lazyfp8")
         return _pool
 
 
 def run_split(items: Sequence[T], workers: int, work: Callable[[Sequence[T]], None]) -> None:
     """Run ``work`` on ``workers`` interleaved slices of ``items`` (slice ``i`` holds items
     ``i, i + workers, ...``), one slice on the calling thread; re-raise the first error."""
-    workers = max(1, min(workers, len(items)))
+    workers = max(1, min(workers, len(items), _MAX_WORKERS))
     if workers == 1:
         work(items)
         return
     slices = [items[i::workers] for i in range(workers)]
-    pool = _get_pool(workers - 1)
+    pool = _get_pool()
     futures = [pool.submit(work, s) for s in slices[1:]]
     try:
         work(slices[0])

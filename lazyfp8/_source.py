@@ -138,6 +138,9 @@ class TensorSource:
             raise ValueError(f"the box of {self.key!r} has shape {list(lengths)}, the destination {list(dst.shape)}")
         if dst.numel() == 0:
             return
+        # Grad mode is per thread and the pool's threads have it on: write through a detached
+        # alias so a parameter that requires grad is filled like under the caller's no_grad.
+        dst = dst.detach()
         if not dst.is_contiguous():
             tmp = torch.empty(lengths, dtype=self.dtype, device=dst.device)
             self.read_box_into(tmp, offsets, lengths)

@@ -144,7 +144,7 @@ def _plan(sizes: dict[str, int], max_shard_size: int | str) -> tuple[dict[str, l
 
 
 def _write_json(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
@@ -242,6 +242,7 @@ def save(
     files, metadata = _plan(sizes, max_shard_size)
 
     os.makedirs(path, exist_ok=True)
+    _remove_dead_temporaries(path)
     index_path = os.path.join(path, INDEX_NAME)
     old_files = _existing(path, index_path)
     if old_files and not overwrite:
@@ -305,6 +306,34 @@ def save(
         tied=tied,
         key_map=disk_of,
     )
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _remove_dead_temporaries(path: str) -> None:
+    """Remove temporary files left by writers that were killed (their process is gone)."""
+    for name in os.listdir(path):
+        m = _TEMPORARY.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue  # another writer is at work here
+        try:
+            os.remove(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _existing(path: str, index_path: str) -> set[str]:
