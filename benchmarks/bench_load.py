@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOUND_SLACK = 64 * common.MiB  # the issue's bound: largest on-disk tensor + 64 MiB
@@ -63,9 +63,8 @@ def case_lazyfp8(ctx: Context) -> Any:
 
     with ctx.watch.lap("build"):
         model = common.build_model(ctx.config, params="zeros")
-    with ctx.watch.lap("load"):
-        with lazyfp8.LazyFP8View(ctx.fp8_dir, key_mapping="mistral3") as view:
-            ctx.notes["load_state_dict"] = str(model.load_state_dict(view, strict=True))
+    with ctx.watch.lap("load"), lazyfp8.LazyFP8View(ctx.fp8_dir, key_mapping="mistral3") as view:
+        ctx.notes["load_state_dict"] = str(model.load_state_dict(view, strict=True))
     return model
 
 
@@ -75,9 +74,8 @@ def case_lazyfp8_meta(ctx: Context) -> Any:
 
     with ctx.watch.lap("build"):
         model = common.build_model(ctx.config, params="meta")
-    with ctx.watch.lap("load"):
-        with lazyfp8.LazyFP8View(ctx.fp8_dir, key_mapping="mistral3") as view:
-            lazyfp8.load_into(model, view, strict=True)
+    with ctx.watch.lap("load"), lazyfp8.LazyFP8View(ctx.fp8_dir, key_mapping="mistral3") as view:
+        lazyfp8.load_into(model, view, strict=True)
     return model
 
 
@@ -94,7 +92,7 @@ def case_naive(ctx: Context) -> Any:
             disk.update(load_file(file))
         state = {}
         for key, t in disk.items():
-            if key.endswith("_scale_inv") or key.endswith(".activation_scale"):
+            if key.endswith(("_scale_inv", ".activation_scale")):
                 continue  # quantization parameters, not model weights
             if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 t = (t.float() * disk[key + "_scale_inv"].float()).to(torch.bfloat16)
@@ -108,7 +106,7 @@ def case_naive(ctx: Context) -> Any:
 def _import_transformers_fp8() -> None:
     """Import what ``from_pretrained`` of an FP8 checkpoint imports lazily (the quantizer,
     accelerate), before the baseline, so the case's memory is the load's and not the imports'."""
-    import transformers.integrations.finegrained_fp8  # noqa: F401
+    import transformers.integrations.finegrained_fp8
     import transformers.quantizers.quantizer_finegrained_fp8  # noqa: F401
 
     try:
@@ -180,7 +178,7 @@ def child_main(args: argparse.Namespace) -> int:
     probe = common.MemoryProbe()
     try:
         model = CASES[args.case](ctx)
-    except Exception as e:  # recorded, not raised: "why it could not load" is a result too
+    except Exception as e:  # noqa: BLE001 - recorded, not raised: "why it could not load" is a result too
         result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
         result.update(probe.report(), notes=ctx.notes)
         common.write_result(args.result, result)
@@ -264,19 +262,28 @@ def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
                 r[col] = r["total_s"] / other["total_s"]
 
 
-def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repeat: int) -> str:
+def report(
+    rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repeat: int, note: str | None = None
+) -> str:
     """The markdown report: facts about the checkpoint, the table, and notes on failures."""
     largest = manifest["largest_fp8_tensor"]
     bound = largest["bytes"] + BOUND_SLACK
     lines = [
         f"## Load benchmark ({mode})",
         "",
-        f"- model: Mistral3ForConditionalGeneration, {manifest['params'] / 1e6:.1f}M parameters, "
-        f"{common.mib(manifest['model_bytes']):.1f} MiB of parameters+buffers in bf16",
-        f"- FP8 checkpoint: {common.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['spec']['shards']} shards, "
-        f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {common.mib(manifest['bf16_disk_bytes']):.1f} MiB",
-        f"- largest on-disk tensor: {largest['key']} ({largest['dtype']}), {common.mib(largest['bytes']):.1f} MiB; "
-        f"bound = largest + 64 MiB = {common.mib(bound):.1f} MiB",
+        *([f"- note: {note}"] if note else []),
+        (
+            f"- model: Mistral3ForConditionalGeneration, {manifest['params'] / 1e6:.1f}M parameters, "
+            f"{common.mib(manifest['model_bytes']):.1f} MiB of parameters+buffers in bf16"
+        ),
+        (
+            f"- FP8 checkpoint: {common.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['spec']['shards']} shards, "
+            f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {common.mib(manifest['bf16_disk_bytes']):.1f} MiB"
+        ),
+        (
+            f"- largest on-disk tensor: {largest['key']} ({largest['dtype']}), {common.mib(largest['bytes']):.1f} MiB; "
+            f"bound = largest + 64 MiB = {common.mib(bound):.1f} MiB"
+        ),
         "- page cache: warm (every file of the checkpoint a case reads was read once just before it)",
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "",
@@ -298,8 +305,10 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
                 f"{common.mib(bound):.1f} MiB: the bound {verdict}."
             )
     for r in rows:
-        for err in r.get("errors") or ([r["error"]] if "error" in r else []):
-            lines.append(f"\n{r['case']} failed: {err}")
+        if r.get("errors"):
+            lines.append(
+                f"\n{r['case']} failed in {len(r['errors'])}/{len(r['runs'])} run(s): {short(r['errors'][0])}"
+            )
     return "\n".join(lines)
 
 
@@ -312,10 +321,21 @@ def run_all(args: argparse.Namespace, ck: common.Checkpoints) -> list[dict[str, 
         for case in args.cases:
             common.warm_page_cache(common.checkpoint_files(dirs[READS.get(case, "fp8")]))
             r = common.run_case(os.path.abspath(__file__), case, child_args, timeout=args.timeout)
-            status = r.get("error") or f"load {r['load_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
+            status = (
+                short(r["error"])
+                if "error" in r
+                else f"load {r['load_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
+            )
             print(f"  run {i + 1}/{args.repeat} {case}: {status}", flush=True)
             runs[case].append(r)
     return [aggregate(runs[c]) for c in args.cases]
+
+
+def short(error: str, limit: int = 400) -> str:
+    """An error's first ``limit`` characters on one line (torch repeats one message per key; the
+    JSON keeps the whole text)."""
+    one = " ".join(error.split())
+    return one if len(one) <= limit else f"{one[:limit]}... ({len(one)} chars; full text in the JSON)"
 
 
 def failures(rows: list[dict[str, Any]]) -> list[str]:
@@ -343,7 +363,7 @@ def parent_main(args: argparse.Namespace) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     derive(rows, ck.manifest)
-    text = report(rows, ck.manifest, mode, args.repeat)
+    text = report(rows, ck.manifest, mode, args.repeat, args.note)
     print(text)
     out = args.out or os.path.join(HERE, "results", f"load_{mode}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -351,6 +371,7 @@ def parent_main(args: argparse.Namespace) -> int:
         json.dump(
             {
                 "mode": mode,
+                "note": args.note,
                 "page_cache": "warm",
                 "repeat": args.repeat,
                 "bound_bytes": ck.manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK,
@@ -381,6 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="runs per case (default: 1 quick, 3 full)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per case run")
     p.add_argument("--out", help="JSON result path (default: benchmarks/results/load_<mode>.json)")
+    p.add_argument("--note", help="a line printed above the table and stored in the JSON (what was measured)")
     # Internal: one case in this (fresh) process.
     p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

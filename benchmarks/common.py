@@ -162,28 +162,28 @@ class ModelSpec:
         """A ``config.json`` for transformers' ``Mistral3Config`` (no quantization)."""
         from transformers import Mistral3Config
 
-        text = dict(
-            model_type="mistral",
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-        )
-        vision = dict(
-            model_type="pixtral",
-            hidden_size=self.vision_hidden,
-            intermediate_size=self.vision_intermediate,
-            num_hidden_layers=self.vision_layers,
-            num_attention_heads=self.vision_heads,
-            head_dim=self.vision_hidden // self.vision_heads,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-        )
+        text = {
+            "model_type": "mistral",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        }
+        vision = {
+            "model_type": "pixtral",
+            "hidden_size": self.vision_hidden,
+            "intermediate_size": self.vision_intermediate,
+            "num_hidden_layers": self.vision_layers,
+            "num_attention_heads": self.vision_heads,
+            "head_dim": self.vision_hidden // self.vision_heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+        }
         # Both tie flags off: released Mistral-3 checkpoints store lm_head, and the top-level
         # Mistral3Config defaults to tying.
         config = Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
@@ -203,17 +203,39 @@ FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
     "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
 }
 
-#: ``--quick``: a few MB, seconds per case; for CI, so the benchmark code never rots.
+#: ``--quick``: ~17 MB, seconds per case; for CI, so the benchmark code never rots. The MLP
+#: weights (8256 x 256 = 2,113,536 elements) are just over lazyfp8's default chunk of 2**21
+#: elements, so even the quick run reads FP8 tensors in several chunks (and threads).
 QUICK = ModelSpec(
-    vocab=4096, hidden=256, intermediate=768, layers=2, heads=4, kv_heads=2, head_dim=64,
-    vision_hidden=64, vision_intermediate=128, vision_layers=1, vision_heads=2, image_size=56,
+    vocab=4096,
+    hidden=256,
+    intermediate=8256,
+    layers=1,
+    heads=4,
+    kv_heads=2,
+    head_dim=64,
+    vision_hidden=64,
+    vision_intermediate=128,
+    vision_layers=1,
+    vision_heads=2,
+    image_size=56,
     shards=2,
 )
 
 #: Full: ~580M parameters, ~1.16 GB of bf16 (text hidden 2048, 7 layers, vocab 32768).
 FULL = ModelSpec(
-    vocab=32768, hidden=2048, intermediate=8192, layers=7, heads=16, kv_heads=8, head_dim=128,
-    vision_hidden=256, vision_intermediate=1024, vision_layers=2, vision_heads=4, image_size=224,
+    vocab=32768,
+    hidden=2048,
+    intermediate=8192,
+    layers=7,
+    heads=16,
+    kv_heads=8,
+    head_dim=128,
+    vision_hidden=256,
+    vision_intermediate=1024,
+    vision_layers=2,
+    vision_heads=4,
+    image_size=224,
     shards=4,
 )
 
@@ -489,7 +511,7 @@ def run_case(script: str, case: str, args: Sequence[str] = (), timeout: float = 
         env = dict(os.environ, **OFFLINE_ENV)
         busy0, child0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         except subprocess.TimeoutExpired:
             return {"case": case, "error": f"timed out after {timeout} s"}
         others = (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - child0)
@@ -541,10 +563,17 @@ def environment() -> dict[str, Any]:
 def git_revision(path: str) -> str | None:
     """``<commit>[+dirty]`` of the git checkout at ``path``, or ``None`` outside one."""
     try:
-        rev = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        rev = subprocess.run(
+            ["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
         if rev.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--", "lazyfp8"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", path, "status", "--porcelain", "--", "lazyfp8"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return None

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ._dequant import GridKernel, PerTensorKernel, Workspace
+from ._dequant import GridKernel, PerTensorKernel, Workspace, thread_workspace
 from ._header import TensorEntry
 from ._parallel import run_split
 from ._reader import ShardFile
@@ -159,7 +159,7 @@ class TensorSource:
             self.shard.will_need(start, stop - start)
 
         def work_on(chunks: Sequence[Rect]) -> None:
-            work = Workspace()
+            work = thread_workspace()
             for rect in chunks:
                 n = rect.numel
                 out = flat[rect.local : rect.local + n] if direct else work.get(n, self.dtype)
