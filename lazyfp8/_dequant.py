@@ -45,8 +45,8 @@ def thread_workspace() -> Workspace:
     """This thread's CPU workspace, kept for the thread's life. Reusing it across tensors avoids
     allocating and freeing chunk-sized buffers per tensor, which glibc's per-thread arenas keep
     resident (measured on the 1.1 GiB load benchmark: 146 MiB above the parameters without this,
-    32 MiB with it) and which
-    page-faults anew each time. It holds one chunk of each buffer kind at most."""
+    32 MiB with it) and which page-faults anew each time. It holds one chunk of each buffer kind
+    at most."""
     work = getattr(_local, "work", None)
     if work is None:
         work = _local.work = Workspace()
