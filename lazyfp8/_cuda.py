@@ -42,6 +42,10 @@ def read_into_cuda(source: "TensorSource", dst: torch.Tensor, plan: "Plan") -> N
     copied = [torch.cuda.Event() for _ in range(2)]
     consumed = [torch.cuda.Event() for _ in range(2)]
     used = [False, False]
+    # The device buffers come from the caching allocator, which may hand out memory that kernels
+    # still queued on the compute stream (an earlier read's dequantization) are reading: the
+    # side stream must not write before that work is done.
+    copy_stream.wait_stream(compute)
     for start, stop in plan.spans:
         source.shard.will_need(start, stop - start)
     with torch.cuda.device(device):

@@ -42,11 +42,31 @@ def local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    for p in t.placements:
-        if type(p) not in (Shard, Replicate):
-            raise NotImplementedError(f"loading into a DTensor placed as {p} is not supported; use Shard or Replicate")
-    lengths, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    placements = tuple(t.placements)
+    for i, p in enumerate(placements):
+        if type(p) in (Shard, Replicate) or _strided_then_sharded(placements, i, t.device_mesh):
+            continue
+        raise NotImplementedError(f"loading into a DTensor placed as {p} is not supported; use Shard or Replicate")
+    lengths, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, placements)
     return tuple(offsets), tuple(lengths)
+
+
+def _strided_then_sharded(placements: tuple[Any, ...], i: int, mesh: Any) -> bool:
+    """FSDP2 over tensor parallel: ``_StridedShard(d, split_factor=k)`` on one mesh dim, then
+    ``Shard(d)`` on a later mesh dim of size ``k``. Each rank's shard is then one contiguous box
+    (a slice of its TP slice), which is what ``compute_local_shape_and_global_offset`` returns.
+    Other strided layouts interleave rows and are refused."""
+    from torch.distributed.tensor import Shard
+
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    p = placements[i]
+    if type(p) is not _StridedShard:
+        return False
+    later = [j for j in range(i + 1, len(placements)) if type(placements[j]) is Shard and placements[j].dim == p.dim]
+    return len(later) == 1 and p.split_factor == mesh.size(later[0])
 
 
 def copy_into_dtensor(source: "TensorSource", dst: torch.Tensor) -> None:
