@@ -247,3 +247,33 @@ def deepseek_v3_checkpoint(
             disk[key] = per_expert[key].to(torch.float32)
     write_checkpoint(directory, disk, fp8_block_config(model_config), shards=shards)
     return disk, quantized
+
+
+def deepseek_config():
+    """A tiny DeepSeek-V3: MLA attention whose kv_a_proj_with_mqa is [kv_lora_rank + rope_dim,
+    hidden] = [192, 256], ragged (a [2, 2] grid of 128x128 blocks, the last row of blocks 64 rows
+    high) like DeepSeek-V3's [576, 7168]; layer 0 dense (first_k_dense_replace=1), layer 1 MoE with
+    4 routed experts + 1 shared. Every other Linear is a multiple of 128."""
+    import transformers
+
+    return transformers.DeepseekV3Config(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=384,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        num_mtp_layers=0,
+    )

@@ -64,7 +64,6 @@ from lazyfp8 import (
     MissingScaleError,
     MissingShardError,
     PerBlock,
-    PerTensor,
     UnsafePathError,
     UnsupportedDtypeError,
 )

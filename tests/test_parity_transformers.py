@@ -22,6 +22,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 from lazyfp8 import LazyFP8View, PerBlock, init_empty_weights, load_into
 from tests.builders import (
+    deepseek_config,
     deepseek_v3_checkpoint,
     expected,
     fp8_block_config,
@@ -227,33 +228,6 @@ def test_from_pretrained_dequantized_equals_load_into(qwen3_fp8, how, dtype):
 
 
 # --- (d) from_pretrained of DeepSeek-V3's on-disk layout: parity except at the ragged edge --------
-
-
-def deepseek_config():
-    # kv_a_proj_with_mqa is [kv_lora_rank + qk_rope_head_dim, hidden] = [192, 256], ragged like
-    # DeepSeek-V3's [576, 7168]; 192 rows over a 2-row grid let transformers infer 96-row blocks
-    # without complaint. Every other Linear is a multiple of 128.
-    return transformers.DeepseekV3Config(
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=384,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        q_lora_rank=128,
-        kv_lora_rank=128,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
-        num_mtp_layers=0,
-    )
 
 
 def test_from_pretrained_deepseek_v3_layout_matches_except_ragged_kv_a_proj(tmp_path):

@@ -21,6 +21,7 @@ from tests.builders import (
     DEEPSEEK_FP8,
     add_input_scales,
     compressed_tensors_channel_config,
+    deepseek_config,
     deepseek_v3_checkpoint,
     expected,
     mx_config,
@@ -56,33 +57,6 @@ def assert_loaded(model, disk, quantized, block):
 # layer's experts as the ``nn.ModuleList`` of ``DeepseekV3MLP`` that DeepSeek's own modeling code
 # uses, which is exactly the on-disk tree. (Parity of the fused runtime tensors with transformers'
 # own loading of this layout is tested in test_parity_transformers.py.)
-
-
-def deepseek_config():
-    # MLA attention with kv_a_proj_with_mqa = [kv_lora_rank + rope_dim, hidden] = [192, 256]:
-    # ragged (a [2, 2] grid, last row of blocks 64 rows high) as DeepSeek-V3's [576, 7168].
-    # Layer 0 dense (first_k_dense_replace=1), layer 1 MoE with 4 routed experts + 1 shared.
-    return transformers.DeepseekV3Config(
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=384,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        q_lora_rank=128,
-        kv_lora_rank=128,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
-        num_mtp_layers=0,
-    )
 
 
 def per_expert_deepseek(cfg):
