@@ -8,6 +8,8 @@ exponent byte.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
@@ -21,8 +23,8 @@ _FP8_MAX = {
     torch.float8_e5m2fnuz: 57344.0,
 }
 
-# Row bands are processed this many elements at a time so a float32 copy of a whole tensor is
-# never made.
+# Rows are processed this many elements at a time, so no float32 copy of a whole tensor (and no
+# temporary of its size) is ever made.
 _BAND_ELEMENTS = 1 << 22
 
 
@@ -36,12 +38,6 @@ def fp8_max(dtype: torch.dtype) -> float:
         return _FP8_MAX[dtype]
     except KeyError:
         raise ValueError(f"{dtype} is not an FP8 weight dtype; use one of {list(_FP8_MAX)}") from None
-
-
-def _bands(rows: int, cols: int, b0: int) -> list[tuple[int, int]]:
-    """Row ranges holding whole block rows and about _BAND_ELEMENTS elements each."""
-    per = max(_BAND_ELEMENTS // max(cols, 1) // b0, 1) * b0
-    return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
 
 def quantize(
@@ -103,26 +99,45 @@ def quantize(
         out = torch.ones(expected, dtype=torch.float32)
         return torch.empty(w.shape, dtype=fp8_dtype), (out.to(torch.uint8) * 127 if ue8m0 else out)
     w2 = w.detach().reshape(rows, cols)
-    scale = torch.empty(gr, gc, dtype=torch.float32)
+    step = max(_BAND_ELEMENTS // cols, 1)  # rows per band: every temporary is one band at most
+
+    def bands(stop_at_groups: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Row bands ``[r0, r1)`` as float32, checked finite; with ``stop_at_groups`` a band
+        never crosses a block-row boundary."""
+        r0 = 0
+        while r0 < rows:
+            r1 = min(r0 + step, rows)
+            if stop_at_groups:
+                r1 = min(r1, (r0 // b0 + 1) * b0)
+            x = w2[r0:r1].to(torch.float32, copy=True)  # worked on in place: never the input
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"cannot quantize {name!r}: it holds NaN or an infinity")
+            yield r0, r1, x
+            r0 = r1
+
+    if given is not None:
+        scale = given
+    else:
+        # Pass 1: amax per block, band by band (a block row taller than a band accumulates).
+        amax = torch.zeros(gr, gc, dtype=torch.float32)
+        pad = gc * b1 - cols
+        for r0, r1, x in bands(stop_at_groups=True):
+            col_amax = torch.nn.functional.pad(x.abs_(), (0, pad)).view(r1 - r0, gc, b1).amax(dim=(0, 2))
+            torch.maximum(amax[r0 // b0], col_amax, out=amax[r0 // b0])
+        scale = amax / fmax
+        if ue8m0:
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    # Pass 2: codes = clamp(w / scale), the scale broadcast over each block, never expanded.
     codes = torch.empty(rows, cols, dtype=fp8_dtype)
-    pad = gc * b1 - cols
-    for r0, r1 in _bands(rows, cols, b0):
-        x = w2[r0:r1].to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(f"cannot quantize {name!r}: it holds NaN or an infinity")
-        nr = r1 - r0
-        g0, g1 = r0 // b0, -(-r1 // b0)
-        if given is not None:
-            s = given[g0:g1]
-        else:
-            xa = torch.nn.functional.pad(x.abs(), (0, pad, 0, (g1 - g0) * b0 - nr))
-            s = xa.view(g1 - g0, b0, gc, b1).amax(dim=(1, 3)) / fmax
-            if ue8m0:
-                s = torch.exp2(torch.ceil(torch.log2(s)))
-            s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
-        scale[g0:g1] = s
-        s_rows = s.repeat_interleave(b0, 0)[:nr].repeat_interleave(b1, 1)[:, :cols]
-        codes[r0:r1] = (x / s_rows).clamp_(-fmax, fmax).to(fp8_dtype)
+    full = cols // b1
+    for r0, r1, x in bands(stop_at_groups=False):
+        s_rows = scale.index_select(0, torch.arange(r0, r1) // b0)  # [band rows, gc]
+        if full:
+            x[:, : full * b1].unflatten(1, (full, b1)).div_(s_rows[:, :full, None])
+        if full * b1 < cols:
+            x[:, full * b1 :].div_(s_rows[:, full : full + 1])
+        codes[r0:r1] = x.clamp_(-fmax, fmax)
     codes = codes.reshape(w.shape)
     scale = scale.reshape(expected)
     if ue8m0:

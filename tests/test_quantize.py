@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from hypothesis import given
@@ -69,3 +71,23 @@ def test_non_finite_input_names_the_tensor(bad):
     w[1, 1] = bad
     with pytest.raises(NonFiniteError, match="'layers.0.w'"):
         quantize(w, PerTensor(), name="layers.0.w")
+
+
+@pytest.mark.parametrize("g", [PerTensor(), PerChannel(), PerBlock((16, 16))])
+def test_the_input_is_never_modified(g):
+    # float32 input: .to(float32) would alias it, and the bands are divided in place
+    w = torch.randn(64, 48)
+    before = w.clone()
+    quantize(w, g)
+    assert torch.equal(w, before)
+
+
+def test_tall_blocks_accumulate_amax_across_bands(monkeypatch):
+    # a block row taller than one band (per-tensor on a big matrix) still gets its true amax
+    monkeypatch.setattr(sys.modules["lazyfp8.quantize"], "_BAND_ELEMENTS", 64)
+    w = torch.randn(40, 16)
+    w[37, 3] = 100.0
+    codes, scale = quantize(w, PerTensor())
+    assert scale.item() == pytest.approx(100.0 / 448)
+    c2, s2 = quantize(w, PerBlock((32, 8)))
+    assert s2[1, 0].item() == pytest.approx(100.0 / 448)
