@@ -602,3 +602,378 @@ def _cell(v: Any) -> str:
 def mib(n: float | None) -> float | None:
     """Bytes -> MiB (``None`` stays ``None``)."""
     return None if n is None else n / MiB
+
+
+# ============================================================================================
+# Added for bench_schemes.py, bench_save.py and bench_memory.py
+# ============================================================================================
+# --------------------------------------------------------------------------------------------
+# A block-scaled causal LM (Qwen3, the layout of Qwen3-FP8 / DeepSeek-V3 releases)
+# --------------------------------------------------------------------------------------------
+#: The block size of DeepSeek-V3/R1 and Qwen3-FP8 releases.
+BLOCK = (128, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMSpec:
+    """Sizes of a ``Qwen3ForCausalLM`` whose Linear shapes are all multiples of 128, so a
+    128x128 block grid covers every weight exactly (as in the released Qwen3-FP8 checkpoints)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_shard_size: str
+    seed: int = 0
+
+    def config_dict(self) -> dict[str, Any]:
+        """A ``config.json`` for transformers' ``Qwen3Config`` (no quantization)."""
+        from transformers import Qwen3Config
+
+        config = Qwen3Config(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
+        d = config.to_dict()
+        d["architectures"] = ["Qwen3ForCausalLM"]
+        d["dtype"] = "bfloat16"
+        return d
+
+
+#: ``--quick``: ~2.4M parameters (4.8 MB of bf16), written in 3 shards (torch's quantized DCP
+#: reader needs an index, which only a sharded checkpoint has).
+QWEN3_QUICK = CausalLMSpec(
+    vocab=4096, hidden=256, intermediate=768, layers=2, heads=4, kv_heads=2, head_dim=64, max_shard_size="2MB"
+)
+#: Full: ~587M parameters = 1.17 GB of bf16 (9 layers of hidden 2048, MLP 6144, vocab 32768,
+#: untied lm_head); the block-FP8 checkpoint is ~720 MB in 3 shards of at most 300 MB.
+QWEN3_FULL = CausalLMSpec(
+    vocab=32768, hidden=2048, intermediate=6144, layers=9, heads=16, kv_heads=8, head_dim=128, max_shard_size="300MB"
+)
+QWEN3_SPECS = {"quick": QWEN3_QUICK, "full": QWEN3_FULL}
+
+#: Bump when :func:`ensure_block_checkpoint`'s output changes.
+BLOCK_CHECKPOINT_FORMAT_VERSION = 1
+
+
+def build_causal_lm(config: Mapping[str, Any] | Any, params: str = "zeros") -> Any:
+    """A bf16 model of ``config["architectures"][0]`` (any transformers class), parameters
+    ``"meta"``, ``"zeros"`` or ``"empty"`` as in :func:`build_model`."""
+    import torch
+    import transformers
+
+    import lazyfp8
+
+    if isinstance(config, Mapping):
+        d = {k: v for k, v in config.items() if k != "quantization_config"}
+        arch = d["architectures"][0]
+        config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    else:
+        arch = config.architectures[0]
+    with lazyfp8.init_empty_weights(), default_dtype(torch.bfloat16):
+        model = getattr(transformers, arch)(config)
+    if params != "meta":
+        materialize_(model, zero=(params == "zeros"))
+    return model.eval()
+
+
+def random_causal_lm(config: Mapping[str, Any], seed: int) -> Any:
+    """The spec's model with N(0, 0.02) parameters from one seeded generator (deterministic)."""
+    model = build_causal_lm(config, params="empty")
+    fill_random_(model, seed)
+    return model
+
+
+def reference_dequantized(path: str, dtype: Any = None) -> dict[str, Any]:
+    """The state every correct loader must produce from a ``_scale_inv`` checkpoint, computed
+    without lazyfp8's reader: ``safetensors.torch.load_file`` of each shard and the reference
+    formula ``(w.float() * s).to(dtype)`` with the scale grid expanded over ``BLOCK`` blocks (or
+    a 0-d scale). Memory-hungry (the whole state plus a float32 copy of one weight)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lazyfp8.testing import reference
+
+    dtype = dtype or torch.bfloat16
+    disk: dict[str, Any] = {}
+    for file in safetensors_files(path):
+        disk.update(load_file(file))
+    out = {}
+    for key, t in disk.items():
+        if key.endswith("_scale_inv"):
+            continue
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            s = disk[key + "_scale_inv"]
+            t = reference(t, s, dtype, BLOCK if s.dim() == 2 else None)
+        out[key] = t
+    return out
+
+
+def checkpoint_digest(path: str) -> str:
+    """SHA-256 over ``(key, dtype, shape, raw bytes)`` of every tensor stored in a checkpoint
+    directory, in key order, read straight from the files (no torch, no lazyfp8): two
+    checkpoints hold the same tensors, however sharded, exactly when their digests are equal."""
+    h = hashlib.sha256()
+    entries = []
+    for file in safetensors_files(path):
+        header = safetensors_header(file)
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        for key, e in header.items():
+            if key != "__metadata__":
+                entries.append((key, file, 8 + n + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0], e))
+    buf = bytearray(16 * MiB)
+    for key, file, start, size, e in sorted(entries):
+        h.update(f"{key}|{e['dtype']}|{tuple(e['shape'])}\n".encode())
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start)
+            left = size
+            while left:
+                got = f.readinto(memoryview(buf)[: min(left, len(buf))])
+                if not got:
+                    raise ValueError(f"{file} ended inside {key}")
+                h.update(memoryview(buf)[:got])
+                left -= got
+    return h.hexdigest()
+
+
+def ensure_block_checkpoint(workdir: str, spec: CausalLMSpec, log: Any = print) -> Checkpoints:
+    """Write (or reuse) ``fp8-block/``: the spec's seeded Qwen3 model saved by
+    ``lazyfp8.save(state_dict, scheme=PerBlock((128, 128)), config=...)``, so on-disk names are
+    the runtime names, every Linear weight but ``lm_head`` is float8_e4m3fn with a float32
+    ``[rows/128, cols/128]`` ``weight_scale_inv``, and ``config.json`` carries
+    ``{"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}``.
+
+    The manifest holds the digest of the source model (``source_digest``), of the stored tensors
+    (``disk_digest``, see :func:`checkpoint_digest`) and of the reference dequantized state
+    (``digest``, see :func:`reference_dequantized`). ``Checkpoints.bf16_dir`` is unused ("")."""
+    import torch
+
+    import lazyfp8
+
+    fp8_dir = os.path.join(workdir, "fp8-block")
+    manifest_path = os.path.join(workdir, "manifest-block.json")
+    wanted = {"format": BLOCK_CHECKPOINT_FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if {k: manifest.get(k) for k in wanted} == wanted and os.path.isdir(fp8_dir):
+            log(f"reusing the block-FP8 checkpoint in {workdir}")
+            return Checkpoints(workdir, fp8_dir, "", manifest)
+    t0 = time.perf_counter()
+    config = spec.config_dict()
+    model = random_causal_lm(config, spec.seed)
+    sd = model.state_dict()
+    source_digest = state_digest(sd)
+    res = lazyfp8.save(
+        sd, fp8_dir, scheme=lazyfp8.PerBlock(BLOCK), max_shard_size=spec.max_shard_size, config=config, overwrite=True
+    )
+    params, pbytes = sum(p.numel() for p in model.parameters()), model_bytes(model)
+    del model, sd
+    ref = reference_dequantized(fp8_dir, torch.bfloat16)
+    with open(os.path.join(fp8_dir, "config.json")) as f:
+        qconfig = json.load(f).get("quantization_config")
+    manifest = dict(
+        wanted,
+        digest=state_digest(ref),
+        source_digest=source_digest,
+        disk_digest=checkpoint_digest(fp8_dir),
+        params=params,
+        model_bytes=pbytes,
+        fp8_tensors=len(res.quantized),
+        shards=len(res.files),
+        fp8_disk_bytes=dir_bytes(fp8_dir),
+        largest_fp8_tensor=largest_tensor(fp8_dir),
+        quantization_config=qconfig,
+    )
+    del ref
+    manifest["generate_s"] = round(time.perf_counter() - t0, 2)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=2)
+    log(f"wrote the block-FP8 checkpoint to {fp8_dir} in {manifest['generate_s']} s")
+    return Checkpoints(workdir, fp8_dir, "", manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# Page cache: eviction and residency
+# --------------------------------------------------------------------------------------------
+def meminfo() -> dict[str, int]:
+    """``/proc/meminfo`` in bytes (``Cached``, ``Dirty``, ``MemAvailable``...)."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    return out
+
+
+def drop_page_cache(paths: Iterable[str]) -> None:
+    """Evict ``paths`` from the page cache: ``os.sync()`` (dirty pages cannot be dropped), then
+    ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)`` on each file. Advice: a filesystem may
+    keep pages anyway, so check with :func:`resident_bytes`."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_bytes(paths: Iterable[str]) -> int | None:
+    """Bytes of ``paths`` in the page cache right now (``mincore(2)`` over a shared read-only
+    map of each file, as util-linux's ``fincore`` does), or ``None`` where that is unavailable.
+    The map is never touched, so this reads nothing into the cache."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if not size:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    return None
+                total += sum(b & 1 for b in bytes(vec)) * page
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+    return total
+
+
+def read_files(paths: Iterable[str], chunk: int = 16 * MiB) -> int:
+    """Read every file sequentially into one reused buffer (``cat files > /dev/null``); returns
+    the bytes read. Unlike :func:`warm_page_cache` it is meant to be timed."""
+    return warm_page_cache(paths, chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# RSS over time, sampled from outside the measured process
+# --------------------------------------------------------------------------------------------
+def run_case_sampled(
+    script: str, case: str, args: Sequence[str] = (), interval: float = 0.005, timeout: float = 900
+) -> dict[str, Any]:
+    """:func:`run_case`, sampling the child's ``VmRSS`` from this (parent) process every
+    ``interval`` seconds by reading ``/proc/<pid>/status``: the sampler cannot slow the child
+    down or take its GIL. Adds ``samples``: ``[[time.monotonic(), vmrss_bytes], ...]`` (the
+    monotonic clock is system-wide, so a child's own ``time.monotonic()`` marks line up)."""
+    with tempfile.TemporaryDirectory(prefix="lazyfp8-case-") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, script, "--case", case, "--result", result_path, *args]
+        env = dict(os.environ, **OFFLINE_ENV)
+        samples: list[list[float]] = []
+        busy0, child0 = busy_cpu_seconds(), children_cpu_seconds()
+        with open(os.path.join(tmp, "stderr"), "w+") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            status = f"/proc/{proc.pid}/status"
+            while proc.poll() is None:
+                if time.perf_counter() - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    return {"case": case, "error": f"timed out after {timeout} s"}
+                try:
+                    with open(status) as f:
+                        for line in f:
+                            if line.startswith("VmRSS:"):
+                                samples.append([time.monotonic(), int(line.split()[1]) * 1024])
+                                break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(interval)
+            err.seek(0)
+            stderr = err.read()
+        # This process's own sampling loop is "others" too: a fraction of a core at 5 ms.
+        others = (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - child0)
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                result = json.load(f)
+            result.setdefault("stderr_tail", _tail(stderr))
+        else:
+            result = {"case": case, "error": f"exit code {proc.returncode}: {_tail(stderr)}"}
+        result["process_s"] = time.perf_counter() - t0
+        result["others_cpu_s"] = max(others, 0.0)
+        result["samples"] = samples
+        return result
+
+
+def load_average() -> tuple[float, float, float]:
+    """1, 5 and 15 minute load averages (``/proc/loadavg``)."""
+    with open("/proc/loadavg") as f:
+        a, b, c = f.read().split()[:3]
+    return float(a), float(b), float(c)
+
+
+def aggregate_runs(runs: list[dict[str, Any]], time_keys: Sequence[str], peak_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """One row from repeated runs of a case (as bench_load does): the smallest value of each of
+    ``time_keys`` (every disturbance on a shared machine only adds time), the values of
+    ``baseline_rss``, ``vmhwm`` and ``peak_keys`` from the run with the largest
+    ``vmhwm - baseline_rss``, the set of ``digest`` values, and ``disturbed_runs``: runs during
+    which other processes used more CPU than 10% of the run's wall time. Raw runs under
+    ``"runs"``, errors under ``"errors"``."""
+    ok = [r for r in runs if "error" not in r]
+    row = dict(ok[0] if ok else runs[-1])
+    row["runs"] = runs
+    row["errors"] = [r["error"] for r in runs if "error" in r]
+    if not ok:
+        return row
+    for key in time_keys:
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        row[key] = min(vals) if vals else None
+    if all("vmhwm" in r and "baseline_rss" in r for r in ok):
+        peak = max(ok, key=lambda r: r["vmhwm"] - r["baseline_rss"])
+        for key in ("baseline_rss", "vmhwm", *peak_keys):
+            row[key] = peak.get(key)
+    row["digests"] = sorted({r["digest"] for r in ok if r.get("digest")})
+    row["disturbed_runs"] = sum(r.get("others_cpu_s", 0) > 0.1 * r.get("process_s", 1) for r in ok)
+    row["others_cpu_s"] = max(r.get("others_cpu_s", 0) for r in ok)
+    return row
+
+
+def short_error(error: str, limit: int = 400) -> str:
+    """An error's first ``limit`` characters on one line."""
+    one = " ".join(str(error).split())
+    return one if len(one) <= limit else f"{one[:limit]}... ({len(one)} chars; full text in the JSON)"
+
+
+def disturbance_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """A sentence naming the cases some of whose runs other processes disturbed, or ``None``."""
+    busy = [f"{r['case']} ({r['disturbed_runs']}/{len(r['runs'])})" for r in rows if r.get("disturbed_runs")]
+    if not busy:
+        return None
+    return (
+        "Other processes used CPU for over 10% of the wall time of some runs of "
+        f"{', '.join(busy)}: those timings are disturbed (others_cpu_s in the JSON); "
+        "the best-of-N time is reported."
+    )

@@ -363,3 +363,21 @@ def _save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
     except ImportError:  # pragma: no cover
         raise ImportError("lazyfp8.save needs safetensors") from None
     save_file(tensors, path, metadata={"format": "pt"})
+    # safetensors creates its files 0600; a checkpoint in a shared directory must be readable
+    # like any other file the user creates.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # /proc tells without changing it; os.umask() can only be read by setting it, which would
+    # race with other threads creating files.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -204,3 +204,14 @@ def test_streams_one_tensor_at_a_time_from_a_view(tmp_path, monkeypatch):
     # each shard is written before the next shard's tensors are read
     kinds = [e[0] for e in events]
     assert kinds == ["read", "read", "write"] * 3
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    # safetensors writes 0600; a checkpoint must be as readable as any file the user creates
+    old = os.umask(0o022)
+    try:
+        save({"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64)}, tmp_path, max_shard_size=5000, config={})
+    finally:
+        os.umask(old)
+    modes = {f: os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)}
+    assert set(modes.values()) == {0o644}, modes
