@@ -20,13 +20,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import common
 
 SCHEMES = {
-    "per-tensor": dict(scheme="per-tensor"),
-    "per-channel": dict(scheme="per-channel", format="compressed-tensors"),
-    "block-128x128": dict(scheme="block", block_size=(128, 128)),
-    "mx-1x32": dict(scheme="mx", ue8m0=True),
+    "per-tensor": {"scheme": "per-tensor"},
+    "per-channel": {"scheme": "per-channel", "format": "compressed-tensors"},
+    "block-128x128": {"scheme": "block", "block_size": (128, 128)},
+    "mx-1x32": {"scheme": "mx", "ue8m0": True},
 }
 NAIVE = ("memcpy", "copy_+mul_", "to+mul")
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         view = lazyfp8.LazyFP8View(os.path.join(args.workdir, method), threads=threads or None,
                                    block_size=SCHEMES[method].get("block_size"))
         lazy = view["w.weight"]
-        fn = lambda: out.copy_(lazy)  # noqa: E731
+        fn = lambda: out.copy_(lazy)
         info = view.info("w.weight")
         codes_stored = torch.empty(shape, dtype=torch.uint8)
         with open(os.path.join(args.workdir, method, "model.safetensors"), "rb") as f:
@@ -129,7 +129,7 @@ def main() -> int:
     shape = _shape(mode)
     print(f"## Dequantization throughput ({mode}): {shape[0]}x{shape[1]} weight, best of {repeat}\n")
     print(table)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"dequant_{mode}.json")
+    out = common.result_path(args.out, "dequant", mode)
     common.write_result(out, {"mode": mode, "shape": shape, "repeat": repeat, "environment": common.environment(), "rows": rows, "table": table})
     failed = [r for r in rows if "error" in r or r.get("bit_exact") is False]
     return 1 if failed else 0

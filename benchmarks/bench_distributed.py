@@ -34,12 +34,10 @@ import datetime
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,12 +109,10 @@ def ensure_checkpoint(workdir: str, spec: Spec) -> dict[str, Any]:
     path = os.path.join(workdir, "fp8")
     manifest_path = os.path.join(workdir, "manifest.json")
     wanted = {"format": FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if {k: manifest.get(k) for k in wanted} == {k: json.loads(json.dumps(v)) for k, v in wanted.items()}:
-            print(f"reusing the checkpoint in {workdir}")
-            return manifest
+    manifest = common.reusable_manifest(manifest_path, wanted)
+    if manifest is not None:
+        print(f"reusing the checkpoint in {workdir}")
+        return manifest
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(spec.seed)
     sd: dict[str, torch.Tensor] = {"embed.weight": (torch.randn(spec.vocab, spec.hidden, generator=g) * 0.02).to(torch.bfloat16)}
@@ -143,8 +139,7 @@ def ensure_checkpoint(workdir: str, spec: Spec) -> dict[str, Any]:
         fp8_keys=len(res.quantized),
         generate_s=round(time.perf_counter() - t0, 2),
     )
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    common.write_manifest(manifest_path, manifest)
     print(f"wrote {common.mib(manifest['disk_bytes']):.1f} MiB to {path} in {manifest['generate_s']} s")
     return manifest
 
@@ -300,7 +295,7 @@ def worker_main(args: argparse.Namespace) -> int:
             del full
         result["bit_exact"] = bool(exact)
     except Exception as e:  # noqa: BLE001 - recorded: the parent reports it
-        result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        result.update(common.error_fields(e, limit=8))
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -468,15 +463,12 @@ def report(
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    mode = "quick" if args.quick else "full"
+    mode = common.size_mode(args, full_repeat=2)
     spec = SPECS[mode]
-    if args.repeat is None:
-        args.repeat = 1 if args.quick else 2
     env = common.environment()
-    workdir = args.workdir or tempfile.mkdtemp(prefix=f"lazyfp8-bench-dist-{mode}-")
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    try:
+    with common.work_directory(args.workdir, f"lazyfp8-bench-dist-{mode}-") as workdir:
         manifest = ensure_checkpoint(workdir, spec)
         files = common.checkpoint_files(manifest["path"])
         for method in args.methods:
@@ -494,54 +486,50 @@ def parent_main(args: argparse.Namespace) -> int:
                 rows.append(row)
                 status = row.get("error") or f"load {row['load_s']:.2f} s, read {row['read_mib']:.1f} MiB/rank"
                 print(f"  {method} x{world}: {' '.join(status.split())[:300]} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     text = report(rows, manifest, mode, spec, args.device, args.repeat)
     print()
     print(text)
     suffix = "" if args.device == "cpu" else f"_{args.device}"
-    out = args.out or os.path.join(HERE, "results", f"distributed_{mode}{suffix}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "mode": mode,
-                "spec": dataclasses.asdict(spec),
-                "page_cache": "warm",
-                "backend": "gloo",
-                "device": args.device,
-                "repeat": args.repeat,
-                "environment": env,
-                "checkpoint": manifest,
-                "rows": rows,
-                "table": text,
-                "total_s": round(time.perf_counter() - t_start, 1),
-            },
-            f,
-            indent=2,
-            default=str,
-        )
+    out = common.result_path(args.out, "distributed", f"{mode}{suffix}")
+    common.save_result(
+        out,
+        {
+            "mode": mode,
+            "spec": dataclasses.asdict(spec),
+            "page_cache": "warm",
+            "backend": "gloo",
+            "device": args.device,
+            "repeat": args.repeat,
+            "environment": env,
+            "checkpoint": manifest,
+            "rows": rows,
+            "table": text,
+            "total_s": round(time.perf_counter() - t_start, 1),
+        },
+    )
     print(f"\nsaved {out} ({time.perf_counter() - t_start:.0f} s in all)")
-    bad = [f"{r['method']} x{r['ranks']}: {r['bit_exact']}, bytes {r.get('bytes_exact')}" for r in rows
-           if r["bit_exact"] != "yes" or r.get("bytes_exact") != "yes"]  # fmt: skip
-    for b in bad:
-        print(f"FAIL: {b}", file=sys.stderr)
-    return 1 if bad else 0
+    return common.exit_status(
+        [f"{r['method']} x{r['ranks']}: {r['bit_exact']}, bytes {r.get('bytes_exact')}" for r in rows
+         if r["bit_exact"] != "yes" or r.get("bytes_exact") != "yes"]
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny model; < 60 s; for CI")
-    size.add_argument("--full", action="store_true", help="~340 MB checkpoint (the default)")
-    p.add_argument("--workdir", help="keep the checkpoint here and reuse it (default: a temp dir, removed)")
+    p = common.benchmark_parser(__doc__, "tiny model; < 60 s; for CI", "~340 MB checkpoint (the default)")
+    common.add_options(p, "workdir")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--ranks", nargs="+", type=int, help="rank counts (default: 1 2 4; --quick: fewer)")
-    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per launch")
-    p.add_argument("--repeat", type=int, help="launches per row, best time kept (default: 1 quick, 2 full)")
+    common.add_options(
+        p, "timeout", "repeat",
+        timeout=600,
+        helps={
+            "timeout": "seconds allowed per launch",
+            "repeat": "launches per row, best time kept (default: 1 quick, 2 full)",
+        },
+    )  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parameters live")
-    p.add_argument("--out", help="JSON path (default: benchmarks/results/distributed_<mode>.json)")
+    out_help = "JSON path (default: benchmarks/results/distributed_<mode>.json)"
+    common.add_options(p, "out", helps={"out": out_help})
     # Internal: one rank in this (fresh) process.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)

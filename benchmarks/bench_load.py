@@ -25,36 +25,23 @@ See benchmarks/README.md for what each column means.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BOUND_SLACK = 64 * common.MiB  # the issue's bound: largest on-disk tensor + 64 MiB
 LAZY_CASES = ("lazyfp8", "lazyfp8-meta")
 
 
 # --------------------------------------------------------------------------------------------
 # Cases (run in the child process)
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Context:
-    """What a case gets: checkpoint paths, the model config, a stopwatch and a place for notes."""
-
-    fp8_dir: str
-    bf16_dir: str
-    config: dict[str, Any]
-    watch: common.Stopwatch = dataclasses.field(default_factory=common.Stopwatch)
-    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+#: What a case gets: both checkpoints' paths, the model config, a stopwatch and a place for notes.
+Context = common.CaseContext
 
 
 def case_lazyfp8(ctx: Context) -> Any:
@@ -103,18 +90,6 @@ def case_naive(ctx: Context) -> Any:
     return model
 
 
-def _import_transformers_fp8() -> None:
-    """Import what ``from_pretrained`` of an FP8 checkpoint imports lazily (the quantizer,
-    accelerate), before the baseline, so the case's memory is the load's and not the imports'."""
-    import transformers.integrations.finegrained_fp8
-    import transformers.quantizers.quantizer_finegrained_fp8  # noqa: F401
-
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        pass  # from_pretrained will say so; the case records it
-
-
 def case_transformers(ctx: Context) -> Any:
     """transformers' own loader (renaming rules, FP8 dequantized on load when there is no GPU)."""
     import torch
@@ -157,7 +132,7 @@ CASES: dict[str, Callable[[Context], Any]] = {
     "bf16-safetensors": case_bf16,
 }
 #: Per-case imports done before the baseline (beyond the common ones in :func:`child_main`).
-PREPARE: dict[str, Callable[[], None]] = {"transformers": _import_transformers_fp8}
+PREPARE: dict[str, Callable[[], None]] = {"transformers": common.import_transformers_fp8}
 #: Which checkpoint each case reads, for the page-cache warm-up.
 READS = {"bf16-safetensors": "bf16"}
 
@@ -172,29 +147,9 @@ def child_main(args: argparse.Namespace) -> int:
     import lazyfp8  # noqa: F401
 
     with open(os.path.join(args.bf16_dir, "config.json")) as f:
-        ctx = Context(args.fp8_dir, args.bf16_dir, json.load(f))
+        ctx = Context(args.fp8_dir, json.load(f), args.bf16_dir)
     PREPARE.get(args.case, lambda: None)()
-    result: dict[str, Any] = {"case": args.case}
-    probe = common.MemoryProbe()
-    try:
-        model = CASES[args.case](ctx)
-    except Exception as e:  # noqa: BLE001 - recorded, not raised: "why it could not load" is a result too
-        result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
-        result.update(probe.report(), notes=ctx.notes)
-        common.write_result(args.result, result)
-        return 0
-    probe.stop()  # before hashing, which must not count
-    result.update(probe.report())
-    result.update(
-        build_s=ctx.watch.laps.get("build", 0.0),
-        load_s=ctx.watch.laps["load"],
-        load_cpu_s=ctx.watch.cpu["load"],
-        model_bytes=common.model_bytes(model),
-        digest=common.state_digest(model.state_dict()),
-        notes=ctx.notes,
-    )
-    common.write_result(args.result, result)
-    return 0
+    return common.run_load_case(args.result, args.case, CASES[args.case], ctx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,56 +173,43 @@ COLUMNS = [
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from repeated runs of a case: the best (smallest) times, since on a shared
-    2-core machine every disturbance only adds time, and the worst (largest) memory peak.
-    The individual runs are kept under ``"runs"``."""
+    """One row from repeated runs of a case (:func:`common.aggregate_runs`): the best (smallest)
+    times, since on a shared 2-core machine every disturbance only adds time, and the worst
+    (largest) memory peak. The individual runs are kept under ``"runs"``."""
+    row = common.aggregate_runs(
+        runs, ("build_s", "load_s", "load_cpu_s"), ("vmrss_end", "rss_anon_end", "rss_file_end")
+    )
     ok = [r for r in runs if "error" not in r]
-    row = dict(ok[0] if ok else runs[-1])
-    row["runs"] = runs
-    row["errors"] = [r["error"] for r in runs if "error" in r]
-    if not ok:
-        return row
-    for key in ("build_s", "load_s", "load_cpu_s"):
-        row[key] = min(r[key] for r in ok)
-    row["total_s"] = min(r["build_s"] + r["load_s"] for r in ok)
-    peak = max(ok, key=lambda r: r["vmhwm"] - r["baseline_rss"])
-    for key in ("baseline_rss", "vmhwm", "vmrss_end", "rss_anon_end", "rss_file_end"):
-        row[key] = peak[key]
-    row["digests"] = sorted({r["digest"] for r in ok})
-    # Another process's CPU time above 10% of a run's wall time: that run's timing is suspect.
-    row["disturbed_runs"] = sum(r["others_cpu_s"] > 0.1 * r["process_s"] for r in ok)
+    if ok:
+        row["total_s"] = min(r["build_s"] + r["load_s"] for r in ok)
+        # This benchmark reports the first good run's others_cpu_s (aggregate_runs: the largest).
+        row["others_cpu_s"] = ok[0]["others_cpu_s"]
     return row
 
 
 def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
     """Add the reported columns: peak above params, the bound check, bit-exactness, ratios."""
-    bound = manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK
+    bound = common.load_bound(manifest)
     by_case = {r["case"]: r for r in rows}
     for r in rows:
         if "load_s" not in r:
             r["bit_exact"] = "error"
             continue
-        peak = r["vmhwm"] - r["baseline_rss"] - r["model_bytes"]
-        r["peak_above_params"] = peak
-        r["peak_above_params_mib"] = common.mib(peak)
+        peak = common.peak_above_params(r)
         r["baseline_mib"] = common.mib(r["baseline_rss"])
         r["vmhwm_mib"] = common.mib(r["vmhwm"])
         r["rss_anon_mib"] = common.mib(r["rss_anon_end"])
         r["rss_file_mib"] = common.mib(r["rss_file_end"])
         r["within_bound"] = "yes" if peak <= bound else "no"
         r["bit_exact"] = "yes" if r["digests"] == [manifest["digest"]] else "NO"
-        for ref, col in (("transformers", "vs_transformers"), ("bf16-safetensors", "vs_bf16")):
-            other = by_case.get(ref)
-            if other is not None and other.get("total_s"):
-                r[col] = r["total_s"] / other["total_s"]
+        common.add_ratios(r, by_case, (("transformers", "vs_transformers"), ("bf16-safetensors", "vs_bf16")))
 
 
 def report(
     rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repeat: int, note: str | None = None
 ) -> str:
     """The markdown report: facts about the checkpoint, the table, and notes on failures."""
-    largest = manifest["largest_fp8_tensor"]
-    bound = largest["bytes"] + BOUND_SLACK
+    bound = common.load_bound(manifest)
     lines = [
         f"## Load benchmark ({mode})",
         "",
@@ -280,140 +222,83 @@ def report(
             f"- FP8 checkpoint: {common.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['spec']['shards']} shards, "
             f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {common.mib(manifest['bf16_disk_bytes']):.1f} MiB"
         ),
-        (
-            f"- largest on-disk tensor: {largest['key']} ({largest['dtype']}), {common.mib(largest['bytes']):.1f} MiB; "
-            f"bound = largest + 64 MiB = {common.mib(bound):.1f} MiB"
-        ),
+        common.largest_tensor_line(manifest),
         "- page cache: warm (every file of the checkpoint a case reads was read once just before it)",
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "",
         common.markdown_table(rows, COLUMNS),
     ]
-    busy = [f"{r['case']} ({r['disturbed_runs']}/{len(r['runs'])})" for r in rows if r.get("disturbed_runs")]
-    if busy:
-        lines.append(
-            "\nOther processes used CPU for over 10% of the wall time of some runs of "
-            f"{', '.join(busy)}: those timings are disturbed (others_cpu_s in the JSON); "
-            "the best-of-N time is reported, but rerun on a quiet machine to trust it."
-        )
-    for name in LAZY_CASES:
-        r = next((r for r in rows if r["case"] == name), None)
-        if r is not None and "peak_above_params" in r:
-            verdict = "holds" if r["peak_above_params"] <= bound else "DOES NOT hold"
-            lines.append(
-                f"\n{name}: peak above params {common.mib(r['peak_above_params']):.1f} MiB vs bound "
-                f"{common.mib(bound):.1f} MiB: the bound {verdict}."
-            )
-    for r in rows:
-        if r.get("errors"):
-            lines.append(
-                f"\n{r['case']} failed in {len(r['errors'])}/{len(r['runs'])} run(s): {short(r['errors'][0])}"
-            )
+    lines += common.disturbance_lines(rows, rerun=True)
+    lines += common.bound_verdicts(rows, bound, LAZY_CASES, fails="DOES NOT hold")
+    lines += common.error_lines(rows)
     return "\n".join(lines)
 
 
 def run_all(args: argparse.Namespace, ck: common.Checkpoints) -> list[dict[str, Any]]:
     """Run every selected case ``--repeat`` times, interleaved, each in a fresh process."""
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases}
     dirs = {"fp8": ck.fp8_dir, "bf16": ck.bf16_dir}
-    child_args = ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir]
-    for i in range(args.repeat):
-        for case in args.cases:
-            common.warm_page_cache(common.checkpoint_files(dirs[READS.get(case, "fp8")]))
-            r = common.run_case(os.path.abspath(__file__), case, child_args, timeout=args.timeout)
-            status = (
-                short(r["error"])
-                if "error" in r
-                else f"load {r['load_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
-            )
-            print(f"  run {i + 1}/{args.repeat} {case}: {status}", flush=True)
-            runs[case].append(r)
+    runs = common.run_repeated(
+        os.path.abspath(__file__),
+        args.cases,
+        args.repeat,
+        ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir],
+        warm=lambda case: common.checkpoint_files(dirs[READS.get(case, "fp8")]),
+        timeout=args.timeout,
+        # torch repeats one message per key: 400 characters of it (the JSON keeps the whole text)
+        status=lambda r: common.status_line(r, 400),
+    )
     return [aggregate(runs[c]) for c in args.cases]
 
 
-def short(error: str, limit: int = 400) -> str:
-    """An error's first ``limit`` characters on one line (torch repeats one message per key; the
-    JSON keeps the whole text)."""
-    one = " ".join(error.split())
-    return one if len(one) <= limit else f"{one[:limit]}... ({len(one)} chars; full text in the JSON)"
-
-
-def failures(rows: list[dict[str, Any]]) -> list[str]:
-    """What makes the run fail: a lazyfp8 case that did not load, or any load with wrong bits."""
-    out = []
-    for r in rows:
-        if r["case"] in LAZY_CASES and (r.get("errors") or "error" in r):
-            out.append(f"{r['case']} failed to load")
-        if r.get("bit_exact") == "NO":
-            out.append(f"{r['case']} loaded different bits than the reference")
-    return out
-
-
 def parent_main(args: argparse.Namespace) -> int:
-    mode = "quick" if args.quick else "full"
+    mode = common.size_mode(args)
     spec = common.SPECS[mode]
-    if args.repeat is None:
-        args.repeat = 1 if args.quick else 3
     env = common.environment()  # before the runs: the lazyfp8 revision they measure
-    workdir = args.workdir or tempfile.mkdtemp(prefix=f"lazyfp8-bench-{mode}-")
-    try:
+    with common.work_directory(args.workdir, f"lazyfp8-bench-{mode}-") as workdir:
         ck = common.ensure_checkpoints(workdir, spec)
         rows = run_all(args, ck)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     derive(rows, ck.manifest)
     text = report(rows, ck.manifest, mode, args.repeat, args.note)
     print(text)
-    out = args.out or os.path.join(HERE, "results", f"load_{mode}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(
-            {
-                "mode": mode,
-                "note": args.note,
-                "page_cache": "warm",
-                "repeat": args.repeat,
-                "bound_bytes": ck.manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK,
-                "environment": env,
-                "checkpoint": {k: v for k, v in ck.manifest.items()},
-                "fp8_quantization_config": common.FP8_QUANTIZATION_CONFIG,
-                "rows": rows,
-                "table": text,
-            },
-            f,
-            indent=2,
-            default=str,
-        )
-    print(f"\nsaved {out}")
-    bad = failures(rows)
-    for b in bad:
-        print(f"FAIL: {b}", file=sys.stderr)
-    return 1 if bad else 0
+    return common.finish(
+        common.result_path(args.out, "load", mode),
+        {
+            "mode": mode,
+            "note": args.note,
+            "page_cache": "warm",
+            "repeat": args.repeat,
+            "bound_bytes": common.load_bound(ck.manifest),
+            "environment": env,
+            "checkpoint": dict(ck.manifest),
+            "fp8_quantization_config": common.FP8_QUANTIZATION_CONFIG,
+            "rows": rows,
+            "table": text,
+        },
+        common.load_failures(rows, LAZY_CASES),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny model (a few MB); for CI")
-    size.add_argument("--full", action="store_true", help="~1.16 GB of bf16 parameters (the default)")
-    p.add_argument("--workdir", help="keep checkpoints here and reuse them (default: a temp dir, removed)")
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to run")
-    p.add_argument("--repeat", type=int, help="runs per case (default: 1 quick, 3 full)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per case run")
-    p.add_argument("--out", help="JSON result path (default: benchmarks/results/load_<mode>.json)")
-    p.add_argument("--note", help="a line printed above the table and stored in the JSON (what was measured)")
+    p = common.benchmark_parser(
+        __doc__, "tiny model (a few MB); for CI", "~1.16 GB of bf16 parameters (the default)"
+    )
+    common.add_options(
+        p, "workdir", "cases", "repeat", "timeout", "out", "note",
+        cases=list(CASES),
+        results="load",
+        helps={
+            "workdir": "keep checkpoints here and reuse them (default: a temp dir, removed)",
+            "cases": "cases to run",
+            "note": "a line printed above the table and stored in the JSON (what was measured)",
+        },
+    )  # fmt: skip
     # Internal: one case in this (fresh) process.
-    p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--fp8-dir", help=argparse.SUPPRESS)
-    p.add_argument("--bf16-dir", help=argparse.SUPPRESS)
+    common.add_options(p, "case", "result", "fp8-dir", "bf16-dir", cases=list(CASES))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return child_main(args) if args.case else parent_main(args)
+    return common.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -90,12 +87,10 @@ def ensure_huge(workdir: str, mode: str) -> dict[str, Any]:
     path = os.path.join(workdir, "huge")
     manifest_path = os.path.join(workdir, "manifest-huge.json")
     wanted = {"format": HUGE_FORMAT_VERSION, "vocab": vocab, "hidden": hidden, "layers": layers}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if {k: manifest.get(k) for k in wanted} == wanted:
-            print(f"reusing {path}")
-            return manifest
+    manifest = common.reusable_manifest(manifest_path, wanted)
+    if manifest is not None:
+        print(f"reusing {path}")
+        return manifest
     t0 = time.perf_counter()
     model = huge_model(vocab, hidden, layers, "empty")
     gen = torch.Generator().manual_seed(0)
@@ -118,8 +113,7 @@ def ensure_huge(workdir: str, mode: str) -> dict[str, Any]:
     )
     del ref
     manifest["generate_s"] = round(time.perf_counter() - t0, 1)
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    common.write_manifest(manifest_path, manifest)
     print(f"wrote {path} in {manifest['generate_s']} s")
     return manifest
 
@@ -133,9 +127,6 @@ def _mistral_config(bf16_dir: str) -> dict[str, Any]:
 
 
 def child_a(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    import torch
-    from safetensors.torch import load_file
-
     import lazyfp8
 
     vocab, hidden, layers = HUGE[args.mode]
@@ -152,27 +143,12 @@ def child_a(args: argparse.Namespace, result: dict[str, Any]) -> None:
             with lazyfp8.LazyFP8View(args.dir) as view:
                 lazyfp8.load_into(model, view, strict=True)
         else:
-            disk: dict[str, Any] = {}
-            for f in common.safetensors_files(args.dir):
-                disk.update(load_file(f))
-            state = {}
-            for key, t in disk.items():
-                if key.endswith("_scale_inv"):
-                    continue
-                if t.dtype == torch.float8_e4m3fn:
-                    s = disk[key + "_scale_inv"].float()
-                    s = s.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
-                    t = (t.float() * s).to(torch.bfloat16)
-                state[key] = t
-            del disk
+            state = common.naive_block_dequantized(args.dir)
             model.load_state_dict(state, strict=True)
             del state
     probe.stop()
     result.update(probe.report())
-    result.update(
-        build_s=watch.laps["build"], load_s=watch.laps["load"], load_cpu_s=watch.cpu["load"],
-        model_bytes=common.model_bytes(model), digest=common.state_digest(model.state_dict()),
-    )
+    result.update(common.load_fields(watch, model))
 
 
 def _bench_load_case(name: str, fp8_dir: str, bf16_dir: str) -> tuple[Any, Any]:
@@ -180,7 +156,7 @@ def _bench_load_case(name: str, fp8_dir: str, bf16_dir: str) -> tuple[Any, Any]:
     context, with bench_load's imports done."""
     import bench_load
 
-    ctx = bench_load.Context(fp8_dir, bf16_dir, _mistral_config(bf16_dir))
+    ctx = bench_load.Context(fp8_dir, _mistral_config(bf16_dir), bf16_dir)
     bench_load.PREPARE.get(name, lambda: None)()
     return bench_load.CASES[name], ctx
 
@@ -194,12 +170,7 @@ def _cat(files: list[str]) -> None:
 def _willneed_then_read(files: list[str]) -> None:
     """Ask for every file at once (``POSIX_FADV_WILLNEED`` over the whole file), then read them
     in order: the device gets the whole request up front, as lazyfp8's per-tensor advice does."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+    common.fadvise(files, os.POSIX_FADV_WILLNEED)
     common.read_files(files)
 
 
@@ -230,11 +201,7 @@ def child_b(args: argparse.Namespace, result: dict[str, Any]) -> None:
     model = fn(ctx)
     probe.stop()
     result.update(probe.report())
-    result.update(
-        build_s=ctx.watch.laps.get("build", 0.0), load_s=ctx.watch.laps["load"], load_cpu_s=ctx.watch.cpu["load"],
-        model_bytes=common.model_bytes(model), digest=common.state_digest(model.state_dict()),
-        bytes=sum(os.path.getsize(f) for f in files),
-    )
+    result.update(common.load_fields(ctx.watch, model), bytes=sum(os.path.getsize(f) for f in files))
     result["resident_after"] = common.resident_bytes(files)
     # The same load again, now from a warm cache: the second timing that tells whether the first
     # one really read the disk.
@@ -252,10 +219,7 @@ def child_c(args: argparse.Namespace, result: dict[str, Any]) -> None:
     result["t_end"] = time.monotonic()
     probe.stop()
     result.update(probe.report())
-    result.update(
-        build_s=ctx.watch.laps.get("build", 0.0), load_s=ctx.watch.laps["load"],
-        model_bytes=common.model_bytes(model), digest=common.state_digest(model.state_dict()),
-    )
+    result.update(common.load_fields(ctx.watch, model, cpu=False))
     time.sleep(0.05)  # a few samples of the end state
 
 
@@ -273,7 +237,7 @@ def child_main(args: argparse.Namespace) -> int:
         ]
         part(args, result)
     except Exception as e:  # noqa: BLE001 - recorded in the result, not raised
-        result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        result.update(common.error_fields(e, limit=8))
     common.write_result(args.result, result)
     return 0
 
@@ -281,13 +245,6 @@ def child_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # Parent
 # --------------------------------------------------------------------------------------------
-def status_line(r: dict[str, Any]) -> str:
-    if "error" in r:
-        return common.short_error(r["error"], 300)
-    extra = f", warm {r['warm_s']:.2f} s" if "warm_s" in r else ""
-    return f"load {r['load_s']:.2f} s{extra} (others' CPU {r['others_cpu_s']:.1f} s)"
-
-
 COLUMNS_A = [
     ("case", "case"),
     ("load_s", "load s"),
@@ -305,13 +262,15 @@ def part_a(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
     path = os.path.join(workdir, "huge")
     files = common.checkpoint_files(path)
     cases = [c for c in args.cases if c in CASES_A]
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
-    for i in range(args.repeat):
-        for case in cases:
-            common.warm_page_cache(files)
-            r = common.run_case(os.path.abspath(__file__), case, ["--dir", path, "--mode", mode], timeout=args.timeout)
-            print(f"  a: run {i + 1}/{args.repeat} {case}: {status_line(r)}", flush=True)
-            runs[case].append(r)
+    runs = common.run_repeated(
+        os.path.abspath(__file__),
+        cases,
+        args.repeat,
+        ["--dir", path, "--mode", mode],
+        warm=lambda case: files,
+        timeout=args.timeout,
+        label="a: ",
+    )
     rows = [common.aggregate_runs(runs[c], ("build_s", "load_s", "load_cpu_s")) for c in cases]
     for r in rows:
         if r.get("load_s") is None or "vmhwm" not in r:
@@ -320,8 +279,7 @@ def part_a(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         r["total_s"] = min(x["build_s"] + x["load_s"] for x in r["runs"] if "error" not in x)
         r["params_mib"] = common.mib(r["model_bytes"])
         r["vmhwm_mib"] = common.mib(r["vmhwm"])
-        peak = r["vmhwm"] - r["baseline_rss"] - r["model_bytes"]
-        r["peak_above_params"], r["peak_mib"] = peak, common.mib(peak)
+        peak = common.peak_above_params(r, mib_key="peak_mib")
         r["within"] = "yes" if peak <= SLACK else "no"
         r["bit_exact"] = r["digests"] == [manifest["digest"]]
         r["bit_exact_text"] = "yes" if r["bit_exact"] else "NO"
@@ -342,9 +300,7 @@ def part_a(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         "",
         common.markdown_table(rows, COLUMNS_A),
     ]
-    busy = common.disturbance_note(rows)
-    if busy:
-        lines += ["", busy]
+    lines += common.disturbance_lines(rows)
     return {"manifest": manifest, "rows": rows, "table": "\n".join(lines)}
 
 
@@ -386,7 +342,7 @@ def part_b(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
             r["eviction"] = ev
             print(
                 f"  b: run {i + 1}/{args.repeat} {case}: cached {common.mib(before[0] or 0):.0f} -> "
-                f"{common.mib(after[0] or 0):.0f} MiB; {status_line(r)}",
+                f"{common.mib(after[0] or 0):.0f} MiB; {common.status_line(r)}",
                 flush=True,
             )
             runs[case].append(r)
@@ -399,13 +355,9 @@ def part_b(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         r["gib"] = r["bytes"] / (1 << 30)
         r["mbps"] = r["bytes"] / r["load_s"] / 1e6
         r["evicted"] = common.mib(max(x["eviction"]["resident_after"] or 0 for x in r["runs"]))
-        raw = by.get("raw:bf16" if "bf16" in r["case"] else "raw:fp8")
-        if raw and raw.get("load_s"):
-            r["x_raw"] = r["load_s"] / raw["load_s"]
-        for ref, col in (("cat:fp8", "x_cat"), ("willneed:fp8", "x_willneed")):
-            other = None if "bf16" in r["case"] else by.get(ref)
-            if other and other.get("load_s"):
-                r[col] = r["load_s"] / other["load_s"]
+        common.add_ratios(r, by, [("raw:bf16" if "bf16" in r["case"] else "raw:fp8", "x_raw")], key="load_s")
+        if "bf16" not in r["case"]:
+            common.add_ratios(r, by, (("cat:fp8", "x_cat"), ("willneed:fp8", "x_willneed")), key="load_s")
         if r.get("warm_s"):
             r["x_warm"] = r["load_s"] / r["warm_s"]
         if r["case"].startswith("cold:"):
@@ -435,9 +387,7 @@ def part_b(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         "",
         common.markdown_table(rows, COLUMNS_B),
     ]
-    busy = common.disturbance_note(rows)
-    if busy:
-        lines += ["", busy]
+    lines += common.disturbance_lines(rows)
     cached = [e["meminfo_cached_before"] - e["meminfo_cached_after"] for e in evictions]
     lines += [
         "",
@@ -476,7 +426,7 @@ def part_c(args: argparse.Namespace, workdir: str, mode: str, plot_path: str) ->
         common.warm_page_cache(common.checkpoint_files(ck.bf16_dir if name == "bf16-safetensors" else ck.fp8_dir))
         r = common.run_case_sampled(os.path.abspath(__file__), case, child, interval=0.005, timeout=args.timeout)
         print(
-            f"  c: {case}: {status_line(r) if 'error' in r else 'load {:.2f} s, {} samples'.format(r['load_s'], len(r['samples']))}"
+            f"  c: {case}: {common.status_line(r) if 'error' in r else 'load {:.2f} s, {} samples'.format(r['load_s'], len(r['samples']))}"
             f" (others' CPU incl. the sampler {r['others_cpu_s']:.1f} s)",
             flush=True,
         )
@@ -561,30 +511,24 @@ def plot(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, path: 
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    mode = "quick" if args.quick else "full"
-    if args.repeat is None:
-        args.repeat = 1 if args.quick else 3
+    mode = common.size_mode(args)
     if args.cases is None:
         args.cases = list(QUICK_CASES if args.quick else ALL_CASES)
-    out = args.out or os.path.join(HERE, "results", f"memory_{mode}.json")
+    out = common.result_path(args.out, "memory", mode)
     plot_path = args.plot or (
         os.path.join(ROOT, "docs", "rss_over_time.png") if mode == "full" else os.path.splitext(out)[0] + "_rss.png"
     )
     env = common.environment()
     load0 = common.load_average()
     print(f"load average before: {load0}", flush=True)
-    workdir = args.workdir or tempfile.mkdtemp(prefix=f"lazyfp8-memory-{mode}-")
     parts: dict[str, Any] = {}
-    try:
+    with common.work_directory(args.workdir, f"lazyfp8-memory-{mode}-") as workdir:
         if "a" in args.parts:
             parts["a"] = part_a(args, workdir, mode)
         if "b" in args.parts:
             parts["b"] = part_b(args, workdir, mode)
         if "c" in args.parts:
             parts["c"] = part_c(args, workdir, mode, plot_path)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     rows = [dict(r, part=k) for k, p in parts.items() for r in p["rows"]]
     kept = []
     if set(args.parts) != {"a", "b", "c"} and os.path.exists(out):
@@ -603,8 +547,7 @@ def parent_main(args: argparse.Namespace) -> int:
         shown = os.path.relpath(out, ROOT) if os.path.abspath(out).startswith(ROOT + os.sep) else out
         text += f"\n\n(part(s) {', '.join(kept)}: from the previous run in {shown})"
     print(text)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    common.write_result(
+    return common.finish(
         out,
         {
             "mode": mode,
@@ -618,39 +561,33 @@ def parent_main(args: argparse.Namespace) -> int:
             "rows": rows,
             "table": text,
         },
+        [r["case"] for r in rows if r.get("errors") or "error" in r or r.get("bit_exact") is False],
     )
-    print(f"\nsaved {out}")
-    bad = [r["case"] for r in rows if r.get("errors") or "error" in r or r.get("bit_exact") is False]
-    for b in bad:
-        print(f"FAIL: {b}", file=sys.stderr)
-    return 1 if bad else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes; for CI")
-    size.add_argument("--full", action="store_true", help="full sizes (the default)")
+    p = common.benchmark_parser(__doc__, "small sizes; for CI", "full sizes (the default)")
     p.add_argument("--parts", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"])
     p.add_argument("--cases", nargs="+", choices=ALL_CASES, help="default: all (--quick: a subset)")
-    p.add_argument("--workdir", help="keep checkpoints here and reuse them (bench_load's workdir layout for b and c)")
-    p.add_argument("--repeat", type=int, help="runs per case in parts a and b (default: 1 quick, 3 full)")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", help="JSON result path (default: benchmarks/results/memory_<mode>.json)")
+    common.add_options(
+        p, "workdir", "repeat", "timeout", "out",
+        results="memory",
+        helps={
+            "workdir": "keep checkpoints here and reuse them (bench_load's workdir layout for b and c)",
+            "repeat": "runs per case in parts a and b (default: 1 quick, 3 full)",
+            "timeout": None,
+        },
+    )  # fmt: skip
     p.add_argument("--plot", help="PNG path (default: docs/rss_over_time.png full, beside --out quick)")
-    p.add_argument("--note")
-    p.add_argument("--case", choices=ALL_CASES, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    common.add_options(p, "note", "case", "result", cases=ALL_CASES, helps={"note": None})
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    p.add_argument("--fp8-dir", help=argparse.SUPPRESS)
-    p.add_argument("--bf16-dir", help=argparse.SUPPRESS)
+    common.add_options(p, "fp8-dir", "bf16-dir")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return child_main(args) if args.case else parent_main(args)
+    return common.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ("mem:block", "mem:per-tensor", "mem:bf16", "mem:save_file", "view:block", "view:per-tensor", "view:bf16")
 
 
@@ -100,7 +97,7 @@ def child_main(args: argparse.Namespace) -> int:
         with watch.lap("sync"):
             os.sync()
     except Exception as e:  # noqa: BLE001 - recorded in the result, not raised
-        result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
+        result.update(common.error_fields(e))
         result.update(probe.report())
         common.write_result(args.result, result)
         return 0
@@ -213,15 +210,11 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
         "",
         common.markdown_table(rows, COLUMNS),
     ]
-    busy = common.disturbance_note(rows)
-    if busy:
-        lines.append("\n" + busy)
+    lines += common.disturbance_lines(rows)
     for r in rows:
         if r.get("check"):
             lines.append(f"\n- {r['case']}: {r['check']}: {r['bit_exact_text']}")
-    for r in rows:
-        if r.get("errors"):
-            lines.append(f"\n{r['case']} failed in {len(r['errors'])}/{len(r['runs'])} run(s): {common.short_error(r['errors'][0])}")
+    lines += common.error_lines(rows)
     return "\n".join(lines)
 
 
@@ -236,8 +229,7 @@ def parent_main(args: argparse.Namespace) -> int:
     max_shard = args.max_shard_size or ("1MB" if args.quick else "500MB")
     env = common.environment()
     print(f"load average before: {common.load_average()}", flush=True)
-    workdir = args.workdir or tempfile.mkdtemp(prefix=f"lazyfp8-save-{mode}-")
-    try:
+    with common.work_directory(args.workdir, f"lazyfp8-save-{mode}-") as workdir:
         ck = common.ensure_block_checkpoint(workdir, spec)
         manifest = dict(ck.manifest)
         with lazyfp8.LazyFP8View(ck.fp8_dir) as view:
@@ -249,39 +241,40 @@ def parent_main(args: argparse.Namespace) -> int:
         with open(manifest_path, "w") as f:
             json.dump(manifest, f)
         files = common.checkpoint_files(ck.fp8_dir)
-        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases}
-        for i in range(repeat):
-            for case in args.cases:
-                out_dir = os.path.join(workdir, "out-" + case.replace(":", "-"))
-                shutil.rmtree(out_dir, ignore_errors=True)
-                common.warm_page_cache(files)
-                os.sync()  # no earlier run's dirty pages written back inside this one
-                child = ["--fp8-dir", ck.fp8_dir, "--manifest", manifest_path, "--out-dir", out_dir,
-                         "--max-shard-size", max_shard, *(["--check"] if i == 0 else [])]
-                r = common.run_case(os.path.abspath(__file__), case, child, timeout=args.timeout)
-                shutil.rmtree(out_dir, ignore_errors=True)
-                status = (
-                    common.short_error(r["error"], 300)
-                    if "error" in r
-                    else f"save {r['save_s']:.2f} s, sync {r['sync_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
-                )
-                print(f"  run {i + 1}/{repeat} {case}: {status}", flush=True)
-                runs[case].append(r)
+
+        def out_dir(case: str) -> str:
+            return os.path.join(workdir, "out-" + case.replace(":", "-"))
+
+        def before(case: str) -> None:
+            shutil.rmtree(out_dir(case), ignore_errors=True)
+            os.sync()  # no earlier run's dirty pages written back inside this one
+
+        runs = common.run_repeated(
+            os.path.abspath(__file__),
+            args.cases,
+            repeat,
+            lambda i, case: ["--fp8-dir", ck.fp8_dir, "--manifest", manifest_path, "--out-dir", out_dir(case),
+                             "--max-shard-size", max_shard, *(["--check"] if i == 0 else [])],
+            warm=lambda case: files,
+            timeout=args.timeout,
+            status=lambda r: (
+                common.short_error(r["error"], 300)
+                if "error" in r
+                else f"save {r['save_s']:.2f} s, sync {r['sync_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
+            ),
+            before=before,
+            after=lambda case: shutil.rmtree(out_dir(case), ignore_errors=True),
+        )  # fmt: skip
         rows = [
             common.aggregate_runs(runs[c], ("save_s", "save_cpu_s", "sync_s"), ("vmrss_end", "rss_anon_end"))
             for c in args.cases
         ]
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     derive(rows, manifest)
     text = report(rows, manifest, mode, repeat, max_shard, args.note)
     print(text)
-    out = args.out or os.path.join(HERE, "results", f"save_{mode}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     manifest.pop("keys", None)
-    common.write_result(
-        out,
+    return common.finish(
+        common.result_path(args.out, "save", mode),
         {
             "mode": mode,
             "note": args.note,
@@ -294,29 +287,17 @@ def parent_main(args: argparse.Namespace) -> int:
             "rows": rows,
             "table": text,
         },
+        [r["case"] for r in rows if r.get("errors") or r.get("bit_exact") is False],
     )
-    print(f"\nsaved {out}")
-    bad = [r["case"] for r in rows if r.get("errors") or r.get("bit_exact") is False]
-    for b in bad:
-        print(f"FAIL: {b}", file=sys.stderr)
-    return 1 if bad else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny model; for CI")
-    size.add_argument("--full", action="store_true", help="~1.17 GB of bf16 parameters (the default)")
-    p.add_argument("--workdir", help="keep the source checkpoint here and reuse it (shared with bench_schemes.py)")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--repeat", type=int, help="runs per case (default: 1 quick, 3 full)")
+    p = common.benchmark_parser(__doc__, "tiny model; for CI", "~1.17 GB of bf16 parameters (the default)")
+    workdir_help = "keep the source checkpoint here and reuse it (shared with bench_schemes.py)"
+    common.add_options(p, "workdir", "cases", "repeat", cases=CASES, helps={"workdir": workdir_help})
     p.add_argument("--max-shard-size", help='lazyfp8.save max_shard_size (default: "500MB"; quick "1MB")')
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", help="JSON result path (default: benchmarks/results/save_<mode>.json)")
-    p.add_argument("--note")
-    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--fp8-dir", help=argparse.SUPPRESS)
+    common.add_options(p, "timeout", "out", "note", results="save", helps={"timeout": None, "note": None})
+    common.add_options(p, "case", "result", "fp8-dir", cases=CASES)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -324,8 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return child_main(args) if args.case else parent_main(args)
+    return common.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

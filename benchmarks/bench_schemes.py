@@ -32,13 +32,9 @@ Exits 1 if a lazyfp8 case fails or a case that loaded gives different bits.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
-import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -46,20 +42,13 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BOUND_SLACK = 64 * common.MiB
 LAZY_CASES = ("lazyfp8", "lazyfp8-meta", "dcp-lazyfp8")
 
 
 # --------------------------------------------------------------------------------------------
 # Cases (child process)
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Context:
-    fp8_dir: str
-    config: dict[str, Any]
-    watch: common.Stopwatch = dataclasses.field(default_factory=common.Stopwatch)
-    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+Context = common.CaseContext
 
 
 def case_lazyfp8(ctx: Context) -> Any:
@@ -127,26 +116,10 @@ def case_dcp_lazyfp8(ctx: Context) -> Any:
 
 def case_naive(ctx: Context) -> Any:
     """Without any library: the whole checkpoint, then a dequantized copy (block grid expanded)."""
-    import torch
-    from safetensors.torch import load_file
-
-    b0, b1 = common.BLOCK
     with ctx.watch.lap("build"):
         model = common.build_causal_lm(ctx.config, params="zeros")
     with ctx.watch.lap("load"):
-        disk: dict[str, torch.Tensor] = {}
-        for file in common.safetensors_files(ctx.fp8_dir):
-            disk.update(load_file(file))
-        state = {}
-        for key, t in disk.items():
-            if key.endswith("_scale_inv"):
-                continue
-            if t.dtype == torch.float8_e4m3fn:
-                s = disk[key + "_scale_inv"].float()
-                s = s.repeat_interleave(b0, 0)[: t.shape[0]].repeat_interleave(b1, 1)[:, : t.shape[1]]
-                t = (t.float() * s).to(torch.bfloat16)
-            state[key] = t
-        del disk
+        state = common.naive_block_dequantized(ctx.fp8_dir)
         model.load_state_dict(state, strict=True)
         del state
     return model
@@ -171,18 +144,8 @@ def _import_dcp() -> None:
     lazyfp8.distributed._register()
 
 
-def _import_transformers_fp8() -> None:
-    import transformers.integrations.finegrained_fp8
-    import transformers.quantizers.quantizer_finegrained_fp8  # noqa: F401
-
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        pass
-
-
 PREPARE: dict[str, Callable[[], None]] = {
-    "transformers": _import_transformers_fp8,
+    "transformers": common.import_transformers_fp8,
     "dcp-torch": _import_dcp,
     "dcp-lazyfp8": _import_dcp,
 }
@@ -198,29 +161,8 @@ def child_main(args: argparse.Namespace) -> int:
     with open(os.path.join(args.fp8_dir, "config.json")) as f:
         ctx = Context(args.fp8_dir, json.load(f))
     PREPARE.get(args.case, lambda: None)()
-    result: dict[str, Any] = {"case": args.case}
-    probe = common.MemoryProbe()
-    try:
-        model = CASES[args.case](ctx)
-    except BaseException as e:  # dcp.load raises CheckpointException, a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=6))
-        result.update(probe.report(), notes=ctx.notes)
-        common.write_result(args.result, result)
-        return 0
-    probe.stop()
-    result.update(probe.report())
-    result.update(
-        build_s=ctx.watch.laps.get("build", 0.0),
-        load_s=ctx.watch.laps["load"],
-        load_cpu_s=ctx.watch.cpu["load"],
-        model_bytes=common.model_bytes(model),
-        digest=common.state_digest(model.state_dict()),
-        notes=ctx.notes,
-    )
-    common.write_result(args.result, result)
-    return 0
+    # dcp.load raises CheckpointException, a BaseException
+    return common.run_load_case(args.result, args.case, CASES[args.case], ctx, catch=BaseException)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +185,7 @@ COLUMNS = [
 
 
 def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
-    bound = manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK
+    bound = common.load_bound(manifest)
     by_case = {r["case"]: r for r in rows}
     lazy = by_case.get("lazyfp8", {}).get("digests")
     for r in rows:  # first: every row's total, which the ratios below compare
@@ -253,23 +195,17 @@ def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
         if r.get("load_s") is None or "vmhwm" not in r:
             r["bit_exact"] = "error"
             continue
-        peak = r["vmhwm"] - r["baseline_rss"] - r["model_bytes"]
-        r["peak_above_params"] = peak
-        r["peak_above_params_mib"] = common.mib(peak)
+        peak = common.peak_above_params(r)
         r["rss_file_mib"] = common.mib(r.get("rss_file_end"))
         r["within_bound"] = "yes" if peak <= bound else "no"
         r["gbps"] = manifest["model_bytes"] / r["load_s"] / 1e9
         r["bit_exact"] = "yes" if r["digests"] == [manifest["digest"]] else "NO"
         r["same_as_lazyfp8"] = "yes" if lazy and r["digests"] == lazy else ("NO" if lazy else None)
-        for ref, col in (("transformers", "vs_transformers"), ("dcp-torch", "vs_dcp")):
-            other = by_case.get(ref, {})
-            if other.get("total_s"):
-                r[col] = r["total_s"] / other["total_s"]
+        common.add_ratios(r, by_case, (("transformers", "vs_transformers"), ("dcp-torch", "vs_dcp")))
 
 
 def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repeat: int, note: str | None) -> str:
-    largest = manifest["largest_fp8_tensor"]
-    bound = largest["bytes"] + BOUND_SLACK
+    bound = common.load_bound(manifest)
     spec = manifest["spec"]
     lines = [
         f"## Block-scaled FP8 load benchmark ({mode})",
@@ -286,128 +222,78 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
             f"e4m3 weights with float32 128x128 weight_scale_inv grids; quantization_config "
             f"{json.dumps(manifest['quantization_config'])}"
         ),
-        (
-            f"- largest on-disk tensor: {largest['key']} ({largest['dtype']}), {common.mib(largest['bytes']):.1f} MiB; "
-            f"bound = largest + 64 MiB = {common.mib(bound):.1f} MiB"
-        ),
+        common.largest_tensor_line(manifest),
         "- page cache: warm (every file of the checkpoint read just before each run)",
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "- GB/s = bytes of bf16 parameters produced / load s",
         "",
         common.markdown_table(rows, COLUMNS),
     ]
-    note_busy = common.disturbance_note(rows)
-    if note_busy:
-        lines.append("\n" + note_busy)
-    for r in rows:
-        if "peak_above_params" in r:
-            verdict = "holds" if r["peak_above_params"] <= bound else "does not hold"
-            lines.append(
-                f"\n{r['case']}: peak above params {common.mib(r['peak_above_params']):.1f} MiB vs bound "
-                f"{common.mib(bound):.1f} MiB: the bound {verdict}."
-            )
-    for r in rows:
-        if r.get("errors"):
-            lines.append(
-                f"\n{r['case']} failed in {len(r['errors'])}/{len(r['runs'])} run(s): {common.short_error(r['errors'][0])}"
-            )
+    lines += common.disturbance_lines(rows)
+    lines += common.bound_verdicts(rows, bound)
+    lines += common.error_lines(rows)
     return "\n".join(lines)
 
 
 def run_all(args: argparse.Namespace, ck: common.Checkpoints) -> list[dict[str, Any]]:
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases}
     files = common.checkpoint_files(ck.fp8_dir)
-    for i in range(args.repeat):
-        for case in args.cases:
-            common.warm_page_cache(files)
-            r = common.run_case(os.path.abspath(__file__), case, ["--fp8-dir", ck.fp8_dir], timeout=args.timeout)
-            status = (
-                common.short_error(r["error"], 300)
-                if "error" in r
-                else f"load {r['load_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
-            )
-            print(f"  run {i + 1}/{args.repeat} {case}: {status}", flush=True)
-            runs[case].append(r)
+    runs = common.run_repeated(
+        os.path.abspath(__file__),
+        args.cases,
+        args.repeat,
+        ["--fp8-dir", ck.fp8_dir],
+        warm=lambda case: files,
+        timeout=args.timeout,
+    )
     return [
         common.aggregate_runs(runs[c], ("build_s", "load_s", "load_cpu_s"), ("vmrss_end", "rss_anon_end", "rss_file_end"))
         for c in args.cases
     ]
 
 
-def failures(rows: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for r in rows:
-        if r["case"] in LAZY_CASES and r.get("errors"):
-            out.append(f"{r['case']} failed to load")
-        if r.get("bit_exact") == "NO":
-            out.append(f"{r['case']} loaded different bits than the reference")
-    return out
-
-
 def parent_main(args: argparse.Namespace) -> int:
-    mode = "quick" if args.quick else "full"
+    mode = common.size_mode(args)
     spec = common.QWEN3_SPECS[mode]
-    if args.repeat is None:
-        args.repeat = 1 if args.quick else 3
     env = common.environment()
     print(f"load average before: {common.load_average()}", flush=True)
-    workdir = args.workdir or tempfile.mkdtemp(prefix=f"lazyfp8-schemes-{mode}-")
-    try:
+    with common.work_directory(args.workdir, f"lazyfp8-schemes-{mode}-") as workdir:
         ck = common.ensure_block_checkpoint(workdir, spec)
         rows = run_all(args, ck)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
     derive(rows, ck.manifest)
     text = report(rows, ck.manifest, mode, args.repeat, args.note)
     print(text)
     for r in rows:  # JSON rows: bit_exact as a boolean where it was checked
         r["bit_exact_text"] = r.get("bit_exact")
         r["bit_exact"] = {"yes": True, "NO": False}.get(r.get("bit_exact"))
-    out = args.out or os.path.join(HERE, "results", f"schemes_{mode}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    common.write_result(
-        out,
+    return common.finish(
+        common.result_path(args.out, "schemes", mode),
         {
             "mode": mode,
             "note": args.note,
             "page_cache": "warm",
             "repeat": args.repeat,
-            "bound_bytes": ck.manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK,
+            "bound_bytes": common.load_bound(ck.manifest),
             "load_average_after": common.load_average(),
             "environment": env,
             "checkpoint": ck.manifest,
             "rows": rows,
             "table": text,
         },
+        common.load_failures(rows, LAZY_CASES),
     )
-    print(f"\nsaved {out}")
-    bad = failures(rows)
-    for b in bad:
-        print(f"FAIL: {b}", file=sys.stderr)
-    return 1 if bad else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="tiny model; for CI")
-    size.add_argument("--full", action="store_true", help="~1.17 GB of bf16 parameters (the default)")
-    p.add_argument("--workdir", help="keep the checkpoint here and reuse it (default: a temp dir, removed)")
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    p.add_argument("--repeat", type=int, help="runs per case (default: 1 quick, 3 full)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per case run")
-    p.add_argument("--out", help="JSON result path (default: benchmarks/results/schemes_<mode>.json)")
-    p.add_argument("--note", help="a line printed above the table and stored in the JSON")
-    p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--fp8-dir", help=argparse.SUPPRESS)
+    p = common.benchmark_parser(__doc__, "tiny model; for CI", "~1.17 GB of bf16 parameters (the default)")
+    common.add_options(
+        p, "workdir", "cases", "repeat", "timeout", "out", "note", cases=list(CASES), results="schemes"
+    )
+    common.add_options(p, "case", "result", "fp8-dir", cases=list(CASES))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return child_main(args) if args.case else parent_main(args)
+    return common.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ baseline matters: a case decides itself what it has imported before it reads its
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -24,12 +25,14 @@ import json
 import os
 import platform
 import resource
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 MiB = 1 << 20
@@ -138,9 +141,10 @@ class Stopwatch:
 # The model
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Sizes of a ``Mistral3ForConditionalGeneration``: a Mistral text model with a small Pixtral
-    vision tower, the shape of the released Mistral-3.x FP8 checkpoints scaled down."""
+class TextSizes:
+    """The sizes of a transformer text model, the leading fields of :class:`ModelSpec` and
+    :class:`CausalLMSpec` (in this order: their manifests record ``dataclasses.asdict(spec)``,
+    and a reused ``--workdir`` is matched against it)."""
 
     vocab: int
     hidden: int
@@ -149,6 +153,13 @@ class ModelSpec:
     heads: int
     kv_heads: int
     head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(TextSizes):
+    """Sizes of a ``Mistral3ForConditionalGeneration``: a Mistral text model with a small Pixtral
+    vision tower, the shape of the released Mistral-3.x FP8 checkpoints scaled down."""
+
     vision_hidden: int
     vision_intermediate: int
     vision_layers: int
@@ -376,19 +387,33 @@ def ensure_checkpoints(workdir: str, spec: ModelSpec, log: Any = print) -> Check
     fp8_dir, bf16_dir = os.path.join(workdir, "fp8"), os.path.join(workdir, "bf16")
     manifest_path = os.path.join(workdir, "manifest.json")
     wanted = {"format": CHECKPOINT_FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if {k: manifest.get(k) for k in wanted} == wanted:
-            log(f"reusing checkpoints in {workdir}")
-            return Checkpoints(workdir, fp8_dir, bf16_dir, manifest)
+    manifest = reusable_manifest(manifest_path, wanted)
+    if manifest is not None:
+        log(f"reusing checkpoints in {workdir}")
+        return Checkpoints(workdir, fp8_dir, bf16_dir, manifest)
     t0 = time.perf_counter()
     manifest = dict(wanted, **_write_checkpoints(fp8_dir, bf16_dir, spec))
     manifest["generate_s"] = round(time.perf_counter() - t0, 2)
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_manifest(manifest_path, manifest)
     log(f"wrote checkpoints to {workdir} in {manifest['generate_s']} s")
     return Checkpoints(workdir, fp8_dir, bf16_dir, manifest)
+
+
+def reusable_manifest(manifest_path: str, wanted: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The manifest at ``manifest_path`` if it was written for ``wanted`` (its format version and
+    spec, compared as JSON stores them: tuples read back as lists), else ``None``: generated files
+    are reused only for the exact spec that made them."""
+    if not os.path.exists(manifest_path):
+        return None
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    return manifest if {k: manifest.get(k) for k in wanted} == json.loads(json.dumps(wanted)) else None
+
+
+def write_manifest(manifest_path: str, manifest: Mapping[str, Any]) -> None:
+    """Write a manifest for :func:`reusable_manifest` to find."""
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 def _write_checkpoints(fp8_dir: str, bf16_dir: str, spec: ModelSpec) -> dict[str, Any]:
@@ -515,16 +540,24 @@ def run_case(script: str, case: str, args: Sequence[str] = (), timeout: float = 
         except subprocess.TimeoutExpired:
             return {"case": case, "error": f"timed out after {timeout} s"}
         others = (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - child0)
-        if os.path.exists(result_path):
-            with open(result_path) as f:
-                result = json.load(f)
-            result.setdefault("stderr_tail", _tail(proc.stderr))
-        else:
-            err = _tail(proc.stderr) or _tail(proc.stdout)
-            result = {"case": case, "error": f"exit code {proc.returncode}: {err}"}
+        result = _child_result(result_path, case, proc.returncode, proc.stderr, proc.stdout)
         result["process_s"] = time.perf_counter() - t0
         result["others_cpu_s"] = max(others, 0.0)
         return result
+
+
+def _child_result(
+    result_path: str, case: str, returncode: int | None, stderr: str, stdout: str = ""
+) -> dict[str, Any]:
+    """What the child wrote to ``result_path``, or, where it wrote nothing (it crashed),
+    ``{"case", "error"}`` with the exit code and the tail of its stderr (else of its stdout)."""
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            result = json.load(f)
+        result.setdefault("stderr_tail", _tail(stderr))
+        return result
+    err = _tail(stderr) or _tail(stdout)
+    return {"case": case, "error": f"exit code {returncode}: {err}"}
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -615,17 +648,10 @@ BLOCK = (128, 128)
 
 
 @dataclasses.dataclass(frozen=True)
-class CausalLMSpec:
+class CausalLMSpec(TextSizes):
     """Sizes of a ``Qwen3ForCausalLM`` whose Linear shapes are all multiples of 128, so a
     128x128 block grid covers every weight exactly (as in the released Qwen3-FP8 checkpoints)."""
 
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     max_shard_size: str
     seed: int = 0
 
@@ -764,12 +790,10 @@ def ensure_block_checkpoint(workdir: str, spec: CausalLMSpec, log: Any = print) 
     fp8_dir = os.path.join(workdir, "fp8-block")
     manifest_path = os.path.join(workdir, "manifest-block.json")
     wanted = {"format": BLOCK_CHECKPOINT_FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if {k: manifest.get(k) for k in wanted} == wanted and os.path.isdir(fp8_dir):
-            log(f"reusing the block-FP8 checkpoint in {workdir}")
-            return Checkpoints(workdir, fp8_dir, "", manifest)
+    manifest = reusable_manifest(manifest_path, wanted)
+    if manifest is not None and os.path.isdir(fp8_dir):
+        log(f"reusing the block-FP8 checkpoint in {workdir}")
+        return Checkpoints(workdir, fp8_dir, "", manifest)
     t0 = time.perf_counter()
     config = spec.config_dict()
     model = random_causal_lm(config, spec.seed)
@@ -798,8 +822,7 @@ def ensure_block_checkpoint(workdir: str, spec: CausalLMSpec, log: Any = print) 
     )
     del ref
     manifest["generate_s"] = round(time.perf_counter() - t0, 2)
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_manifest(manifest_path, manifest)
     log(f"wrote the block-FP8 checkpoint to {fp8_dir} in {manifest['generate_s']} s")
     return Checkpoints(workdir, fp8_dir, "", manifest)
 
@@ -824,10 +847,15 @@ def drop_page_cache(paths: Iterable[str]) -> None:
     ``posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)`` on each file. Advice: a filesystem may
     keep pages anyway, so check with :func:`resident_bytes`."""
     os.sync()
+    fadvise(paths, os.POSIX_FADV_DONTNEED)
+
+
+def fadvise(paths: Iterable[str], advice: int) -> None:
+    """``posix_fadvise(fd, 0, 0, advice)`` on each whole file (``os.POSIX_FADV_*``)."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, advice)
         finally:
             os.close(fd)
 
@@ -916,12 +944,7 @@ def run_case_sampled(
             stderr = err.read()
         # This process's own sampling loop is "others" too: a fraction of a core at 5 ms.
         others = (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - child0)
-        if os.path.exists(result_path):
-            with open(result_path) as f:
-                result = json.load(f)
-            result.setdefault("stderr_tail", _tail(stderr))
-        else:
-            result = {"case": case, "error": f"exit code {proc.returncode}: {_tail(stderr)}"}
+        result = _child_result(result_path, case, proc.returncode, stderr)
         result["process_s"] = time.perf_counter() - t0
         result["others_cpu_s"] = max(others, 0.0)
         result["samples"] = samples
@@ -967,13 +990,365 @@ def short_error(error: str, limit: int = 400) -> str:
     return one if len(one) <= limit else f"{one[:limit]}... ({len(one)} chars; full text in the JSON)"
 
 
-def disturbance_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
-    """A sentence naming the cases some of whose runs other processes disturbed, or ``None``."""
+def disturbance_note(rows: Sequence[Mapping[str, Any]], rerun: bool = False) -> str | None:
+    """A sentence naming the cases some of whose runs other processes disturbed, or ``None``;
+    with ``rerun``, it ends by advising a rerun on a quiet machine (bench_load's wording)."""
     busy = [f"{r['case']} ({r['disturbed_runs']}/{len(r['runs'])})" for r in rows if r.get("disturbed_runs")]
     if not busy:
         return None
     return (
         "Other processes used CPU for over 10% of the wall time of some runs of "
         f"{', '.join(busy)}: those timings are disturbed (others_cpu_s in the JSON); "
-        "the best-of-N time is reported."
+        "the best-of-N time is reported" + (", but rerun on a quiet machine to trust it." if rerun else ".")
     )
+
+
+def disturbance_lines(rows: Sequence[Mapping[str, Any]], rerun: bool = False) -> list[str]:
+    """:func:`disturbance_note` as a paragraph to add to a report's lines (none if ``None``)."""
+    note = disturbance_note(rows, rerun)
+    return ["\n" + note] if note else []
+
+
+# ============================================================================================
+# The frame every bench_* script shares: its command line, the child's measurement, the
+# parent's loop over cases and the pieces of its report
+# ============================================================================================
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def benchmark_parser(doc: str, quick_help: str, full_help: str) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of the script's docstring, with the two mutually
+    exclusive sizes: ``--quick`` (for CI) and ``--full`` (the default)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=quick_help)
+    size.add_argument("--full", action="store_true", help=full_help)
+    return p
+
+
+#: The options the scripts share: flags, and their ``add_argument`` keywords (``help`` is the usual
+#: text; :func:`add_options` takes others). The last four are internal: a parent passes them to
+#: the fresh interpreter that runs one case.
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "workdir": {"help": "keep the checkpoint here and reuse it (default: a temp dir, removed)"},
+    "cases": {"nargs": "+"},
+    "repeat": {"type": int, "help": "runs per case (default: 1 quick, 3 full)"},
+    "timeout": {"type": float, "help": "seconds allowed per case run"},
+    "out": {"help": "JSON result path (default: benchmarks/results/{results}_<mode>.json)"},
+    "note": {"help": "a line printed above the table and stored in the JSON"},
+    "case": {"help": argparse.SUPPRESS},
+    "result": {"help": argparse.SUPPRESS},
+    "fp8-dir": {"help": argparse.SUPPRESS},
+    "bf16-dir": {"help": argparse.SUPPRESS},
+}
+
+
+def add_options(
+    p: argparse.ArgumentParser,
+    *names: str,
+    cases: Sequence[str] = (),
+    results: str = "",
+    helps: Mapping[str, str | None] | None = None,
+    timeout: float = 900,
+) -> None:
+    """Add the shared options ``names`` (keys of :data:`_OPTIONS`) to ``p``, in that order:
+    ``--cases`` and ``--case`` choose among ``cases`` (``--cases`` defaults to all of them),
+    ``--out`` names ``benchmarks/results/<results>_<mode>.json`` as its default, ``--timeout``
+    defaults to ``timeout`` seconds; ``helps`` replaces an option's help text (``None``: none)."""
+    helps = helps or {}
+    for name in names:
+        kwargs = dict(_OPTIONS[name])
+        if name in ("cases", "case"):
+            kwargs["choices"] = cases
+        if name == "cases":
+            kwargs["default"] = list(cases)
+        if name == "timeout":
+            kwargs["default"] = timeout
+        if name in helps:
+            kwargs["help"] = helps[name]  # None: no help text, as add_argument without one
+        elif name == "out":
+            kwargs["help"] = kwargs["help"].format(results=results)
+        p.add_argument(f"--{name}", **kwargs)
+
+
+def size_mode(args: argparse.Namespace, full_repeat: int = 3) -> str:
+    """``"quick"`` or ``"full"``; ``args.repeat`` (runs per case) defaults to 1 quick and
+    ``full_repeat`` full."""
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else full_repeat
+    return "quick" if args.quick else "full"
+
+
+def main(
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+    child_main: Callable[[Any], int],
+    parent_main: Callable[[Any], int],
+    argv: list[str] | None = None,
+) -> int:
+    """A script's entry point: ``child_main`` in a fresh interpreter started for one ``--case``,
+    ``parent_main`` (which starts those interpreters) otherwise."""
+    args = parse_args(argv)
+    return child_main(args) if args.case else parent_main(args)
+
+
+# --------------------------------------------------------------------------------------------
+# Child: one measured case
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CaseContext:
+    """What a load case gets: the checkpoint it loads (``bf16_dir``: the equivalent bf16 one,
+    where there is one), the model config, a stopwatch for its ``build`` and ``load`` laps and a
+    place for notes (kept in its result)."""
+
+    fp8_dir: str
+    config: dict[str, Any]
+    bf16_dir: str = ""
+    watch: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def error_fields(e: BaseException, limit: int = 6) -> dict[str, str]:
+    """A case's exception as result fields (``error``: type and message, ``traceback``: its last
+    ``limit`` frames). Recorded, not raised: "why it could not load" is a result too."""
+    return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=limit)}
+
+
+def load_fields(watch: Stopwatch, model: Any, cpu: bool = True) -> dict[str, Any]:
+    """What a load case reports once its probe has stopped (the hashing here must not count):
+    the ``build`` and ``load`` laps of ``watch`` (``build_s`` 0 where the case has none, and the
+    load's CPU time unless ``cpu`` is false), the model's bytes and the digest of its state."""
+    out = {"build_s": watch.laps.get("build", 0.0), "load_s": watch.laps["load"]}
+    if cpu:
+        out["load_cpu_s"] = watch.cpu["load"]
+    out.update(model_bytes=model_bytes(model), digest=state_digest(model.state_dict()))
+    return out
+
+
+def run_load_case(
+    result_path: str, case: str, fn: Callable[[Any], Any], ctx: Any, catch: type[BaseException] = Exception
+) -> int:
+    """Run ``fn(ctx)``, a case that returns the model it built and loaded (timing the laps
+    ``build`` and ``load`` on ``ctx.watch``, notes in ``ctx.notes``), between a
+    :class:`MemoryProbe`'s baseline and its end reading, and write the result for the parent.
+    An exception of type ``catch`` (but never ``KeyboardInterrupt`` or ``SystemExit``) is
+    recorded with the memory reached so far."""
+    result: dict[str, Any] = {"case": case}
+    probe = MemoryProbe()
+    try:
+        model = fn(ctx)
+    except catch as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        result.update(error_fields(e))
+        result.update(probe.report(), notes=ctx.notes)
+        write_result(result_path, result)
+        return 0
+    probe.stop()  # before hashing, which must not count
+    result.update(probe.report())
+    result.update(load_fields(ctx.watch, model), notes=ctx.notes)
+    write_result(result_path, result)
+    return 0
+
+
+def import_transformers_fp8() -> None:
+    """Import what ``from_pretrained`` of an FP8 checkpoint imports lazily (the quantizer,
+    accelerate), before the baseline, so the case's memory is the load's and not the imports'."""
+    import transformers.integrations.finegrained_fp8
+    import transformers.quantizers.quantizer_finegrained_fp8  # noqa: F401
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        pass  # from_pretrained will say so; the case records it
+
+
+def naive_block_dequantized(fp8_dir: str) -> dict[str, Any]:
+    """What a script without any library does with a block-FP8 checkpoint: ``load_file`` of
+    every shard, then a dequantized bf16 copy of each FP8 weight with its scale grid expanded
+    (``repeat_interleave``) to the weight's shape; the ``_scale_inv`` tensors dropped. The whole
+    checkpoint is in memory while the whole result is made (and freed on return)."""
+    import torch
+    from safetensors.torch import load_file
+
+    b0, b1 = BLOCK
+    disk: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(fp8_dir):
+        disk.update(load_file(file))
+    state = {}
+    for key, t in disk.items():
+        if key.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            s = disk[key + "_scale_inv"].float()
+            s = s.repeat_interleave(b0, 0)[: t.shape[0]].repeat_interleave(b1, 1)[:, : t.shape[1]]
+            t = (t.float() * s).to(torch.bfloat16)
+        state[key] = t
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: the runs, the result file, the exit status
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def work_directory(path: str | None, prefix: str) -> Iterator[str]:
+    """``path`` (``--workdir``: kept, its checkpoints reused next time), or a temporary
+    directory named ``prefix...``, removed afterwards."""
+    workdir = path or tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield workdir
+    finally:
+        if path is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def status_line(r: Mapping[str, Any], limit: int = 300) -> str:
+    """One run's progress line: its error (first ``limit`` characters), or its load time (and
+    warm time, where it has one) and the CPU time other processes used meanwhile."""
+    if "error" in r:
+        return short_error(r["error"], limit)
+    extra = f", warm {r['warm_s']:.2f} s" if "warm_s" in r else ""
+    return f"load {r['load_s']:.2f} s{extra} (others' CPU {r['others_cpu_s']:.1f} s)"
+
+
+def run_repeated(
+    script: str,
+    cases: Sequence[str],
+    repeat: int,
+    child_args: Sequence[str] | Callable[[int, str], Sequence[str]],
+    warm: Callable[[str], Iterable[str]],
+    timeout: float,
+    status: Callable[[dict[str, Any]], str] = status_line,
+    label: str = "",
+    before: Callable[[str], None] | None = None,
+    after: Callable[[str], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every case ``repeat`` times, interleaved (run 1 of each case, then run 2...), each in a
+    fresh interpreter (:func:`run_case`) with the files ``warm(case)`` read just before it (a
+    warm page cache). ``child_args`` (or ``child_args(run_index, case)``) go to the child;
+    ``before(case)`` runs after the warm-up and ``after(case)`` after the run. Prints one line a
+    run; returns the runs of each case."""
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    for i in range(repeat):
+        for case in cases:
+            warm_page_cache(warm(case))
+            if before is not None:
+                before(case)
+            args = child_args(i, case) if callable(child_args) else child_args
+            r = run_case(script, case, args, timeout=timeout)
+            if after is not None:
+                after(case)
+            print(f"  {label}run {i + 1}/{repeat} {case}: {status(r)}", flush=True)
+            runs[case].append(r)
+    return runs
+
+
+def result_path(out: str | None, name: str, mode: str) -> str:
+    """``--out``, or ``benchmarks/results/<name>_<mode>.json``."""
+    return out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{mode}.json")
+
+
+def save_result(path: str, result: Mapping[str, Any]) -> None:
+    """Write the run's JSON (indented; what JSON cannot hold, as ``str``), creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_result(path, result)
+
+
+def exit_status(failures: Sequence[str]) -> int:
+    """Print each failure to stderr; 1 if there was any, else 0."""
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def finish(path: str, result: Mapping[str, Any], failures: Sequence[str]) -> int:
+    """Save the run's JSON, say where, and return :func:`exit_status` of ``failures``."""
+    save_result(path, result)
+    print(f"\nsaved {path}")
+    return exit_status(failures)
+
+
+# --------------------------------------------------------------------------------------------
+# Report: memory bound, ratios, verdicts
+# --------------------------------------------------------------------------------------------
+#: The memory bound of a lazyfp8 load: the largest tensor stored in the checkpoint + 64 MiB.
+BOUND_SLACK = 64 * MiB
+
+
+def load_bound(manifest: Mapping[str, Any]) -> int:
+    """The bound for a checkpoint whose manifest records its ``largest_fp8_tensor``."""
+    return manifest["largest_fp8_tensor"]["bytes"] + BOUND_SLACK
+
+
+def peak_above_params(r: dict[str, Any], mib_key: str = "peak_above_params_mib") -> int:
+    """Set ``peak_above_params`` (``VmHWM`` − baseline RSS − the model's bytes: what the load
+    needed besides the parameters it filled) and its MiB under ``mib_key``; return it."""
+    peak = r["vmhwm"] - r["baseline_rss"] - r["model_bytes"]
+    r["peak_above_params"] = peak
+    r[mib_key] = mib(peak)
+    return peak
+
+
+def add_ratios(
+    r: dict[str, Any],
+    by_case: Mapping[str, Mapping[str, Any]],
+    refs: Iterable[tuple[str, str]],
+    key: str = "total_s",
+) -> None:
+    """For each ``(case, column)`` of ``refs`` that ran: ``r[column] = r[key] / that case's``."""
+    for ref, col in refs:
+        other = by_case.get(ref)
+        if other and other.get(key):
+            r[col] = r[key] / other[key]
+
+
+def largest_tensor_line(manifest: Mapping[str, Any]) -> str:
+    """The report's line on the largest stored tensor and the bound it sets."""
+    largest = manifest["largest_fp8_tensor"]
+    return (
+        f"- largest on-disk tensor: {largest['key']} ({largest['dtype']}), {mib(largest['bytes']):.1f} MiB; "
+        f"bound = largest + 64 MiB = {mib(load_bound(manifest)):.1f} MiB"
+    )
+
+
+def bound_verdicts(
+    rows: Iterable[Mapping[str, Any]],
+    bound: int,
+    cases: Iterable[str] | None = None,
+    fails: str = "does not hold",
+) -> list[str]:
+    """A paragraph for each row (of ``cases``, in that order, if given) that has a
+    ``peak_above_params``: its peak against the bound, and whether the bound holds."""
+    if cases is not None:
+        by_case = {r["case"]: r for r in rows}
+        rows = [by_case[c] for c in cases if c in by_case]
+    lines = []
+    for r in rows:
+        if "peak_above_params" in r:
+            verdict = "holds" if r["peak_above_params"] <= bound else fails
+            lines.append(
+                f"\n{r['case']}: peak above params {mib(r['peak_above_params']):.1f} MiB vs bound "
+                f"{mib(bound):.1f} MiB: the bound {verdict}."
+            )
+    return lines
+
+
+def error_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """A paragraph for each row some of whose runs failed: how many, and the first error."""
+    return [
+        f"\n{r['case']} failed in {len(r['errors'])}/{len(r['runs'])} run(s): {short_error(r['errors'][0])}"
+        for r in rows
+        if r.get("errors")
+    ]
+
+
+def load_failures(rows: Iterable[Mapping[str, Any]], lazy_cases: Iterable[str]) -> list[str]:
+    """What makes a load benchmark fail: a lazyfp8 case that did not load, or any load with
+    wrong bits."""
+    lazy_cases = tuple(lazy_cases)
+    out = []
+    for r in rows:
+        if r["case"] in lazy_cases and r.get("errors"):
+            out.append(f"{r['case']} failed to load")
+        if r.get("bit_exact") == "NO":
+            out.append(f"{r['case']} loaded different bits than the reference")
+    return out
