@@ -72,9 +72,11 @@ def run(args: argparse.Namespace) -> dict:
         view = lazyfp8.LazyFP8View(os.path.join(args.workdir, method), threads=threads or None,
                                    block_size=SCHEMES[method].get("block_size"))
         lazy = view["w.weight"]
-        fn = lambda: out.copy_(lazy)
+
+        def fn() -> None:
+            out.copy_(lazy)
+
         info = view.info("w.weight")
-        codes_stored = torch.empty(shape, dtype=torch.uint8)
         with open(os.path.join(args.workdir, method, "model.safetensors"), "rb") as f:
             from safetensors.torch import load
 

@@ -23,8 +23,8 @@ from .errors import (
 from .keymap import PRESETS, KeyMapping, Rule, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
-from .schemes import PerBlock, PerChannel, PerTensor, Scheme
 from .quantize import NonFiniteError, quantize
+from .schemes import PerBlock, PerChannel, PerTensor, Scheme
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save
 

@@ -53,18 +53,18 @@ def thread_workspace() -> Workspace:
     return work
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codes(fp8_dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_values(fp8_dtype: torch.dtype) -> torch.Tensor:
     """The exact float32 value of each of the 256 codes (NaN codes give NaN)."""
     return _codes(fp8_dtype).to(torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_pairs(fp8_dtype: torch.dtype) -> torch.Tensor:
     """For each little-endian code pair ``hi * 256 + lo``: the float32 values of ``lo`` and ``hi``
     packed in one int64 (512 KiB, scale-free, built once per FP8 dtype)."""

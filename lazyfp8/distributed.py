@@ -162,7 +162,7 @@ class LazyFP8StorageReader:
         return os.path.exists(checkpoint_id)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register() -> None:
     # A virtual subclass of torch's abstract StorageReader, registered on first use: importing
     # torch.distributed.checkpoint costs half a second that plain loads should not pay.

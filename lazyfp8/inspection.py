@@ -108,7 +108,7 @@ def inspect_checkpoint(
     for _, entry in ckpt.tensors.values():
         by_dtype[entry.dtype.code] += entry.nbytes
     fp8, summary = [], Counter()
-    for key, (file, entry, g) in pairing.scales.items():
+    for key, (_, entry, g) in pairing.scales.items():
         w = ckpt.tensors[key][1]
         suffix = entry.name[len(key):]
         fp8.append({"key": key, "dtype": w.dtype.code, "shape": list(w.shape), "scale_key": entry.name,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
-from typing import Iterable, Mapping, Union
+from collections.abc import Iterable, Mapping
+from typing import Union
 
 from .errors import KeyMappingError
 

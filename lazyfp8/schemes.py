@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 from .errors import ScaleShapeError
 

@@ -13,12 +13,12 @@ import torch
 from ._checkpoint import CONFIG_NAME, open_checkpoint
 from ._pairing import QUANT_SIBLINGS, pair_scales
 from ._parallel import default_threads
+from ._quant_config import scheme_from_config
 from ._reader import ShardFile
 from ._source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
 from .errors import TensorNotFoundError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
-from ._quant_config import scheme_from_config
 from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]

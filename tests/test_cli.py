@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from lazyfp8 import LazyFP8View, PerBlock, save
+from lazyfp8 import LazyFP8View, MissingShardError, PerBlock, save
 from lazyfp8.cli import main
 from tests.helpers import bits
 
@@ -99,7 +99,7 @@ def test_errors_are_one_line_unless_debug(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("lazyfp8 inspect: error:") and "no such file" in err
-    with pytest.raises(Exception):
+    with pytest.raises(MissingShardError, match="no such file"):  # the real exception, traceback and all
         main(["--debug", "inspect", str(tmp_path / "nope")])
 
 

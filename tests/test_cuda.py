@@ -5,7 +5,8 @@ import torch
 from safetensors import safe_open
 
 from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor, init_empty_weights, load_into, save
-from tests.helpers import bits, reference, save as save_file
+from tests.helpers import bits, reference
+from tests.helpers import save as save_file
 from tests.strategies import fp8_codes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

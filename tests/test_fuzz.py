@@ -127,7 +127,7 @@ class Base:
     values: dict[str, torch.Tensor]  # exposed key -> what the undamaged view reads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base() -> Base:
     """Three shards from two ``lazyfp8.save`` calls (per-tensor scales; 16x16 block scales),
     merged under one index, with a compressed-tensors config declaring both granularities."""

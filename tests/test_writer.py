@@ -9,7 +9,16 @@ from safetensors import safe_open
 from torch import nn
 
 import lazyfp8
-from lazyfp8 import LazyFP8View, NonFiniteError, PerBlock, PerChannel, PerTensor, init_empty_weights, load_into, save
+from lazyfp8 import (
+    LazyFP8View,
+    NonFiniteError,
+    PerBlock,
+    PerChannel,
+    PerTensor,
+    init_empty_weights,
+    load_into,
+    save,
+)
 from lazyfp8.keymap import KeyMappingError
 from tests.helpers import bits, reference
 from tests.strategies import key_trees, random_tensor
@@ -52,7 +61,7 @@ def test_model_round_trip_and_ties(tmp_path):
     assert dst.lm_head.weight is dst.embed.weight
     for k in ["embed.weight", "norm.weight", "up.bias"]:
         assert torch.equal(bits(dst.state_dict()[k]), bits(src.state_dict()[k]))
-    json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
 
 
 def test_single_file_without_index(tmp_path):
@@ -112,7 +121,7 @@ def test_property_save_then_view(tmp_path_factory, keys, data, scheme, fp8, shar
             assert got.dtype == t.dtype and torch.equal(bits(got), bits(t))
         assert view.disk_key(k) == prefix + k
     if len(r.files) > 1:
-        index = json.loads((open(os.path.join(d, r.index)).read()))
+        index = json.loads(open(os.path.join(d, r.index)).read())
         assert set(index["weight_map"].values()) == set(r.files)
 
 
@@ -123,7 +132,7 @@ def test_resave_of_a_view_reproduces_the_fp8_bytes(tmp_path):
         a, b = tmp_path / f"a{scheme}", tmp_path / f"b{scheme}"
         save(src, a, scheme=scheme)
         view = LazyFP8View(a, block_size=getattr(scheme, "block", None))
-        r = save(view, b, scheme=scheme, scales=view, quantize=lambda k: view.info(k).scale_key is not None)
+        r = save(view, b, scheme=scheme, scales=view, quantize=lambda k, v=view: v.info(k).scale_key is not None)
         assert sorted(r.quantized) == ["down.weight", "up.weight"]
         for k in r.quantized:
             assert torch.equal(bits(raw(a, k)), bits(raw(b, k)))
