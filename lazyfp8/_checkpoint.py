@@ -14,7 +14,13 @@ import re
 from typing import Any
 
 from ._header import ShardHeader, TensorEntry, parse_json, read_header
-from .errors import CheckpointError, CorruptCheckpointError, MissingShardError, UnsafePathError
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    MissingShardError,
+    UnsafePathError,
+    raise_or_collect,
+)
 
 __all__ = ["Checkpoint", "INDEX_NAME", "open_checkpoint"]
 
@@ -122,9 +128,7 @@ def _read_index(root: str, index_path: str, problems: list[CheckpointError] | No
             try:
                 by_name[hashable] = _resolve_shard(root, name, key, index_path, roots)
             except CheckpointError as e:
-                if problems is None:
-                    raise
-                problems.append(e)
+                raise_or_collect(problems, e)
                 by_name[hashable] = None
         if by_name[hashable] is not None:
             resolved[key] = by_name[hashable]  # type: ignore[assignment]
@@ -193,9 +197,7 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
             try:
                 shards[shard] = read_header(shard)
             except CheckpointError as e:
-                if problems is None:
-                    raise
-                problems.append(e)
+                raise_or_collect(problems, e)
                 bad.add(shard)
         return shards.get(shard)
 
@@ -207,9 +209,7 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
         try:
             weight_map = _read_index(root, index_path, problems)
         except CheckpointError as e:
-            if problems is None:
-                raise
-            problems.append(e)
+            raise_or_collect(problems, e)
             weight_map = {}
         for key, shard in weight_map.items():
             header = header_of(shard)
@@ -217,15 +217,12 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
                 continue
             entry = header.tensors.get(key)
             if entry is None:
-                error = CorruptCheckpointError(
+                raise_or_collect(problems, CorruptCheckpointError(
                     f"{index_path}: names {key!r} in {os.path.basename(shard)}, "
                     "but that shard does not hold it",
                     file=shard,
                     key=key,
-                )
-                if problems is None:
-                    raise error
-                problems.append(error)
+                ))
                 continue
             tensors[key] = (shard, entry)
     return Checkpoint(

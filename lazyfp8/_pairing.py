@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ._header import TensorEntry
 from ._source import SCALE_DTYPES
-from .errors import CheckpointError, MissingScaleError, UnsupportedDtypeError
+from .errors import CheckpointError, MissingScaleError, UnsupportedDtypeError, raise_or_collect
 from .schemes import Granularity, Scheme
 
 __all__ = ["Pairing", "pair_scales", "QUANT_SIBLINGS"]
@@ -41,12 +41,6 @@ class Pairing:
         return {e.name for _, e, _ in self.scales.values()}
 
 
-def _problem(problems: list[CheckpointError] | None, error: CheckpointError) -> None:
-    if problems is None:
-        raise error
-    problems.append(error)
-
-
 def pair_scales(
     tensors: Mapping[str, tuple[str, TensorEntry]],
     scheme: Scheme,
@@ -68,7 +62,7 @@ def pair_scales(
         found = [c for c in candidates if c in tensors]
         name = os.path.basename(file)
         if not found:
-            _problem(problems, MissingScaleError(
+            raise_or_collect(problems, MissingScaleError(
                 f"{name} holds the FP8 ({entry.dtype.code}) tensor {key!r} but the checkpoint has no "
                 f"scale for it ({' or '.join(map(repr, candidates))}, scheme {scheme.name!r}); its raw "
                 "bytes are not weights. Check that every shard is present and that the "
@@ -78,7 +72,7 @@ def pair_scales(
             ))
             continue
         if len(found) > 1:
-            _problem(problems, CheckpointError(
+            raise_or_collect(problems, CheckpointError(
                 f"{name}: the FP8 tensor {key!r} has two scales, {found[0]!r} and {found[1]!r}; "
                 "the checkpoint is ambiguous (pass scheme= to choose)",
                 file=file,
@@ -87,7 +81,7 @@ def pair_scales(
             continue
         scale_file, scale_entry = tensors[found[0]]
         if scale_entry.dtype.code not in SCALE_DTYPES:
-            _problem(problems, UnsupportedDtypeError(
+            raise_or_collect(problems, UnsupportedDtypeError(
                 f"{os.path.basename(scale_file)}: scale {found[0]!r} of the FP8 tensor {key!r} has dtype "
                 f"{scale_entry.dtype.code}; scales must be F32, BF16, F16, F64, U8 (ue8m0) or F8_E8M0",
                 file=scale_file,
@@ -100,7 +94,7 @@ def pair_scales(
                 weight_key=key, scale_key=found[0], file=file,
             )
         except CheckpointError as e:
-            _problem(problems, e)
+            raise_or_collect(problems, e)
             continue
         scales[key] = (scale_file, scale_entry, granularity)
     # A linear's static input scale sits beside its weight (``q_proj.input_scale``); a KV-cache

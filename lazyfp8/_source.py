@@ -19,7 +19,7 @@ from ._dequant import GridKernel, PerTensorKernel, Workspace, thread_workspace
 from ._header import TensorEntry
 from ._parallel import run_split
 from ._reader import ShardFile
-from .errors import InvalidScaleError, UnsupportedDtypeError
+from .errors import InvalidScaleError
 from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS", "SCALE_DTYPES"]
@@ -42,15 +42,9 @@ class ScaleRef:
 
 
 def read_scale(ref: ScaleRef, weight_key: str) -> torch.Tensor:
-    """The scale as float32 multipliers, validated (finite and positive)."""
+    """The scale as float32 multipliers, validated (finite and positive). Its dtype was checked
+    against ``SCALE_DTYPES`` when the scale was paired with its weight."""
     e = ref.entry
-    if e.dtype.code not in SCALE_DTYPES:
-        raise UnsupportedDtypeError(
-            f"{ref.shard.path}: scale {e.name!r} of {weight_key!r} has dtype {e.dtype.code}; "
-            "scales must be F32, BF16, F16, F64, U8 (ue8m0) or F8_E8M0",
-            file=ref.shard.path,
-            key=e.name,
-        )
     raw = torch.empty(e.shape, dtype=e.dtype.torch)
     ref.shard.read_into(raw, e.offset, e.name)
     if e.dtype.code == "U8":  # ue8m0 stored as bytes: the exponent, 2^(b - 127)

@@ -21,6 +21,13 @@ __all__ = [
 ]
 
 
+def raise_or_collect(problems: "list[CheckpointError] | None", error: "CheckpointError") -> None:
+    """Raise ``error``, or, when a caller collects every problem (``inspect``), append it."""
+    if problems is None:
+        raise error
+    problems.append(error)
+
+
 class LazyFP8Error(Exception):
     """Base class of every error lazyfp8 raises on purpose."""
 

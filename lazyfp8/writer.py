@@ -98,13 +98,6 @@ def _materialize(value: Any) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
-def _granularity_ok(g: Granularity, fmt: str, ue8m0: bool) -> None:
-    if fmt == "fp8" and isinstance(g, PerChannel):
-        raise ValueError("the HF 'fp8' format has no per-channel scales; use format='compressed-tensors'")
-    if fmt not in _FORMATS:
-        raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {fmt!r}")
-
-
 def _quantization_config(g: Granularity, fmt: str, fp8_dtype: torch.dtype, ue8m0: bool) -> dict[str, Any]:
     if ue8m0:
         raise ValueError("no standard quantization_config describes ue8m0 scales; pass config=None")
@@ -205,9 +198,15 @@ def save(
         KeyMappingError: the key mapping does not round-trip on the keys.
     """
     path = os.fspath(path)
+    if format not in _FORMATS:
+        raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
     gran = None if scheme is None else make_scheme(scheme, block_size).granularities[0]  # type: ignore[union-attr]
-    if gran is not None:
-        _granularity_ok(gran, format, ue8m0)
+    if format == "fp8" and isinstance(gran, PerChannel):
+        raise ValueError("the HF 'fp8' format has no per-channel scales; use format='compressed-tensors'")
+    # Settled before any tensor is read: a config that cannot be written must not cost a save.
+    cfg = None if config is None else dict(config)
+    if cfg is not None and gran is not None:
+        cfg["quantization_config"] = _quantization_config(gran, format, fp8_dtype, ue8m0)
     suffix = _FORMATS[format]
     chosen = _selector(quantize)
     excluded = _selector(list(exclude)) or (lambda key: False)
@@ -270,10 +269,7 @@ def save(
             written.append(tmp)
             _save_file(shard, tmp)
             del shard
-        if config is not None:
-            cfg = dict(config)
-            if gran is not None:
-                cfg["quantization_config"] = _quantization_config(gran, format, fp8_dtype, ue8m0)
+        if cfg is not None:
             _write_json(cfg, os.path.join(path, CONFIG_NAME))
         for tmp, fname in zip(written, files):
             os.replace(tmp, os.path.join(path, fname))

@@ -224,3 +224,12 @@ def test_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     modes = {f: os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path)}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_an_unwritable_config_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(lazyfp8.writer, "_materialize", lambda v: pytest.fail("read a tensor"))
+    with pytest.raises(ValueError, match="ue8m0"):
+        save({"x.weight": torch.randn(8, 64)}, tmp_path, scheme="mx", ue8m0=True, config={})
+    with pytest.raises(ValueError, match="format must be one of"):
+        save({"x.weight": torch.randn(8, 64)}, tmp_path, scheme=None, format="gguf")
+    assert os.listdir(tmp_path) == []
