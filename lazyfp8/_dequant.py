@@ -5,7 +5,8 @@ The reference is ``(w.to(float32) * s.to(float32)).to(dtype)``. Its result depen
 codes and look codes up; with a scale grid we look up the exact float32 of each code, multiply by
 the expanded scale in float32 and round once. Both are the reference formula, evaluated in a
 different order of elements. torch's CPU fp8 conversion is ~20x below memory bandwidth; table
-lookups through ``index_select`` are not.
+lookups through ``index_select`` are not, and the compiled lookups of ``_jit`` (when llvmlite is
+installed) run the same tables faster than a memcpy of the output.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ import threading
 
 import torch
 
+from . import _jit
+
 __all__ = ["PerTensorKernel", "GridKernel", "Workspace"]
 
 # Below this many elements building the 65,536-entry pair table costs more than it saves.
 _PAIR_TABLE_MIN_ELEMENTS = 1 << 17
+
+# A compiled grid kernel builds one 256-entry table per scale it meets; below this many elements
+# per table (a scale block cut small by the rectangle, MX's 1 x 32) the torch kernel is faster.
+_JIT_MIN_ELEMENTS_PER_TABLE = 512
 
 
 class Workspace:
@@ -28,13 +35,14 @@ class Workspace:
 
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.device = device
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.dtype, str], torch.Tensor] = {}
 
-    def get(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor of ``n`` elements of ``dtype`` (contents undefined)."""
-        buf = self._buffers.get(dtype)
+    def get(self, n: int, dtype: torch.dtype, slot: str = "") -> torch.Tensor:
+        """A tensor of ``n`` elements of ``dtype`` (contents undefined). Buffers of one dtype
+        share memory unless their ``slot`` names differ."""
+        buf = self._buffers.get((dtype, slot))
         if buf is None or buf.numel() < n:
-            buf = self._buffers[dtype] = torch.empty(n, dtype=dtype, device=self.device)
+            buf = self._buffers[(dtype, slot)] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n]
 
 
@@ -62,6 +70,13 @@ def _codes(fp8_dtype: torch.dtype) -> torch.Tensor:
 def code_values(fp8_dtype: torch.dtype) -> torch.Tensor:
     """The exact float32 value of each of the 256 codes (NaN codes give NaN)."""
     return _codes(fp8_dtype).to(torch.float32)
+
+
+@functools.cache
+def _nan_bf16(fp8_dtype: torch.dtype) -> torch.Tensor:
+    """What torch's float32 -> bfloat16 conversion writes for each code's value (used for the
+    NaN codes, whose payload bits are torch's choice, not IEEE's)."""
+    return code_values(fp8_dtype).to(torch.bfloat16).view(torch.int16)
 
 
 @functools.cache
@@ -94,7 +109,10 @@ class PerTensorKernel:
         self.out_dtype = out_dtype
         self.table = (code_values(fp8_dtype).to(device) * s).to(out_dtype)
         self.pairs: torch.Tensor | None = None
-        if (
+        self.jit = _jit.kernels() if device.type == "cpu" and out_dtype.itemsize in (2, 4) else None
+        if self.jit is not None:
+            self.jit_table = self.jit.table16(self.table) if out_dtype.itemsize == 2 else self.table
+        elif (
             device.type == "cpu"
             and out_dtype.itemsize == 2
             and numel >= _PAIR_TABLE_MIN_ELEMENTS
@@ -106,6 +124,9 @@ class PerTensorKernel:
 
     def __call__(self, codes: torch.Tensor, out: torch.Tensor, work: Workspace) -> None:
         """``out[i] = reference(codes[i])`` for a flat chunk."""
+        if self.jit is not None:
+            (self.jit.lut16 if out.element_size() == 2 else self.jit.lut32)(codes, self.jit_table, out)
+            return
         n = codes.numel()
         if self.pairs is not None and n >= 2 and out.data_ptr() % 4 == 0 and codes.data_ptr() % 2 == 0:
             m = n - (n & 1)
@@ -140,6 +161,10 @@ class GridKernel:
         self.block = block
         self.period = period
         self.device = device
+        self.jit = _jit.kernels() if device.type == "cpu" else None
+        if self.jit is not None:
+            self.scale = self.scale.contiguous()
+            self.nan = _nan_bf16(fp8_dtype)
 
     def __call__(
         self,
@@ -157,6 +182,11 @@ class GridKernel:
         n = codes.numel()
         w = n // nr
         b0, b1 = self.block
+        if self.jit is not None and out.dtype == torch.bfloat16 and min(nr, b0) * min(w, b1) >= _JIT_MIN_ELEMENTS_PER_TABLE:
+            blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
+            tables = work.get(blocks * _jit.TABLE_BYTES, torch.uint8, slot="tables")  # codes use the plain slot
+            self.jit.grid_bf16(codes, out, rows, col_start, self.scale, self.block, self.period, self.values, self.nan, tables)
+            return
         f32 = work.get(n, torch.float32)
         m = n - (n & 1) if self.pairs is not None and codes.data_ptr() % 2 == 0 and f32.data_ptr() % 8 == 0 else 0
         if m:

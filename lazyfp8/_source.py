@@ -156,7 +156,7 @@ class TensorSource:
             work = thread_workspace()
             for rect in chunks:
                 n = rect.numel
-                out = flat[rect.local : rect.local + n] if direct else work.get(n, self.dtype)
+                out = flat[rect.local : rect.local + n] if direct else work.get(n, self.dtype, slot="out")
                 if kernel is None:
                     self.read_rect(out, rect)
                 else:

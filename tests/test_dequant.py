@@ -22,7 +22,7 @@ def run_per_tensor(codes_u8, fp8, scale, dtype):
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("scale", SCALES)
-def test_every_code_bit_exact(fp8, dtype, scale):
+def test_every_code_bit_exact(fp8, dtype, scale, backend):
     # All 256 codes: +-0, subnormals 0x01-0x07, +-max (448 for e4m3fn), NaN.
     out, _ = run_per_tensor(ALL_CODES, fp8, scale, dtype)
     ref = reference(ALL_CODES.view(fp8), torch.tensor(scale), dtype)
@@ -31,14 +31,15 @@ def test_every_code_bit_exact(fp8, dtype, scale):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1 << 17, (1 << 17) + 1, (1 << 17) + 3])
-def test_pair_table_path_bit_exact(dtype, n):
+def test_pair_table_path_bit_exact(dtype, n, monkeypatch):
+    monkeypatch.setenv("LAZYFP8_JIT", "0")  # the pair table is the torch kernel's
     codes = ALL_CODES.repeat(n // 256 + 1)[:n].roll(7)
     out, k = run_per_tensor(codes, torch.float8_e4m3fn, 0.37, dtype)
     assert k.pairs is not None, "this size must take the pair-table path"
     assert torch.equal(bits(out), bits(reference(codes.view(torch.float8_e4m3fn), torch.tensor(0.37), dtype)))
 
 
-def test_misaligned_output_falls_back_exactly():
+def test_misaligned_output_falls_back_exactly(backend):
     n = 1 << 17
     codes = ALL_CODES.repeat(n // 256)
     k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(2.0), torch.bfloat16, n)
@@ -55,11 +56,11 @@ def test_smallest_positive_subnormal_e4m3():
     assert torch.isnan(code_values(torch.float8_e4m3fn)[0x7F])
 
 
-def grid(codes, scale, block, dtype, rows, cols, budget):
+def grid(codes, scale, block, dtype, rows, cols, budget, fp8=torch.float8_e4m3fn):
     """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
     from lazyfp8._source import _split
 
-    k = GridKernel(torch.float8_e4m3fn, scale, block, rows)
+    k = GridKernel(fp8, scale, block, rows)
     out = torch.empty(rows * cols, dtype=dtype)
     flat = codes.reshape(-1)
     work = Workspace()
@@ -78,19 +79,20 @@ def grid(codes, scale, block, dtype, rows, cols, budget):
     block=st.tuples(st.integers(1, 160), st.integers(1, 160)),
     budget=st.integers(1, 5000),
     dtype=st.sampled_from(FLOAT_DTYPES),
+    fp8=st.sampled_from(FP8),
     seed=st.integers(0, 2**16),
 )
-def test_grid_kernel_matches_reference_any_block_any_chunking(shape, block, budget, dtype, seed):
+def test_grid_kernel_matches_reference_any_block_any_chunking(shape, block, budget, dtype, fp8, seed, backend):
     rows, cols = shape
-    codes = fp8_codes(shape, torch.float8_e4m3fn, seed)
+    codes = fp8_codes(shape, fp8, seed)
     g = torch.Generator().manual_seed(seed)
     gs = (-(-rows // block[0]), -(-cols // block[1]))
     scale = torch.rand(gs, generator=g) * 10 + 1e-3
-    out = grid(codes.view(torch.uint8), scale, block, dtype, rows, cols, budget)
+    out = grid(codes.view(torch.uint8), scale, block, dtype, rows, cols, budget, fp8)
     assert torch.equal(bits(out), bits(reference(codes, scale, dtype, block)))
 
 
-def test_ragged_300x200_with_128_blocks():
+def test_ragged_300x200_with_128_blocks(backend):
     codes = fp8_codes((300, 200), torch.float8_e4m3fn, 1)
     scale = torch.tensor([[1.0, 2.0], [4.0, 8.0], [16.0, 32.0]])
     out = grid(codes.view(torch.uint8), scale, (128, 128), torch.float32, 300, 200, 10**6)
@@ -101,7 +103,7 @@ def test_ragged_300x200_with_128_blocks():
 
 
 @given(scale=scales, seed=st.integers(0, 1000))
-def test_per_tensor_any_scale(scale, seed):
+def test_per_tensor_any_scale(scale, seed, backend):
     codes = fp8_codes((300,), torch.float8_e4m3fn, seed)
     out, _ = run_per_tensor(codes.view(torch.uint8), torch.float8_e4m3fn, scale, torch.bfloat16)
     assert torch.equal(bits(out), bits(reference(codes, torch.tensor(scale, dtype=torch.float32), torch.bfloat16)))

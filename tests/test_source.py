@@ -68,3 +68,22 @@ def test_box_outside_the_tensor(tmp_path):
     src = LazyFP8View(tmp_path)._sources["w"]
     with pytest.raises(ValueError, match="outside 'w'"):
         src.read_box_into(torch.empty(2, 2), (3, 3), (2, 2))
+
+
+@pytest.mark.parametrize("scheme", [PerTensor(), PerChannel(), PerBlock((128, 128)), PerBlock((1, 32))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_full_size_chunks_bit_exact(tmp_path, scheme, threads, backend):
+    # Chunks as large as the default (a 1024 x 1024 weight fits one per worker), where each
+    # kernel's scratch buffers live beside the codes in one workspace: they must not overlap.
+    from safetensors.torch import load_file
+
+    from lazyfp8.testing import reference
+
+    fmt = "compressed-tensors" if isinstance(scheme, PerChannel) else "fp8"
+    save({"w.weight": torch.randn(1024, 1024)}, tmp_path, scheme=scheme, format=fmt, quantize=lambda k: True, exclude=())
+    view = LazyFP8View(tmp_path, threads=threads, block_size=getattr(scheme, "block", None))
+    got = view.get_tensor("w.weight")
+    info = view.info("w.weight")
+    codes = load_file(str(tmp_path / "model.safetensors"))["w.weight"]
+    ref = reference(codes, view.scale("w.weight"), torch.bfloat16, info.granularity.block_size(codes.shape))
+    assert torch.equal(bits(got), bits(ref))

@@ -1,0 +1,356 @@
+"""Machine-code table lookups, compiled at first use with llvmlite (the ``fast`` extra).
+
+torch has no byte-indexed table lookup that runs near memory speed: ``index_select`` moves about
+one element per cycle. The kernels here do the same lookups over the same tables, so their bits
+are those of the pure-torch kernels in ``_dequant`` (and the tests compare the two):
+
+- ``lut16``/``lut32``: ``dst[i] = table[src[i]]`` for 2- and 4-byte outputs. On CPUs with
+  AVX-512 VBMI, 64 codes at a time through ``vpermi2b`` over the table's low and high bytes,
+  faster than a memcpy of the output; elsewhere a scalar loop that LLVM compiles for the host.
+- ``grid_bf16``: a scale grid. For each scale row and block column it builds the 256-entry
+  table of ``bf16(value(code) * scale)`` (round to nearest even, NaN codes as torch writes them),
+  then looks each block's codes up in it.
+
+llvmlite ships LLVM inside its wheels, so this needs no compiler on the user's machine. Without
+it, or with ``LAZYFP8_JIT=0`` in the environment, or if compilation fails, ``kernels()`` returns
+``None`` and callers use the pure-torch kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import platform
+import sys
+
+import torch
+
+__all__ = ["JitKernels", "kernels", "TABLE_BYTES"]
+
+log = logging.getLogger(__name__)
+
+#: Bytes of one 2-byte-output table block: low bytes [256], high bytes [256], then the 256
+#: little-endian 16-bit values (the scalar loop and the vector loop's tail read those).
+TABLE_BYTES = 1024
+
+_SCALAR_IR = r"""
+define void @lut16(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                   ptr noalias nocapture %dst) nounwind {
+entry:
+  %words = getelementptr inbounds i8, ptr %tab, i64 512
+  %empty = icmp eq i64 %n, 0
+  br i1 %empty, label %done, label %loop
+loop:
+  %i = phi i64 [0, %entry], [%next, %loop]
+  %sp = getelementptr inbounds i8, ptr %src, i64 %i
+  %c = load i8, ptr %sp, align 1
+  %ci = zext i8 %c to i64
+  %tp = getelementptr inbounds i16, ptr %words, i64 %ci
+  %v = load i16, ptr %tp, align 2
+  %dp = getelementptr inbounds i16, ptr %dst, i64 %i
+  store i16 %v, ptr %dp, align 2
+  %next = add nuw i64 %i, 1
+  %more = icmp ult i64 %next, %n
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+
+define void @lut32(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                   ptr noalias nocapture %dst) nounwind {
+entry:
+  %empty = icmp eq i64 %n, 0
+  br i1 %empty, label %done, label %loop
+loop:
+  %i = phi i64 [0, %entry], [%next, %loop]
+  %sp = getelementptr inbounds i8, ptr %src, i64 %i
+  %c = load i8, ptr %sp, align 1
+  %ci = zext i8 %c to i64
+  %tp = getelementptr inbounds i32, ptr %tab, i64 %ci
+  %v = load i32, ptr %tp, align 4
+  %dp = getelementptr inbounds i32, ptr %dst, i64 %i
+  store i32 %v, ptr %dp, align 4
+  %next = add nuw i64 %i, 1
+  %more = icmp ult i64 %next, %n
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+
+; The 1024-byte table block of bf16(vals[c] * s) for all 256 codes: round to nearest even as
+; torch does, NaN results taken from nan[c] (what torch writes for that NaN code).
+define void @table_bf16(ptr noalias nocapture readonly %vals, ptr noalias nocapture readonly %nan,
+                        float %s, ptr noalias nocapture %tab) nounwind {
+entry:
+  %words = getelementptr inbounds i8, ptr %tab, i64 512
+  br label %loop
+loop:
+  %c = phi i64 [0, %entry], [%cn, %loop]
+  %vp = getelementptr inbounds float, ptr %vals, i64 %c
+  %v = load float, ptr %vp, align 4
+  %y = fmul float %v, %s
+  %b = bitcast float %y to i32
+  %sh = lshr i32 %b, 16
+  %odd = and i32 %sh, 1
+  %t1 = add i32 %b, 32767
+  %t2 = add i32 %t1, %odd
+  %r32 = lshr i32 %t2, 16
+  %r = trunc i32 %r32 to i16
+  %isnan = fcmp uno float %y, 0.0
+  %np = getelementptr inbounds i16, ptr %nan, i64 %c
+  %nv = load i16, ptr %np, align 2
+  %o = select i1 %isnan, i16 %nv, i16 %r
+  %lo = trunc i16 %o to i8
+  %hs = lshr i16 %o, 8
+  %hi = trunc i16 %hs to i8
+  %lp = getelementptr inbounds i8, ptr %tab, i64 %c
+  store i8 %lo, ptr %lp, align 1
+  %hidx = add nuw i64 %c, 256
+  %hp = getelementptr inbounds i8, ptr %tab, i64 %hidx
+  store i8 %hi, ptr %hp, align 1
+  %wp = getelementptr inbounds i16, ptr %words, i64 %c
+  store i16 %o, ptr %wp, align 2
+  %cn = add nuw i64 %c, 1
+  %more = icmp ult i64 %cn, 256
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+
+; Rows r0 .. r0+nr x columns c0 .. c0+w of a [rows, cols] weight, flat row-major in src and dst.
+; Scale row of weight row r: (r / period) * ceil(period / b0) + (r % period) / b0; scale column
+; of column c: c / b1. tables holds one 1024-byte block per block column the rectangle touches.
+define void @grid_bf16(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nr, i64 %w,
+                       i64 %r0, i64 %c0, ptr noalias nocapture readonly %scale, i64 %scols, i64 %b0,
+                       i64 %b1, i64 %period, ptr noalias nocapture readonly %vals,
+                       ptr noalias nocapture readonly %nan, ptr noalias nocapture %tables) nounwind {
+entry:
+  %pm0 = add i64 %period, %b0
+  %pm1 = sub i64 %pm0, 1
+  %per_matrix = udiv i64 %pm1, %b0
+  %g0 = udiv i64 %c0, %b1
+  %cend = add i64 %c0, %w
+  %clast = sub i64 %cend, 1
+  %glast = udiv i64 %clast, %b1
+  %nbm1 = sub i64 %glast, %g0
+  %nb = add i64 %nbm1, 1
+  br label %rowhead
+rowhead:
+  %i = phi i64 [0, %entry], [%inext, %rowend]
+  %prev = phi i64 [-1, %entry], [%srow, %rowend]
+  %rowsleft = icmp ult i64 %i, %nr
+  br i1 %rowsleft, label %rowbody, label %exit
+rowbody:
+  %r = add i64 %r0, %i
+  %mat = udiv i64 %r, %period
+  %rin = urem i64 %r, %period
+  %rb = udiv i64 %rin, %b0
+  %mbase = mul i64 %mat, %per_matrix
+  %srow = add i64 %mbase, %rb
+  %same = icmp eq i64 %srow, %prev
+  br i1 %same, label %segs, label %build
+build:
+  %sbase = mul i64 %srow, %scols
+  br label %buildloop
+buildloop:
+  %g = phi i64 [0, %build], [%gn, %buildloop]
+  %gabs = add i64 %g0, %g
+  %sidx = add i64 %sbase, %gabs
+  %sp = getelementptr inbounds float, ptr %scale, i64 %sidx
+  %s = load float, ptr %sp, align 4
+  %toff = mul i64 %g, 1024
+  %tp = getelementptr inbounds i8, ptr %tables, i64 %toff
+  call void @table_bf16(ptr %vals, ptr %nan, float %s, ptr %tp)
+  %gn = add nuw i64 %g, 1
+  %bmore = icmp ult i64 %gn, %nb
+  br i1 %bmore, label %buildloop, label %segs
+segs:
+  %rowoff = mul i64 %i, %w
+  br label %segloop
+segloop:
+  %k = phi i64 [0, %segs], [%kn, %segloop]
+  %kabs = add i64 %g0, %k
+  %bstart = mul i64 %kabs, %b1
+  %kabs1 = add i64 %kabs, 1
+  %bend = mul i64 %kabs1, %b1
+  %startlt = icmp ult i64 %bstart, %c0
+  %start = select i1 %startlt, i64 %c0, i64 %bstart
+  %endgt = icmp ugt i64 %bend, %cend
+  %end = select i1 %endgt, i64 %cend, i64 %bend
+  %len = sub i64 %end, %start
+  %rel = sub i64 %start, %c0
+  %off = add i64 %rowoff, %rel
+  %ssp = getelementptr inbounds i8, ptr %src, i64 %off
+  %dsp = getelementptr inbounds i16, ptr %dst, i64 %off
+  %koff = mul i64 %k, 1024
+  %ktp = getelementptr inbounds i8, ptr %tables, i64 %koff
+  call void @LUT16(ptr %ssp, i64 %len, ptr %ktp, ptr %dsp)
+  %kn = add nuw i64 %k, 1
+  %kmore = icmp ult i64 %kn, %nb
+  br i1 %kmore, label %segloop, label %rowend
+rowend:
+  %inext = add nuw i64 %i, 1
+  br label %rowhead
+exit:
+  ret void
+}
+"""
+
+# 64 codes per step: vpermi2b picks from 128 table bytes by the low 7 bits of each code, so two
+# lookups (codes below and above 0x80) and a select by the sign bit give the low output bytes,
+# two more the high bytes; interleaving them gives 64 little-endian 16-bit outputs.
+_VBMI_IR = r"""
+declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
+
+define void @lut16_vbmi(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                        ptr noalias nocapture %dst) nounwind {
+entry:
+  %lo0 = load <64 x i8>, ptr %tab, align 1
+  %p1 = getelementptr inbounds i8, ptr %tab, i64 64
+  %lo1 = load <64 x i8>, ptr %p1, align 1
+  %p2 = getelementptr inbounds i8, ptr %tab, i64 128
+  %lo2 = load <64 x i8>, ptr %p2, align 1
+  %p3 = getelementptr inbounds i8, ptr %tab, i64 192
+  %lo3 = load <64 x i8>, ptr %p3, align 1
+  %p4 = getelementptr inbounds i8, ptr %tab, i64 256
+  %hi0 = load <64 x i8>, ptr %p4, align 1
+  %p5 = getelementptr inbounds i8, ptr %tab, i64 320
+  %hi1 = load <64 x i8>, ptr %p5, align 1
+  %p6 = getelementptr inbounds i8, ptr %tab, i64 384
+  %hi2 = load <64 x i8>, ptr %p6, align 1
+  %p7 = getelementptr inbounds i8, ptr %tab, i64 448
+  %hi3 = load <64 x i8>, ptr %p7, align 1
+  %nv = lshr i64 %n, 6
+  %none = icmp eq i64 %nv, 0
+  br i1 %none, label %tail, label %vloop
+vloop:
+  %j = phi i64 [0, %entry], [%jn, %vloop]
+  %off = shl i64 %j, 6
+  %sp = getelementptr inbounds i8, ptr %src, i64 %off
+  %c = load <64 x i8>, ptr %sp, align 1
+  %a0 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %lo0, <64 x i8> %c, <64 x i8> %lo1)
+  %a1 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %lo2, <64 x i8> %c, <64 x i8> %lo3)
+  %h0 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %hi0, <64 x i8> %c, <64 x i8> %hi1)
+  %h1 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %hi2, <64 x i8> %c, <64 x i8> %hi3)
+  %upper = icmp slt <64 x i8> %c, zeroinitializer
+  %lo = select <64 x i1> %upper, <64 x i8> %a1, <64 x i8> %a0
+  %hi = select <64 x i1> %upper, <64 x i8> %h1, <64 x i8> %h0
+  %pairs = shufflevector <64 x i8> %lo, <64 x i8> %hi, <128 x i32> <INTERLEAVE>
+  %dp = getelementptr inbounds i16, ptr %dst, i64 %off
+  store <128 x i8> %pairs, ptr %dp, align 1
+  %jn = add nuw i64 %j, 1
+  %more = icmp ult i64 %jn, %nv
+  br i1 %more, label %vloop, label %tail
+tail:
+  %head = shl i64 %nv, 6
+  %rest = sub i64 %n, %head
+  %sp2 = getelementptr inbounds i8, ptr %src, i64 %head
+  %dp2 = getelementptr inbounds i16, ptr %dst, i64 %head
+  call void @lut16(ptr %sp2, i64 %rest, ptr %tab, ptr %dp2)
+  ret void
+}
+"""
+
+_LUT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
+_GRID_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3))
+
+
+class JitKernels:
+    """The compiled kernels of this process. Callers pass contiguous CPU tensors whose sizes they
+    have checked: the kernels trust their lengths (ctypes releases the GIL for each call)."""
+
+    def __init__(self, engine, vector: bool):
+        self._engine = engine  # owns the machine code the function pointers point into
+        self.vector = vector
+        self._lut16 = _LUT_FN(engine.get_function_address("lut16_vbmi" if vector else "lut16"))
+        self._lut32 = _LUT_FN(engine.get_function_address("lut32"))
+        self._grid = _GRID_FN(engine.get_function_address("grid_bf16"))
+
+    @staticmethod
+    def table16(table: torch.Tensor) -> torch.Tensor:
+        """The 1024-byte block ``lut16`` reads, from 256 two-byte results."""
+        b = table.contiguous().view(torch.uint8).view(256, 2)
+        return torch.cat([b[:, 0], b[:, 1], b.reshape(-1)]).contiguous()
+
+    def lut16(self, codes: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
+        assert codes.numel() == out.numel() and out.element_size() == 2 and block.numel() == TABLE_BYTES
+        self._lut16(codes.data_ptr(), codes.numel(), block.data_ptr(), out.data_ptr())
+
+    def lut32(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+        assert codes.numel() == out.numel() and out.element_size() == 4 and table.numel() == 256
+        self._lut32(codes.data_ptr(), codes.numel(), table.data_ptr(), out.data_ptr())
+
+    def grid_bf16(
+        self,
+        codes: torch.Tensor,
+        out: torch.Tensor,
+        rows: tuple[int, int],
+        col_start: int,
+        scale: torch.Tensor,
+        block: tuple[int, int],
+        period: int,
+        values: torch.Tensor,
+        nan: torch.Tensor,
+        tables: torch.Tensor,
+    ) -> None:
+        """Dequantize the rectangle ``rows`` x ``col_start:col_start + w`` (``scale`` is the
+        float32 grid, ``tables`` scratch of ``TABLE_BYTES`` per block column touched)."""
+        r0, r1 = rows
+        nr = r1 - r0
+        w = codes.numel() // nr
+        b0, b1 = block
+        blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
+        assert nr * w == codes.numel() == out.numel() and out.dtype == torch.bfloat16
+        assert tables.numel() >= blocks * TABLE_BYTES and scale.dtype == torch.float32 and scale.is_contiguous()
+        assert (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0 < scale.shape[0]
+        assert (col_start + w - 1) // b1 < scale.shape[1]
+        self._grid(
+            codes.data_ptr(), out.data_ptr(), nr, w, r0, col_start,
+            scale.data_ptr(), scale.shape[1], b0, b1, period,
+            values.data_ptr(), nan.data_ptr(), tables.data_ptr(),
+        )  # fmt: skip
+
+
+def _enabled() -> bool:
+    return os.environ.get("LAZYFP8_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _compile() -> JitKernels | None:
+    if sys.byteorder != "little":
+        return None
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return None
+    try:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        cpu = llvm.get_host_cpu_name()
+        features = llvm.get_host_cpu_features()
+        vector = platform.machine().lower() in ("x86_64", "amd64") and bool(features.get("avx512vbmi"))
+        source = _SCALAR_IR.replace("@LUT16", "@lut16_vbmi" if vector else "@lut16")
+        if vector:
+            interleave = ", ".join(f"i32 {k}" for i in range(64) for k in (i, 64 + i))
+            source += _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>")
+        module = llvm.parse_assembly(source)
+        module.verify()
+        machine = llvm.Target.from_default_triple().create_target_machine(
+            cpu=cpu, features=features.flatten(), opt=3, jit=True
+        )
+        passes = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+        passes.getModulePassManager().run(module, passes)
+        engine = llvm.create_mcjit_compiler(module, machine)
+        engine.finalize_object()
+        return JitKernels(engine, vector)
+    except Exception as e:  # a broken or unusual LLVM: the torch kernels still work
+        log.warning("lazyfp8: compiled kernels unavailable (%s); using the pure-torch kernels", e)
+        return None
+
+
+def kernels() -> JitKernels | None:
+    """This process's compiled kernels, or ``None`` (no llvmlite, ``LAZYFP8_JIT=0``, or a
+    compilation failure, logged once)."""
+    return _compile() if _enabled() else None

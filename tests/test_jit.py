@@ -1,0 +1,145 @@
+"""The compiled kernels against the reference formula and against the pure-torch kernels."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lazyfp8 import _jit
+from lazyfp8._dequant import GridKernel, PerTensorKernel, Workspace, code_values
+from tests.helpers import bits, reference
+from tests.strategies import fp8_codes
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
+ALL_CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+
+jit = _jit.kernels()
+needs_jit = pytest.mark.skipif(jit is None, reason="compiled kernels unavailable (llvmlite not installed)")
+
+
+@needs_jit
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 127, 128, 1000, 4097])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_lut16_any_length_any_alignment(n, offset):
+    # The vector loop takes 64 codes at a time; lengths around that and odd addresses check its
+    # tail and its unaligned loads and stores.
+    table = torch.randint(-(2**15), 2**15, (256,), dtype=torch.int16)
+    codes = ALL_CODES.repeat(n // 256 + 2)[offset : offset + n]
+    out = torch.full((n + offset + 1,), 7, dtype=torch.int16)
+    jit.lut16(codes, jit.table16(table), out[offset : offset + n])
+    assert torch.equal(out[offset : offset + n], table[codes.long()])
+    assert (out[:offset] == 7).all() and out[offset + n] == 7, "wrote outside its destination"
+
+
+@needs_jit
+@pytest.mark.parametrize("n", [0, 1, 100, 4097])
+def test_lut32(n):
+    table = torch.randint(-(2**31), 2**31 - 1, (256,), dtype=torch.int32)
+    codes = ALL_CODES.repeat(n // 256 + 1)[:n].roll(5)
+    out = torch.empty(n, dtype=torch.int32)
+    jit.lut32(codes, table, out)
+    assert torch.equal(out, table[codes.long()])
+
+
+@needs_jit
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("scale", [1e-38, 2.0**-133, 0.0123, 1.0, 3.5, 1e35, 3e38])
+def test_grid_every_code_every_scale(fp8, scale):
+    # 256 columns x 1 block: every code once, in one table built by the compiled code; scales at
+    # the edges give subnormal and overflowing (inf) products, and e5m2 has inf codes.
+    codes = ALL_CODES.view(1, 256).repeat(4, 1)
+    s = torch.tensor([[scale]], dtype=torch.float32)
+    k = GridKernel(fp8, s, (4, 256), 4)
+    out = torch.empty(4 * 256, dtype=torch.bfloat16)
+    k(codes.reshape(-1), out, (0, 4), 0, Workspace())
+    assert torch.equal(bits(out), bits(reference(codes.view(fp8), torch.tensor(scale), torch.bfloat16).reshape(-1)))
+
+
+@needs_jit
+@given(
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 700),
+    block=st.sampled_from([(128, 128), (16, 64), (1, 512), (32, 32), (7, 300)]),
+    period=st.sampled_from([None, 3, 16]),
+    fp8=st.sampled_from(FP8),
+    seed=st.integers(0, 2**16),
+)
+def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed, monkeypatch):
+    # Any rectangle of a (possibly stacked, ``period``-row) weight: the compiled kernel and the
+    # torch kernel agree bit for bit.
+    period = period or rows
+    total = -(-rows // period) * period
+    codes = fp8_codes((total, cols), fp8, seed).view(torch.uint8)
+    g = torch.Generator().manual_seed(seed)
+    grid_rows = -(-total // period) * -(-period // block[0])
+    scale = torch.rand((grid_rows, -(-cols // block[1])), generator=g) * 4 + 1e-3
+    r0 = seed % total
+    r1 = min(total, r0 + 1 + seed % 37)
+    c0 = seed % cols
+    c1 = min(cols, c0 + 1 + seed % 611)
+    rect = codes[r0:r1, c0:c1].contiguous().reshape(-1)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LAZYFP8_JIT", flag)
+        k = GridKernel(fp8, scale, block, period)
+        out = torch.empty(rect.numel(), dtype=torch.bfloat16)
+        k(rect, out, (r0, r1), c0, Workspace())
+        outs.append(out)
+    assert torch.equal(bits(outs[0]), bits(outs[1]))
+
+
+@needs_jit
+def test_grid_takes_the_compiled_path_for_large_blocks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(type(jit), "grid_bf16", lambda self, *a: calls.append(a))
+    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128)
+    k(torch.zeros(128 * 128, dtype=torch.uint8), torch.empty(128 * 128, dtype=torch.bfloat16), (0, 128), 0, Workspace())
+    assert len(calls) == 1
+
+
+@needs_jit
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_tensor_kernel_uses_compiled_lookup(dtype):
+    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), dtype, 10)
+    assert k.jit is jit
+    out = torch.empty(256, dtype=dtype)
+    k(ALL_CODES, out, Workspace())
+    assert torch.equal(bits(out), bits(reference(ALL_CODES.view(torch.float8_e4m3fn), torch.tensor(0.5), dtype)))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LAZYFP8_JIT", "0")
+    assert _jit.kernels() is None
+    assert PerTensorKernel(torch.float8_e4m3fn, torch.tensor(1.0), torch.bfloat16, 10).jit is None
+
+
+def test_without_llvmlite_falls_back_to_torch(tmp_path):
+    # A fresh interpreter where importing llvmlite fails: loading still works, bit for bit.
+    code = f"""
+import sys
+sys.modules["llvmlite"] = None
+import torch
+from lazyfp8 import _jit, LazyFP8View
+from lazyfp8.testing import quantize_per_tensor, reference
+from safetensors.torch import save_file
+assert _jit.kernels() is None
+w = torch.randn(300, 70)
+q, s = quantize_per_tensor(w)
+save_file({{"w": q, "w_scale_inv": s}}, r"{tmp_path}/m.safetensors")
+got = LazyFP8View(r"{tmp_path}/m.safetensors")["w"].materialize()
+assert torch.equal(got.view(torch.int16), reference(q, s, torch.bfloat16).view(torch.int16))
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_nan_table_is_torchs_conversion():
+    # NaN payloads are torch's choice; the compiled grid writes whatever torch writes.
+    from lazyfp8._dequant import _nan_bf16
+
+    for fp8 in FP8:
+        assert torch.equal(_nan_bf16(fp8), code_values(fp8).to(torch.bfloat16).view(torch.int16))
