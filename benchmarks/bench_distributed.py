@@ -241,6 +241,7 @@ def worker_main(args: argparse.Namespace) -> int:
         reads = _count_reads()
         view = lazyfp8.LazyFP8View(args.ckpt)
         reader = lazyfp8.LazyFP8StorageReader(args.ckpt) if args.method == "dcp" else None
+        common.prepare_lazyfp8()  # library code, before the baseline
         gc.collect()
         if distributed:
             dist.barrier()  # every rank starts together

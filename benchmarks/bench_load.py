@@ -132,7 +132,11 @@ CASES: dict[str, Callable[[Context], Any]] = {
     "bf16-safetensors": case_bf16,
 }
 #: Per-case imports done before the baseline (beyond the common ones in :func:`child_main`).
-PREPARE: dict[str, Callable[[], None]] = {"transformers": common.import_transformers_fp8}
+PREPARE: dict[str, Callable[[], Any]] = {
+    "transformers": common.import_transformers_fp8,
+    "lazyfp8": common.prepare_lazyfp8,
+    "lazyfp8-meta": common.prepare_lazyfp8,
+}
 #: Which checkpoint each case reads, for the page-cache warm-up.
 READS = {"bf16-safetensors": "bf16"}
 
@@ -148,7 +152,9 @@ def child_main(args: argparse.Namespace) -> int:
 
     with open(os.path.join(args.bf16_dir, "config.json")) as f:
         ctx = Context(args.fp8_dir, json.load(f), args.bf16_dir)
-    PREPARE.get(args.case, lambda: None)()
+    prepared = PREPARE.get(args.case, lambda: None)()
+    if prepared:
+        ctx.notes["kernels"] = prepared
     return common.run_load_case(args.result, args.case, CASES[args.case], ctx)
 
 
@@ -226,6 +232,7 @@ def report(
         "- page cache: warm (every file of the checkpoint a case reads was read once just before it)",
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "",
+        *common.kernels_line(rows),
         common.markdown_table(rows, COLUMNS),
     ]
     lines += common.disturbance_lines(rows, rerun=True)

@@ -80,6 +80,7 @@ def child_main(args: argparse.Namespace) -> int:
     else:
         source = lazyfp8.LazyFP8View(args.fp8_dir)
         source_bytes = 0
+    common.prepare_lazyfp8()  # library code, before the baseline
     probe = common.MemoryProbe()
     try:
         input_bytes = sum(int(torch.Size(v.shape).numel()) * 2 for v in source.values())  # as bf16

@@ -144,10 +144,17 @@ def _import_dcp() -> None:
     lazyfp8.distributed._register()
 
 
-PREPARE: dict[str, Callable[[], None]] = {
+def _import_dcp_lazyfp8() -> dict[str, Any]:
+    _import_dcp()
+    return common.prepare_lazyfp8()
+
+
+PREPARE: dict[str, Callable[[], Any]] = {
     "transformers": common.import_transformers_fp8,
     "dcp-torch": _import_dcp,
-    "dcp-lazyfp8": _import_dcp,
+    "dcp-lazyfp8": _import_dcp_lazyfp8,
+    "lazyfp8": common.prepare_lazyfp8,
+    "lazyfp8-meta": common.prepare_lazyfp8,
 }
 
 
@@ -160,7 +167,9 @@ def child_main(args: argparse.Namespace) -> int:
 
     with open(os.path.join(args.fp8_dir, "config.json")) as f:
         ctx = Context(args.fp8_dir, json.load(f))
-    PREPARE.get(args.case, lambda: None)()
+    prepared = PREPARE.get(args.case, lambda: None)()
+    if prepared:
+        ctx.notes["kernels"] = prepared
     # dcp.load raises CheckpointException, a BaseException
     return common.run_load_case(args.result, args.case, CASES[args.case], ctx, catch=BaseException)
 
@@ -227,6 +236,7 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "- GB/s = bytes of bf16 parameters produced / load s",
         "",
+        *common.kernels_line(rows),
         common.markdown_table(rows, COLUMNS),
     ]
     lines += common.disturbance_lines(rows)

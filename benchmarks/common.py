@@ -586,11 +586,21 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "safetensors": safetensors.__version__,
         "lazyfp8": lazyfp8.__version__,
+        "llvmlite": _version_of("llvmlite"),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
     }
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def git_revision(path: str) -> str | None:
@@ -1148,6 +1158,37 @@ def run_load_case(
     result.update(load_fields(ctx.watch, model), notes=ctx.notes)
     write_result(result_path, result)
     return 0
+
+
+def prepare_lazyfp8() -> dict[str, Any]:
+    """Load lazyfp8's compiled kernels before the baseline, as :func:`import_transformers_fp8`
+    does for transformers' lazy imports: library code (llvmlite's LLVM and the machine code,
+    from the on-disk cache after the first process), loaded once per process and the same for
+    any checkpoint size. Returns what that cost, for the case's notes and the report."""
+    t0 = time.perf_counter()
+    before = proc_status()
+    from lazyfp8 import _jit
+
+    k = _jit.kernels()
+    after = proc_status()
+    return {
+        "kernels": "off" if k is None else ("avx512-vbmi" if k.vector else "scalar"),
+        "seconds": round(time.perf_counter() - t0, 4),
+        "rss_mib": round(mib(after["VmRSS"] - before["VmRSS"]), 1),
+    }
+
+
+def kernels_line(rows: list[dict[str, Any]]) -> list[str]:
+    """One report line on the compiled kernels the lazyfp8 cases loaded before their baseline."""
+    for r in rows:
+        info = (r.get("notes") or {}).get("kernels")
+        if info:
+            return [
+                f"- lazyfp8 kernels: {info['kernels']}, loaded before the baseline in {info['seconds'] * 1000:.0f} ms "
+                f"(+{info['rss_mib']:.0f} MiB RSS, mostly LLVM's code pages; once per process, any model size)",
+                "",
+            ]
+    return []
 
 
 def import_transformers_fp8() -> None:

@@ -13,17 +13,21 @@ are those of the pure-torch kernels in ``_dequant`` (and the tests compare the t
 
 llvmlite ships LLVM inside its wheels, so this needs no compiler on the user's machine. Without
 it, or with ``LAZYFP8_JIT=0`` in the environment, or if compilation fails, ``kernels()`` returns
-``None`` and callers use the pure-torch kernels.
+``None`` and callers use the pure-torch kernels. The machine code is cached on disk (see
+``_cache_dir``), so only the first process on a machine pays for code generation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import platform
 import sys
+import threading
 
 import torch
 
@@ -317,11 +321,58 @@ def _enabled() -> bool:
     return os.environ.get("LAZYFP8_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _cache_dir() -> str | None:
+    """Where compiled objects are kept between processes: ``$LAZYFP8_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lazyfp8``, else ``~/.cache/lazyfp8``; an empty ``LAZYFP8_CACHE_DIR`` turns
+    the cache off."""
+    path = os.environ.get("LAZYFP8_CACHE_DIR")
+    if path is not None:
+        return path or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lazyfp8")
+
+
+class _ObjectCache:
+    """MCJIT's object cache on disk, keyed by everything the machine code depends on: the IR, the
+    host CPU and its features, and the LLVM build. A cache hit skips optimisation and code
+    generation (80 ms -> a few ms); any I/O problem just means compiling again."""
+
+    def __init__(self, directory: str | None, key: str):
+        self.path = os.path.join(directory, f"kernels-{key}.o") if directory else None
+
+    def load(self) -> bytes | None:
+        if self.path is None:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                blob = f.read()
+        except OSError:
+            return None
+        # A damaged object would be executed, not parsed: only take one whose digest matches.
+        digest, data = blob[:32], blob[32:]
+        return data if len(blob) > 32 and hashlib.sha256(data).digest() == digest else None
+
+    def store(self, data: bytes) -> None:
+        if self.path is None:
+            return
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(hashlib.sha256(data).digest() + data)
+            os.replace(tmp, self.path)  # readers see the whole object or none
+        except OSError as e:
+            log.debug("lazyfp8: could not cache compiled kernels in %s: %s", self.path, e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 @functools.cache
 def _compile() -> JitKernels | None:
     if sys.byteorder != "little":
         return None
     try:
+        import llvmlite
         import llvmlite.binding as llvm
     except ImportError:
         return None
@@ -329,20 +380,23 @@ def _compile() -> JitKernels | None:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         cpu = llvm.get_host_cpu_name()
-        features = llvm.get_host_cpu_features()
-        vector = platform.machine().lower() in ("x86_64", "amd64") and bool(features.get("avx512vbmi"))
+        features = llvm.get_host_cpu_features().flatten()
+        vector = platform.machine().lower() in ("x86_64", "amd64") and "+avx512vbmi" in features.split(",")
         source = _SCALAR_IR.replace("@LUT16", "@lut16_vbmi" if vector else "@lut16")
         if vector:
             interleave = ", ".join(f"i32 {k}" for i in range(64) for k in (i, 64 + i))
             source += _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>")
+        ident = "\0".join([source, cpu, features, llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info))])
+        cache = _ObjectCache(_cache_dir(), hashlib.sha256(ident.encode()).hexdigest()[:32])
+        cached = cache.load()
         module = llvm.parse_assembly(source)
         module.verify()
-        machine = llvm.Target.from_default_triple().create_target_machine(
-            cpu=cpu, features=features.flatten(), opt=3, jit=True
-        )
-        passes = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
-        passes.getModulePassManager().run(module, passes)
+        machine = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3, jit=True)
+        if cached is None:
+            passes = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+            passes.getModulePassManager().run(module, passes)
         engine = llvm.create_mcjit_compiler(module, machine)
+        engine.set_object_cache(lambda _module, data: cache.store(data), lambda _module: cached)
         engine.finalize_object()
         return JitKernels(engine, vector)
     except Exception as e:  # a broken or unusual LLVM: the torch kernels still work
