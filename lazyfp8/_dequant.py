@@ -28,6 +28,10 @@ _PAIR_TABLE_MIN_ELEMENTS = 1 << 17
 # per table (a scale block cut small by the rectangle, MX's 1 x 32) the torch kernel is faster.
 _JIT_MIN_ELEMENTS_PER_TABLE = 512
 
+# Non-temporal stores pay off once a chunk's output is well beyond what the caches keep for it
+# (1 MiB of bf16); for less, normal stores leave it in cache for whatever reads it next.
+_STREAM_MIN_ELEMENTS = 1 << 19
+
 
 class Workspace:
     """Reusable buffers for one worker, grown on demand: each holds one chunk at most, so a
@@ -122,10 +126,15 @@ class PerTensorKernel:
             bits = self.table.view(torch.int16).to(torch.int32) & 0xFFFF
             self.pairs = (bits.view(1, 256) | (bits.view(256, 1) << 16)).reshape(-1)
 
-    def __call__(self, codes: torch.Tensor, out: torch.Tensor, work: Workspace) -> None:
-        """``out[i] = reference(codes[i])`` for a flat chunk."""
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, work: Workspace, final: bool = False) -> None:
+        """``out[i] = reference(codes[i])`` for a flat chunk. ``final``: ``out`` is the
+        destination itself, not a buffer read again right away."""
         if self.jit is not None:
-            (self.jit.lut16 if out.element_size() == 2 else self.jit.lut32)(codes, self.jit_table, out)
+            if out.element_size() == 2:
+                stream = final and out.numel() >= _STREAM_MIN_ELEMENTS
+                self.jit.lut16(codes, self.jit_table, out, stream=stream)
+            else:
+                self.jit.lut32(codes, self.jit_table, out)
             return
         n = codes.numel()
         if self.pairs is not None and n >= 2 and out.data_ptr() % 4 == 0 and codes.data_ptr() % 2 == 0:
@@ -173,6 +182,7 @@ class GridKernel:
         rows: tuple[int, int],
         col_start: int,
         work: Workspace,
+        final: bool = False,
     ) -> None:
         """Dequantize the rectangle rows ``rows[0]:rows[1]`` x columns
         ``col_start:col_start + codes.numel() // (rows[1] - rows[0])``, given as flat row-major
@@ -185,7 +195,10 @@ class GridKernel:
         if self.jit is not None and out.dtype == torch.bfloat16 and min(nr, b0) * min(w, b1) >= _JIT_MIN_ELEMENTS_PER_TABLE:
             blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
             tables = work.get(blocks * _jit.TABLE_BYTES, torch.uint8, slot="tables")  # codes use the plain slot
-            self.jit.grid_bf16(codes, out, rows, col_start, self.scale, self.block, self.period, self.values, self.nan, tables)
+            stream = final and n >= _STREAM_MIN_ELEMENTS
+            self.jit.grid_bf16(
+                codes, out, rows, col_start, self.scale, self.block, self.period, self.values, self.nan, tables, stream
+            )
             return
         f32 = work.get(n, torch.float32)
         m = n - (n & 1) if self.pairs is not None and codes.data_ptr() % 2 == 0 and f32.data_ptr() % 8 == 0 else 0

@@ -123,10 +123,14 @@ done:
   ret void
 }
 
-; Rows r0 .. r0+nr x columns c0 .. c0+w of a [rows, cols] weight, flat row-major in src and dst.
-; Scale row of weight row r: (r / period) * ceil(period / b0) + (r % period) / b0; scale column
-; of column c: c / b1. tables holds one 1024-byte block per block column the rectangle touches.
-define void @grid_bf16(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nr, i64 %w,
+"""
+
+# Rows r0 .. r0+nr x columns c0 .. c0+w of a [rows, cols] weight, flat row-major in src and dst.
+# Scale row of weight row r: (r / period) * ceil(period / b0) + (r % period) / b0; scale column
+# of column c: c / b1. tables holds one 1024-byte block per block column the rectangle touches.
+# Instantiated twice: @grid_bf16 with ordinary stores, @grid_bf16_stream with streaming ones.
+_GRID_IR = r"""
+define void @GRID(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nr, i64 %w,
                        i64 %r0, i64 %c0, ptr noalias nocapture readonly %scale, i64 %scols, i64 %b0,
                        i64 %b1, i64 %period, ptr noalias nocapture readonly %vals,
                        ptr noalias nocapture readonly %nan, ptr noalias nocapture %tables) nounwind {
@@ -198,6 +202,7 @@ rowend:
   %inext = add nuw i64 %i, 1
   br label %rowhead
 exit:
+  FENCE
   ret void
 }
 """
@@ -205,10 +210,11 @@ exit:
 # 64 codes per step: vpermi2b picks from 128 table bytes by the low 7 bits of each code, so two
 # lookups (codes below and above 0x80) and a select by the sign bit give the low output bytes,
 # two more the high bytes; interleaving them gives 64 little-endian 16-bit outputs.
+_VPERM_DECLARATION = "declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)"
 _VBMI_IR = r"""
 declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
 
-define void @lut16_vbmi(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+define void @NAME(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
                         ptr noalias nocapture %dst) nounwind {
 entry:
   %lo0 = load <64 x i8>, ptr %tab, align 1
@@ -243,7 +249,7 @@ vloop:
   %hi = select <64 x i1> %upper, <64 x i8> %h1, <64 x i8> %h0
   %pairs = shufflevector <64 x i8> %lo, <64 x i8> %hi, <128 x i32> <INTERLEAVE>
   %dp = getelementptr inbounds i16, ptr %dst, i64 %off
-  store <128 x i8> %pairs, ptr %dp, align 1
+  store <128 x i8> %pairs, ptr %dp, STORE
   %jn = add nuw i64 %j, 1
   %more = icmp ult i64 %jn, %nv
   br i1 %more, label %vloop, label %tail
@@ -255,6 +261,41 @@ tail:
   call void @lut16(ptr %sp2, i64 %rest, ptr %tab, ptr %dp2)
   ret void
 }
+"""
+
+# The same lookups with non-temporal stores, for large outputs written once into their final
+# place: the output lines are not read into the cache first (half the memory traffic of a
+# normal store). Codes up to the first 64-byte boundary of dst go through the scalar loop, so
+# every vector store is aligned. Streaming stores are weakly ordered: each entry point ends with a
+# fence, so the output is visible to every thread once the call returns.
+_STREAM_IR = r"""
+define void @lut16_stream_body(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                               ptr noalias nocapture %dst) nounwind {
+entry:
+  %addr = ptrtoint ptr %dst to i64
+  %mis = and i64 %addr, 63
+  %gap = sub i64 64, %mis
+  %gapm = and i64 %gap, 63
+  %headn = lshr i64 %gapm, 1
+  %short = icmp ult i64 %n, %headn
+  %head = select i1 %short, i64 %n, i64 %headn
+  call void @lut16(ptr %src, i64 %head, ptr %tab, ptr %dst)
+  %rest = sub i64 %n, %head
+  %sp = getelementptr inbounds i8, ptr %src, i64 %head
+  %dp = getelementptr inbounds i16, ptr %dst, i64 %head
+  call void @lut16_vbmi_nt(ptr %sp, i64 %rest, ptr %tab, ptr %dp)
+  ret void
+}
+
+define void @lut16_stream(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                          ptr noalias nocapture %dst) nounwind {
+entry:
+  call void @lut16_stream_body(ptr %src, i64 %n, ptr %tab, ptr %dst)
+  fence seq_cst
+  ret void
+}
+
+!0 = !{i32 1}
 """
 
 _LUT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
@@ -269,8 +310,10 @@ class JitKernels:
         self._engine = engine  # owns the machine code the function pointers point into
         self.vector = vector
         self._lut16 = _LUT_FN(engine.get_function_address("lut16_vbmi" if vector else "lut16"))
+        self._stream16 = _LUT_FN(engine.get_function_address("lut16_stream")) if vector else self._lut16
         self._lut32 = _LUT_FN(engine.get_function_address("lut32"))
         self._grid = _GRID_FN(engine.get_function_address("grid_bf16"))
+        self._grid_stream = _GRID_FN(engine.get_function_address("grid_bf16_stream")) if vector else self._grid
 
     @staticmethod
     def table16(table: torch.Tensor) -> torch.Tensor:
@@ -278,9 +321,12 @@ class JitKernels:
         b = table.contiguous().view(torch.uint8).view(256, 2)
         return torch.cat([b[:, 0], b[:, 1], b.reshape(-1)]).contiguous()
 
-    def lut16(self, codes: torch.Tensor, block: torch.Tensor, out: torch.Tensor) -> None:
+    def lut16(self, codes: torch.Tensor, block: torch.Tensor, out: torch.Tensor, stream: bool = False) -> None:
+        """``out[i] = block's value for codes[i]``. ``stream``: ``out`` is large and not read
+        again soon (a parameter being filled), so bypass the cache when writing it."""
         assert codes.numel() == out.numel() and out.element_size() == 2 and block.numel() == TABLE_BYTES
-        self._lut16(codes.data_ptr(), codes.numel(), block.data_ptr(), out.data_ptr())
+        fn = self._stream16 if stream else self._lut16
+        fn(codes.data_ptr(), codes.numel(), block.data_ptr(), out.data_ptr())
 
     def lut32(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
         assert codes.numel() == out.numel() and out.element_size() == 4 and table.numel() == 256
@@ -298,9 +344,11 @@ class JitKernels:
         values: torch.Tensor,
         nan: torch.Tensor,
         tables: torch.Tensor,
+        stream: bool = False,
     ) -> None:
         """Dequantize the rectangle ``rows`` x ``col_start:col_start + w`` (``scale`` is the
-        float32 grid, ``tables`` scratch of ``TABLE_BYTES`` per block column touched)."""
+        float32 grid, ``tables`` scratch of ``TABLE_BYTES`` per block column touched;
+        ``stream`` as for :meth:`lut16`)."""
         r0, r1 = rows
         nr = r1 - r0
         w = codes.numel() // nr
@@ -310,7 +358,7 @@ class JitKernels:
         assert tables.numel() >= blocks * TABLE_BYTES and scale.dtype == torch.float32 and scale.is_contiguous()
         assert (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0 < scale.shape[0]
         assert (col_start + w - 1) // b1 < scale.shape[1]
-        self._grid(
+        (self._grid_stream if stream else self._grid)(
             codes.data_ptr(), out.data_ptr(), nr, w, r0, col_start,
             scale.data_ptr(), scale.shape[1], b0, b1, period,
             values.data_ptr(), nan.data_ptr(), tables.data_ptr(),
@@ -382,10 +430,18 @@ def _compile() -> JitKernels | None:
         cpu = llvm.get_host_cpu_name()
         features = llvm.get_host_cpu_features().flatten()
         vector = platform.machine().lower() in ("x86_64", "amd64") and "+avx512vbmi" in features.split(",")
-        source = _SCALAR_IR.replace("@LUT16", "@lut16_vbmi" if vector else "@lut16")
+        source = _SCALAR_IR
         if vector:
             interleave = ", ".join(f"i32 {k}" for i in range(64) for k in (i, 64 + i))
-            source += _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>")
+            vbmi = _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>")
+            source += vbmi.replace("@NAME", "@lut16_vbmi").replace("STORE", "align 1")
+            source += vbmi.replace(_VPERM_DECLARATION, "").replace("@NAME", "@lut16_vbmi_nt")
+            source = source.replace("STORE", "align 64, !nontemporal !0") + _STREAM_IR
+            source += _GRID_IR.replace("@GRID", "@grid_bf16").replace("@LUT16", "@lut16_vbmi").replace("FENCE", "")
+            stream = _GRID_IR.replace("@GRID", "@grid_bf16_stream").replace("@LUT16", "@lut16_stream_body")
+            source += stream.replace("FENCE", "fence seq_cst")
+        else:
+            source += _GRID_IR.replace("@GRID", "@grid_bf16").replace("@LUT16", "@lut16").replace("FENCE", "")
         ident = "\0".join([source, cpu, features, llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info))])
         cache = _ObjectCache(_cache_dir(), hashlib.sha256(ident.encode()).hexdigest()[:32])
         cached = cache.load()

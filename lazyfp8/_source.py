@@ -162,7 +162,7 @@ class TensorSource:
                 else:
                     codes = work.get(n, torch.uint8)
                     self.read_rect(codes, rect)
-                    kernel(codes, out, (rect.r0, rect.r1), rect.c0, work)
+                    kernel(codes, out, (rect.r0, rect.r1), rect.c0, work, direct)
                 if not direct:
                     flat[rect.local : rect.local + n].copy_(out)
 
@@ -201,7 +201,8 @@ class TensorSource:
         return Plan(chunks, spans)
 
     def kernel(self, device: torch.device) -> "Kernel | None":
-        """``kernel(codes, out, rows, col_start, work)`` dequantizing one chunk on ``device``, or
+        """``kernel(codes, out, rows, col_start, work, final=False)`` dequantizing one chunk on
+        ``device`` (``final``: ``out`` is the destination, not a staging buffer), or
         ``None`` for a tensor that is not FP8. Reads the scale."""
         if self.scale is None:
             return None
@@ -211,15 +212,15 @@ class TensorSource:
         g = self.scale.granularity
         if isinstance(g, PerTensor):
             k = PerTensorKernel(fp8, scale, self.dtype, self.numel, device=device)
-            return lambda codes, out, rows, c0, work: k(codes, out, work)
+            return lambda codes, out, rows, c0, work, final=False: k(codes, out, work, final)
         rows, cols = matrix_shape(e.shape)
         block = g.block_size(e.shape)
         period = g.period(e.shape) if isinstance(g, PerBlock) else rows
         grid = GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
-        return lambda codes, out, rows, c0, work: grid(codes, out, rows, c0, work)
+        return lambda codes, out, rows, c0, work, final=False: grid(codes, out, rows, c0, work, final)
 
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, "tuple[int, int]", int, Workspace], None]
+Kernel = Callable[..., None]  # (codes, out, rows, col_start, work, final=False)
 
 
 @dataclasses.dataclass(frozen=True)

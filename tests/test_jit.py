@@ -82,13 +82,18 @@ def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed
     c1 = min(cols, c0 + 1 + seed % 611)
     rect = codes[r0:r1, c0:c1].contiguous().reshape(-1)
     outs = []
-    for flag in ("1", "0"):
+    for flag, stream in (("1", False), ("1", True), ("0", False)):
         monkeypatch.setenv("LAZYFP8_JIT", flag)
         k = GridKernel(fp8, scale, block, period)
-        out = torch.empty(rect.numel(), dtype=torch.bfloat16)
-        k(rect, out, (r0, r1), c0, Workspace())
+        out = torch.empty(rect.numel() + 1, dtype=torch.bfloat16)[seed % 2 :][: rect.numel()]  # any alignment
+        if flag == "1":
+            tables = torch.empty(-(-(c1 - 1) // block[1]) * _jit.TABLE_BYTES + 2 * _jit.TABLE_BYTES, dtype=torch.uint8)
+            jit.grid_bf16(rect, out, (r0, r1), c0, k.scale, block, period, k.values, k.nan, tables, stream)
+        else:
+            k(rect, out, (r0, r1), c0, Workspace())
         outs.append(out)
-    assert torch.equal(bits(outs[0]), bits(outs[1]))
+    assert torch.equal(bits(outs[0]), bits(outs[2]))
+    assert torch.equal(bits(outs[1]), bits(outs[2]))
 
 
 @needs_jit
@@ -143,3 +148,30 @@ def test_nan_table_is_torchs_conversion():
 
     for fp8 in FP8:
         assert torch.equal(_nan_bf16(fp8), code_values(fp8).to(torch.bfloat16).view(torch.int16))
+
+
+@needs_jit
+@pytest.mark.parametrize("n", [0, 5, 31, 32, 64, 1000, (1 << 19) + 77])
+@pytest.mark.parametrize("offset", [0, 1, 2, 31])
+def test_streaming_lut16_any_length_any_alignment(n, offset):
+    # Non-temporal stores need 64-byte-aligned addresses: the head up to the boundary goes
+    # through the scalar loop, whatever the destination's offset and length.
+    table = torch.randint(-(2**15), 2**15, (256,), dtype=torch.int16)
+    codes = ALL_CODES.repeat(n // 256 + 2)[offset : offset + n]
+    out = torch.full((n + offset + 1,), 7, dtype=torch.int16)
+    jit.lut16(codes, jit.table16(table), out[offset : offset + n], stream=True)
+    assert torch.equal(out[offset : offset + n], table[codes.long()])
+    assert (out[:offset] == 7).all() and out[offset + n] == 7, "wrote outside its destination"
+
+
+@needs_jit
+def test_per_tensor_streams_only_into_large_final_destinations(monkeypatch):
+    seen = []
+    real = type(jit).lut16
+    monkeypatch.setattr(type(jit), "lut16", lambda self, c, b, o, stream=False: (seen.append(stream), real(self, c, b, o, stream)))
+    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), torch.bfloat16, 1 << 20)
+    codes = ALL_CODES.repeat(1 << 12)
+    for final in (True, False):
+        k(codes, torch.empty(codes.numel(), dtype=torch.bfloat16), Workspace(), final)
+    k(codes[:1000], torch.empty(1000, dtype=torch.bfloat16), Workspace(), True)
+    assert seen == [True, False, False]
