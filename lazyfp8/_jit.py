@@ -33,6 +33,12 @@ import torch
 
 __all__ = ["JitKernels", "kernels", "TABLE_BYTES"]
 
+# Rows a grid kernel takes together per block column: enough to reuse each table's registers,
+# few enough that the rows' streams stay prefetchable. Measured on an 8192 x 8192 weight with
+# 128 x 128 blocks, one thread (GB/s for 1, 2, 4, 8, 16, 128 rows): ordinary stores 9.2, 10.8,
+# 13.1, 12.5, 7.7, 6.4; streaming stores 11.1, 14.1, 17.4, 18.5, 17.3, 6.3.
+_ROWS_PER_GROUP = {False: 4, True: 8}
+
 log = logging.getLogger(__name__)
 
 #: Bytes of one 2-byte-output table block: low bytes [256], high bytes [256], then the 256
@@ -127,13 +133,16 @@ done:
 
 # Rows r0 .. r0+nr x columns c0 .. c0+w of a [rows, cols] weight, flat row-major in src and dst.
 # Scale row of weight row r: (r / period) * ceil(period / b0) + (r % period) / b0; scale column
-# of column c: c / b1. tables holds one 1024-byte block per block column the rectangle touches.
-# Instantiated twice: @grid_bf16 with ordinary stores, @grid_bf16_stream with streaming ones.
+# of column c: c / b1. The rectangle is walked in bands of rows that share a scale row: each
+# band first builds the tables of its block columns (1024 bytes each, in tables), then takes
+# groups of `group` rows, and in each group block column by block column looks the codes up
+# (@BAND: one table's registers across the group's rows).
+# Instantiated as @grid_bf16 (ordinary stores) and, with AVX-512 VBMI, @grid_bf16_stream.
 _GRID_IR = r"""
 define void @GRID(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nr, i64 %w,
-                       i64 %r0, i64 %c0, ptr noalias nocapture readonly %scale, i64 %scols, i64 %b0,
-                       i64 %b1, i64 %period, ptr noalias nocapture readonly %vals,
-                       ptr noalias nocapture readonly %nan, ptr noalias nocapture %tables) nounwind {
+                  i64 %r0, i64 %c0, ptr noalias nocapture readonly %scale, i64 %scols, i64 %b0,
+                  i64 %b1, i64 %period, ptr noalias nocapture readonly %vals,
+                  ptr noalias nocapture readonly %nan, ptr noalias nocapture %tables, i64 %group) nounwind {
 entry:
   %pm0 = add i64 %period, %b0
   %pm1 = sub i64 %pm0, 1
@@ -144,26 +153,31 @@ entry:
   %glast = udiv i64 %clast, %b1
   %nbm1 = sub i64 %glast, %g0
   %nb = add i64 %nbm1, 1
-  br label %rowhead
-rowhead:
-  %i = phi i64 [0, %entry], [%inext, %rowend]
-  %prev = phi i64 [-1, %entry], [%srow, %rowend]
+  br label %bandhead
+bandhead:
+  %i = phi i64 [0, %entry], [%inext, %bandend]
   %rowsleft = icmp ult i64 %i, %nr
-  br i1 %rowsleft, label %rowbody, label %exit
-rowbody:
+  br i1 %rowsleft, label %bandbody, label %exit
+bandbody:
   %r = add i64 %r0, %i
   %mat = udiv i64 %r, %period
   %rin = urem i64 %r, %period
   %rb = udiv i64 %rin, %b0
   %mbase = mul i64 %mat, %per_matrix
   %srow = add i64 %mbase, %rb
-  %same = icmp eq i64 %srow, %prev
-  br i1 %same, label %segs, label %build
-build:
+  ; the band ends with the scale block, the matrix or the rectangle, whichever comes first
+  %inblk = urem i64 %rin, %b0
+  %toblk = sub i64 %b0, %inblk
+  %tomat = sub i64 %period, %rin
+  %torect = sub i64 %nr, %i
+  %lt1 = icmp ult i64 %toblk, %tomat
+  %m1 = select i1 %lt1, i64 %toblk, i64 %tomat
+  %lt2 = icmp ult i64 %m1, %torect
+  %band = select i1 %lt2, i64 %m1, i64 %torect
   %sbase = mul i64 %srow, %scols
-  br label %buildloop
-buildloop:
-  %g = phi i64 [0, %build], [%gn, %buildloop]
+  br label %build
+build:
+  %g = phi i64 [0, %bandbody], [%gn, %build]
   %gabs = add i64 %g0, %g
   %sidx = add i64 %sbase, %gabs
   %sp = getelementptr inbounds float, ptr %scale, i64 %sidx
@@ -173,12 +187,20 @@ buildloop:
   call void @table_bf16(ptr %vals, ptr %nan, float %s, ptr %tp)
   %gn = add nuw i64 %g, 1
   %bmore = icmp ult i64 %gn, %nb
-  br i1 %bmore, label %buildloop, label %segs
-segs:
-  %rowoff = mul i64 %i, %w
+  br i1 %bmore, label %build, label %grouphead
+grouphead:
+  %q = phi i64 [0, %build], [%qn, %groupend]
+  %qleft = icmp ult i64 %q, %band
+  br i1 %qleft, label %groupbody, label %bandend
+groupbody:
+  %qrest = sub i64 %band, %q
+  %glt = icmp ult i64 %group, %qrest
+  %grows = select i1 %glt, i64 %group, i64 %qrest
+  %iq = add i64 %i, %q
+  %rowoff = mul i64 %iq, %w
   br label %segloop
 segloop:
-  %k = phi i64 [0, %segs], [%kn, %segloop]
+  %k = phi i64 [0, %groupbody], [%kn, %segloop]
   %kabs = add i64 %g0, %k
   %bstart = mul i64 %kabs, %b1
   %kabs1 = add i64 %kabs, 1
@@ -194,44 +216,61 @@ segloop:
   %dsp = getelementptr inbounds i16, ptr %dst, i64 %off
   %koff = mul i64 %k, 1024
   %ktp = getelementptr inbounds i8, ptr %tables, i64 %koff
-  call void @LUT16(ptr %ssp, i64 %len, ptr %ktp, ptr %dsp)
+  call void @BAND(ptr %ssp, ptr %dsp, i64 %grows, i64 %w, i64 %len, ptr %ktp)
   %kn = add nuw i64 %k, 1
   %kmore = icmp ult i64 %kn, %nb
-  br i1 %kmore, label %segloop, label %rowend
-rowend:
-  %inext = add nuw i64 %i, 1
-  br label %rowhead
+  br i1 %kmore, label %segloop, label %groupend
+groupend:
+  %qn = add nuw i64 %q, %grows
+  br label %grouphead
+bandend:
+  %inext = add nuw i64 %i, %band
+  br label %bandhead
 exit:
   FENCE
   ret void
 }
 """
 
+# nrows row segments of len codes, row stride w (in elements), one table: @ROW on each row with
+# the table's 8 vectors loaded once (@band_scalar takes no vectors: ROWARGS is empty there).
+_BAND_IR = r"""
+define internal void @BAND(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nrows, i64 %w,
+                           i64 %len, ptr noalias nocapture readonly %tab) nounwind {
+entry:
+  LOADS
+  br label %head
+head:
+  %r = phi i64 [0, %entry], [%rn, %row]
+  %more = icmp ult i64 %r, %nrows
+  br i1 %more, label %row, label %done
+row:
+  %roff = mul i64 %r, %w
+  %rs = getelementptr inbounds i8, ptr %src, i64 %roff
+  %rd = getelementptr inbounds i16, ptr %dst, i64 %roff
+  call void @ROW(ptr %rs, i64 %len, ptr %tab, ptr %rd ROWARGS)
+  %rn = add nuw i64 %r, 1
+  br label %head
+done:
+  ret void
+}
+"""
+
 # 64 codes per step: vpermi2b picks from 128 table bytes by the low 7 bits of each code, so two
 # lookups (codes below and above 0x80) and a select by the sign bit give the low output bytes,
-# two more the high bytes; interleaving them gives 64 little-endian 16-bit outputs.
+# two more the high bytes; interleaving them gives 64 little-endian 16-bit outputs. The table
+# comes in registers (lo0..hi3) so a caller looping over rows loads it once.
 _VPERM_DECLARATION = "declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)"
+_TABLE_VECTORS = ("lo0", "lo1", "lo2", "lo3", "hi0", "hi1", "hi2", "hi3")
+_VECTOR_PARAMS = "".join(f", <64 x i8> %{v}" for v in _TABLE_VECTORS)
+_LOAD_VECTORS = "\n  ".join(
+    f"%{v}.p = getelementptr inbounds i8, ptr %tab, i64 {64 * i}\n  %{v} = load <64 x i8>, ptr %{v}.p, align 1"
+    for i, v in enumerate(_TABLE_VECTORS)
+)
 _VBMI_IR = r"""
-declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
-
-define void @NAME(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                        ptr noalias nocapture %dst) nounwind {
+define internal void @NAME_regs(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                                ptr noalias nocapture %dst VECTOR_PARAMS) alwaysinline nounwind {
 entry:
-  %lo0 = load <64 x i8>, ptr %tab, align 1
-  %p1 = getelementptr inbounds i8, ptr %tab, i64 64
-  %lo1 = load <64 x i8>, ptr %p1, align 1
-  %p2 = getelementptr inbounds i8, ptr %tab, i64 128
-  %lo2 = load <64 x i8>, ptr %p2, align 1
-  %p3 = getelementptr inbounds i8, ptr %tab, i64 192
-  %lo3 = load <64 x i8>, ptr %p3, align 1
-  %p4 = getelementptr inbounds i8, ptr %tab, i64 256
-  %hi0 = load <64 x i8>, ptr %p4, align 1
-  %p5 = getelementptr inbounds i8, ptr %tab, i64 320
-  %hi1 = load <64 x i8>, ptr %p5, align 1
-  %p6 = getelementptr inbounds i8, ptr %tab, i64 384
-  %hi2 = load <64 x i8>, ptr %p6, align 1
-  %p7 = getelementptr inbounds i8, ptr %tab, i64 448
-  %hi3 = load <64 x i8>, ptr %p7, align 1
   %nv = lshr i64 %n, 6
   %none = icmp eq i64 %nv, 0
   br i1 %none, label %tail, label %vloop
@@ -263,14 +302,14 @@ tail:
 }
 """
 
-# The same lookups with non-temporal stores, for large outputs written once into their final
-# place: the output lines are not read into the cache first (half the memory traffic of a
-# normal store). Codes up to the first 64-byte boundary of dst go through the scalar loop, so
-# every vector store is aligned. Streaming stores are weakly ordered: each entry point ends with a
-# fence, so the output is visible to every thread once the call returns.
+# With streaming (non-temporal) stores, for large outputs written once into their final place:
+# the output's cache lines are not read first (half the memory traffic of ordinary stores).
+# Codes up to dst's first 64-byte boundary go through the scalar loop, so every vector store is
+# aligned. Streaming stores are weakly ordered: the entry points end with a fence, so the output
+# is visible to every thread once the call returns.
 _STREAM_IR = r"""
-define void @lut16_stream_body(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                               ptr noalias nocapture %dst) nounwind {
+define internal void @lut16_stream_regs(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                                        ptr noalias nocapture %dst VECTOR_PARAMS) alwaysinline nounwind {
 entry:
   %addr = ptrtoint ptr %dst to i64
   %mis = and i64 %addr, 63
@@ -283,14 +322,23 @@ entry:
   %rest = sub i64 %n, %head
   %sp = getelementptr inbounds i8, ptr %src, i64 %head
   %dp = getelementptr inbounds i16, ptr %dst, i64 %head
-  call void @lut16_vbmi_nt(ptr %sp, i64 %rest, ptr %tab, ptr %dp)
+  call void @lut16_vbmi_nt_regs(ptr %sp, i64 %rest, ptr %tab, ptr %dp VECTOR_ARGS)
+  ret void
+}
+
+define void @lut16_vbmi(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                        ptr noalias nocapture %dst) nounwind {
+entry:
+  LOADS
+  call void @lut16_vbmi_regs(ptr %src, i64 %n, ptr %tab, ptr %dst VECTOR_ARGS)
   ret void
 }
 
 define void @lut16_stream(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
                           ptr noalias nocapture %dst) nounwind {
 entry:
-  call void @lut16_stream_body(ptr %src, i64 %n, ptr %tab, ptr %dst)
+  LOADS
+  call void @lut16_stream_regs(ptr %src, i64 %n, ptr %tab, ptr %dst VECTOR_ARGS)
   fence seq_cst
   ret void
 }
@@ -299,7 +347,7 @@ entry:
 """
 
 _LUT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
-_GRID_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3))
+_GRID_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]))
 
 
 class JitKernels:
@@ -347,26 +395,59 @@ class JitKernels:
         stream: bool = False,
     ) -> None:
         """Dequantize the rectangle ``rows`` x ``col_start:col_start + w`` (``scale`` is the
-        float32 grid, ``tables`` scratch of ``TABLE_BYTES`` per block column touched;
+        float32 grid, ``tables`` scratch of ``TABLE_BYTES``;
         ``stream`` as for :meth:`lut16`)."""
         r0, r1 = rows
         nr = r1 - r0
         w = codes.numel() // nr
         b0, b1 = block
-        blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
         assert nr * w == codes.numel() == out.numel() and out.dtype == torch.bfloat16
+        blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
         assert tables.numel() >= blocks * TABLE_BYTES and scale.dtype == torch.float32 and scale.is_contiguous()
         assert (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0 < scale.shape[0]
         assert (col_start + w - 1) // b1 < scale.shape[1]
         (self._grid_stream if stream else self._grid)(
             codes.data_ptr(), out.data_ptr(), nr, w, r0, col_start,
             scale.data_ptr(), scale.shape[1], b0, b1, period,
-            values.data_ptr(), nan.data_ptr(), tables.data_ptr(),
+            values.data_ptr(), nan.data_ptr(), tables.data_ptr(), _ROWS_PER_GROUP[stream],
         )  # fmt: skip
 
 
 def _enabled() -> bool:
     return os.environ.get("LAZYFP8_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _assemble(vector: bool) -> str:
+    """The module's IR: the scalar kernels, plus the AVX-512 VBMI ones where the CPU has them."""
+    vector_args = "".join(f", <64 x i8> %{v}" for v in _TABLE_VECTORS)
+
+    def band(name: str, row: str, with_vectors: bool) -> str:
+        return (
+            _BAND_IR.replace("@BAND", name)
+            .replace("@ROW", row)
+            .replace("LOADS", _LOAD_VECTORS if with_vectors else "")
+            .replace("ROWARGS", vector_args if with_vectors else "")
+        )
+
+    def grid(name: str, band_name: str, fence: str) -> str:
+        return _GRID_IR.replace("@GRID", name).replace("@BAND", band_name).replace("FENCE", fence)
+
+    if not vector:
+        return _SCALAR_IR + band("@band_scalar", "@lut16", False) + grid("@grid_bf16", "@band_scalar", "")
+    interleave = ", ".join(f"i32 {k}" for i in range(64) for k in (i, 64 + i))
+    core = _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>").replace("VECTOR_PARAMS", _VECTOR_PARAMS)
+    parts = [
+        _SCALAR_IR,
+        _VPERM_DECLARATION,
+        core.replace("@NAME", "@lut16_vbmi").replace("STORE", "align 1"),
+        core.replace("@NAME", "@lut16_vbmi_nt").replace("STORE", "align 64, !nontemporal !0"),
+        _STREAM_IR.replace("VECTOR_PARAMS", _VECTOR_PARAMS).replace("VECTOR_ARGS", vector_args).replace("LOADS", _LOAD_VECTORS),
+        band("@band_vbmi", "@lut16_vbmi_regs", True),
+        band("@band_stream", "@lut16_stream_regs", True),
+        grid("@grid_bf16", "@band_vbmi", ""),
+        grid("@grid_bf16_stream", "@band_stream", "fence seq_cst"),
+    ]
+    return "\n".join(parts)
 
 
 def _cache_dir() -> str | None:
@@ -430,18 +511,7 @@ def _compile() -> JitKernels | None:
         cpu = llvm.get_host_cpu_name()
         features = llvm.get_host_cpu_features().flatten()
         vector = platform.machine().lower() in ("x86_64", "amd64") and "+avx512vbmi" in features.split(",")
-        source = _SCALAR_IR
-        if vector:
-            interleave = ", ".join(f"i32 {k}" for i in range(64) for k in (i, 64 + i))
-            vbmi = _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>")
-            source += vbmi.replace("@NAME", "@lut16_vbmi").replace("STORE", "align 1")
-            source += vbmi.replace(_VPERM_DECLARATION, "").replace("@NAME", "@lut16_vbmi_nt")
-            source = source.replace("STORE", "align 64, !nontemporal !0") + _STREAM_IR
-            source += _GRID_IR.replace("@GRID", "@grid_bf16").replace("@LUT16", "@lut16_vbmi").replace("FENCE", "")
-            stream = _GRID_IR.replace("@GRID", "@grid_bf16_stream").replace("@LUT16", "@lut16_stream_body")
-            source += stream.replace("FENCE", "fence seq_cst")
-        else:
-            source += _GRID_IR.replace("@GRID", "@grid_bf16").replace("@LUT16", "@lut16").replace("FENCE", "")
+        source = _assemble(vector)
         ident = "\0".join([source, cpu, features, llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info))])
         cache = _ObjectCache(_cache_dir(), hashlib.sha256(ident.encode()).hexdigest()[:32])
         cached = cache.load()
