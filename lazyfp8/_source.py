@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ._dequant import GridKernel, PerTensorKernel, Workspace, thread_workspace
+from ._dequant import GridKernel, PerTensorKernel, thread_workspace
 from ._header import TensorEntry
 from ._parallel import run_split
 from ._reader import ShardFile
