@@ -413,8 +413,13 @@ class JitKernels:
         )  # fmt: skip
 
 
-def _enabled() -> bool:
-    return os.environ.get("LAZYFP8_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
+def _mode() -> str:
+    """``LAZYFP8_JIT``: unset or ``1`` for the best kernels this CPU runs, ``scalar`` for the
+    portable ones only (what a CPU without AVX-512 VBMI gets), ``0`` for none."""
+    value = os.environ.get("LAZYFP8_JIT", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "scalar" if value == "scalar" else "best"
 
 
 def _assemble(vector: bool) -> str:
@@ -497,7 +502,7 @@ class _ObjectCache:
 
 
 @functools.cache
-def _compile() -> JitKernels | None:
+def _compile(allow_vector: bool = True) -> JitKernels | None:
     if sys.byteorder != "little":
         return None
     try:
@@ -510,7 +515,8 @@ def _compile() -> JitKernels | None:
         llvm.initialize_native_asmprinter()
         cpu = llvm.get_host_cpu_name()
         features = llvm.get_host_cpu_features().flatten()
-        vector = platform.machine().lower() in ("x86_64", "amd64") and "+avx512vbmi" in features.split(",")
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        vector = allow_vector and x86 and "+avx512vbmi" in features.split(",")
         source = _assemble(vector)
         ident = "\0".join([source, cpu, features, llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info))])
         cache = _ObjectCache(_cache_dir(), hashlib.sha256(ident.encode()).hexdigest()[:32])
@@ -533,4 +539,5 @@ def _compile() -> JitKernels | None:
 def kernels() -> JitKernels | None:
     """This process's compiled kernels, or ``None`` (no llvmlite, ``LAZYFP8_JIT=0``, or a
     compilation failure, logged once)."""
-    return _compile() if _enabled() else None
+    mode = _mode()
+    return None if mode == "off" else _compile(mode == "best")

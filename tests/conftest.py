@@ -19,15 +19,13 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture(params=["torch", "jit"])
+@pytest.fixture(params=["torch", "jit", "jit-scalar"])
 def backend(request, monkeypatch):
-    """Run a kernel test once with the pure-torch kernels and once with the compiled ones."""
+    """Run a kernel test with the pure-torch kernels, the best compiled ones, and the portable
+    compiled ones (what CPUs without AVX-512 VBMI run)."""
     from lazyfp8 import _jit
 
-    if request.param == "torch":
-        monkeypatch.setenv("LAZYFP8_JIT", "0")
-    else:
-        monkeypatch.delenv("LAZYFP8_JIT", raising=False)
-        if _jit.kernels() is None:
-            pytest.skip("compiled kernels unavailable (llvmlite not installed)")
+    monkeypatch.setenv("LAZYFP8_JIT", {"torch": "0", "jit": "1", "jit-scalar": "scalar"}[request.param])
+    if request.param != "torch" and _jit.kernels() is None:
+        pytest.skip("compiled kernels unavailable (llvmlite not installed)")
     return request.param

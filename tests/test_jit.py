@@ -1,5 +1,6 @@
 """The compiled kernels against the reference formula and against the pure-torch kernels."""
 
+import os
 import subprocess
 import sys
 
@@ -20,34 +21,41 @@ jit = _jit.kernels()
 needs_jit = pytest.mark.skipif(jit is None, reason="compiled kernels unavailable (llvmlite not installed)")
 
 
+@pytest.fixture(params=["best", "scalar"])
+def compiled(request, monkeypatch):
+    """The compiled kernels: the best this CPU runs, and the portable ones."""
+    monkeypatch.setenv("LAZYFP8_JIT", {"best": "1", "scalar": "scalar"}[request.param])
+    return _jit.kernels()
+
+
 @needs_jit
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 127, 128, 1000, 4097])
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_lut16_any_length_any_alignment(n, offset):
+def test_lut16_any_length_any_alignment(n, offset, compiled):
     # The vector loop takes 64 codes at a time; lengths around that and odd addresses check its
     # tail and its unaligned loads and stores.
     table = torch.randint(-(2**15), 2**15, (256,), dtype=torch.int16)
     codes = ALL_CODES.repeat(n // 256 + 2)[offset : offset + n]
     out = torch.full((n + offset + 1,), 7, dtype=torch.int16)
-    jit.lut16(codes, jit.table16(table), out[offset : offset + n])
+    compiled.lut16(codes, compiled.table16(table), out[offset : offset + n])
     assert torch.equal(out[offset : offset + n], table[codes.long()])
     assert (out[:offset] == 7).all() and out[offset + n] == 7, "wrote outside its destination"
 
 
 @needs_jit
 @pytest.mark.parametrize("n", [0, 1, 100, 4097])
-def test_lut32(n):
+def test_lut32(n, compiled):
     table = torch.randint(-(2**31), 2**31 - 1, (256,), dtype=torch.int32)
     codes = ALL_CODES.repeat(n // 256 + 1)[:n].roll(5)
     out = torch.empty(n, dtype=torch.int32)
-    jit.lut32(codes, table, out)
+    compiled.lut32(codes, table, out)
     assert torch.equal(out, table[codes.long()])
 
 
 @needs_jit
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("scale", [1e-38, 2.0**-133, 0.0123, 1.0, 3.5, 1e35, 3e38])
-def test_grid_every_code_every_scale(fp8, scale):
+def test_grid_every_code_every_scale(fp8, scale, compiled):
     # 256 columns x 1 block: every code once, in one table built by the compiled code; scales at
     # the edges give subnormal and overflowing (inf) products, and e5m2 has inf codes.
     codes = ALL_CODES.view(1, 256).repeat(4, 1)
@@ -67,7 +75,7 @@ def test_grid_every_code_every_scale(fp8, scale):
     fp8=st.sampled_from(FP8),
     seed=st.integers(0, 2**16),
 )
-def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed, monkeypatch):
+def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed, monkeypatch, compiled):
     # Any rectangle of a (possibly stacked, ``period``-row) weight: the compiled kernel and the
     # torch kernel agree bit for bit.
     period = period or rows
@@ -82,13 +90,14 @@ def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed
     c1 = min(cols, c0 + 1 + seed % 611)
     rect = codes[r0:r1, c0:c1].contiguous().reshape(-1)
     outs = []
-    for flag, stream in (("1", False), ("1", True), ("0", False)):
+    mode = os.environ["LAZYFP8_JIT"]
+    for flag, stream in ((mode, False), (mode, True), ("0", False)):
         monkeypatch.setenv("LAZYFP8_JIT", flag)
         k = GridKernel(fp8, scale, block, period)
         out = torch.empty(rect.numel() + 1, dtype=torch.bfloat16)[seed % 2 :][: rect.numel()]  # any alignment
-        if flag == "1":
+        if flag != "0":
             tables = torch.empty(-(-(c1 - 1) // block[1]) * _jit.TABLE_BYTES + 2 * _jit.TABLE_BYTES, dtype=torch.uint8)
-            jit.grid_bf16(rect, out, (r0, r1), c0, k.scale, block, period, k.values, k.nan, tables, stream)
+            compiled.grid_bf16(rect, out, (r0, r1), c0, k.scale, block, period, k.values, k.nan, tables, stream)
         else:
             k(rect, out, (r0, r1), c0, Workspace())
         outs.append(out)
@@ -107,15 +116,17 @@ def test_grid_takes_the_compiled_path_for_large_blocks(monkeypatch):
 
 @needs_jit
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_per_tensor_kernel_uses_compiled_lookup(dtype):
+def test_per_tensor_kernel_uses_compiled_lookup(dtype, compiled):
     k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), dtype, 10)
-    assert k.jit is jit
+    assert k.jit is compiled
     out = torch.empty(256, dtype=dtype)
     k(ALL_CODES, out, Workspace())
     assert torch.equal(bits(out), bits(reference(ALL_CODES.view(torch.float8_e4m3fn), torch.tensor(0.5), dtype)))
 
 
-def test_disabled_by_environment(monkeypatch):
+def test_environment_selects_the_kernels(monkeypatch):
+    monkeypatch.setenv("LAZYFP8_JIT", "scalar")
+    assert jit is None or not _jit.kernels().vector
     monkeypatch.setenv("LAZYFP8_JIT", "0")
     assert _jit.kernels() is None
     assert PerTensorKernel(torch.float8_e4m3fn, torch.tensor(1.0), torch.bfloat16, 10).jit is None
@@ -153,13 +164,13 @@ def test_nan_table_is_torchs_conversion():
 @needs_jit
 @pytest.mark.parametrize("n", [0, 5, 31, 32, 64, 1000, (1 << 19) + 77])
 @pytest.mark.parametrize("offset", [0, 1, 2, 31])
-def test_streaming_lut16_any_length_any_alignment(n, offset):
+def test_streaming_lut16_any_length_any_alignment(n, offset, compiled):
     # Non-temporal stores need 64-byte-aligned addresses: the head up to the boundary goes
     # through the scalar loop, whatever the destination's offset and length.
     table = torch.randint(-(2**15), 2**15, (256,), dtype=torch.int16)
     codes = ALL_CODES.repeat(n // 256 + 2)[offset : offset + n]
     out = torch.full((n + offset + 1,), 7, dtype=torch.int16)
-    jit.lut16(codes, jit.table16(table), out[offset : offset + n], stream=True)
+    compiled.lut16(codes, compiled.table16(table), out[offset : offset + n], stream=True)
     assert torch.equal(out[offset : offset + n], table[codes.long()])
     assert (out[:offset] == 7).all() and out[offset + n] == 7, "wrote outside its destination"
 
