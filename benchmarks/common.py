@@ -1182,6 +1182,8 @@ def kernels_line(rows: list[dict[str, Any]]) -> list[str]:
     """One report line on the compiled kernels the lazyfp8 cases loaded before their baseline."""
     for r in rows:
         info = (r.get("notes") or {}).get("kernels")
+        if info and info["kernels"] == "off":
+            return ["- lazyfp8 kernels: pure torch (LAZYFP8_JIT=0 or no llvmlite)", ""]
         if info:
             return [
                 f"- lazyfp8 kernels: {info['kernels']}, loaded before the baseline in {info['seconds'] * 1000:.0f} ms "
