@@ -354,9 +354,10 @@ class JitKernels:
     """The compiled kernels of this process. Callers pass contiguous CPU tensors whose sizes they
     have checked: the kernels trust their lengths (ctypes releases the GIL for each call)."""
 
-    def __init__(self, engine, vector: bool):
+    def __init__(self, engine, vector: bool, from_cache: bool):
         self._engine = engine  # owns the machine code the function pointers point into
-        self.vector = vector
+        self.vector = vector  #: the AVX-512 VBMI kernels (else the portable ones)
+        self.from_cache = from_cache  #: the machine code came from the on-disk cache
         self._lut16 = _LUT_FN(engine.get_function_address("lut16_vbmi" if vector else "lut16"))
         self._stream16 = _LUT_FN(engine.get_function_address("lut16_stream")) if vector else self._lut16
         self._lut32 = _LUT_FN(engine.get_function_address("lut32"))
@@ -501,6 +502,9 @@ class _ObjectCache:
                 os.unlink(tmp)
 
 
+_compile_lock = threading.Lock()
+
+
 @functools.cache
 def _compile(allow_vector: bool = True) -> JitKernels | None:
     if sys.byteorder != "little":
@@ -530,7 +534,7 @@ def _compile(allow_vector: bool = True) -> JitKernels | None:
         engine = llvm.create_mcjit_compiler(module, machine)
         engine.set_object_cache(lambda _module, data: cache.store(data), lambda _module: cached)
         engine.finalize_object()
-        return JitKernels(engine, vector)
+        return JitKernels(engine, vector, from_cache=cached is not None)
     except Exception as e:  # a broken or unusual LLVM: the torch kernels still work
         log.warning("lazyfp8: compiled kernels unavailable (%s); using the pure-torch kernels", e)
         return None
@@ -540,4 +544,7 @@ def kernels() -> JitKernels | None:
     """This process's compiled kernels, or ``None`` (no llvmlite, ``LAZYFP8_JIT=0``, or a
     compilation failure, logged once)."""
     mode = _mode()
-    return None if mode == "off" else _compile(mode == "best")
+    if mode == "off":
+        return None
+    with _compile_lock:  # one compilation per process, whichever thread asks first
+        return _compile(mode == "best")
