@@ -7,9 +7,11 @@ are those of the pure-torch kernels in ``_dequant`` (and the tests compare the t
 - ``lut16``/``lut32``: ``dst[i] = table[src[i]]`` for 2- and 4-byte outputs. On CPUs with
   AVX-512 VBMI, 64 codes at a time through ``vpermi2b`` over the table's low and high bytes,
   faster than a memcpy of the output; elsewhere a scalar loop that LLVM compiles for the host.
-- ``grid_bf16``: a scale grid. For each scale row and block column it builds the 256-entry
-  table of ``bf16(value(code) * scale)`` (round to nearest even, NaN codes as torch writes them),
-  then looks each block's codes up in it.
+- ``grid_bf16``: a scale grid. For each scale it meets it builds the 256-entry table of
+  ``bf16(value(code) * scale)`` (round to nearest even, NaN codes as torch writes them), then
+  looks that block's codes up in it.
+- ``stream=True``: for large outputs written straight into their destination, streaming
+  (non-temporal) stores, which do not read the destination's cache lines first.
 
 llvmlite ships LLVM inside its wheels, so this needs no compiler on the user's machine. Without
 it, or with ``LAZYFP8_JIT=0`` in the environment, or if compilation fails, ``kernels()`` returns
@@ -262,6 +264,7 @@ done:
 # comes in registers (lo0..hi3) so a caller looping over rows loads it once.
 _VPERM_DECLARATION = "declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)"
 _TABLE_VECTORS = ("lo0", "lo1", "lo2", "lo3", "hi0", "hi1", "hi2", "hi3")
+# The table's vectors as extra parameters of a function, and as the matching call arguments.
 _VECTOR_PARAMS = "".join(f", <64 x i8> %{v}" for v in _TABLE_VECTORS)
 _LOAD_VECTORS = "\n  ".join(
     f"%{v}.p = getelementptr inbounds i8, ptr %tab, i64 {64 * i}\n  %{v} = load <64 x i8>, ptr %{v}.p, align 1"
@@ -350,9 +353,20 @@ _LUT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_
 _GRID_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]))
 
 
+def _require(ok: bool, what: str) -> None:
+    # Machine code trusts the lengths it is given: a wrong one writes out of bounds. These are
+    # real checks, kept under ``python -O``.
+    if not ok:
+        raise ValueError(f"lazyfp8 compiled kernel: {what}")
+
+
+def _flat_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
 class JitKernels:
-    """The compiled kernels of this process. Callers pass contiguous CPU tensors whose sizes they
-    have checked: the kernels trust their lengths (ctypes releases the GIL for each call)."""
+    """The compiled kernels of this process, over contiguous CPU tensors (ctypes releases the GIL
+    for each call, so workers run them in parallel)."""
 
     def __init__(self, engine, vector: bool, from_cache: bool):
         self._engine = engine  # owns the machine code the function pointers point into
@@ -373,12 +387,16 @@ class JitKernels:
     def lut16(self, codes: torch.Tensor, block: torch.Tensor, out: torch.Tensor, stream: bool = False) -> None:
         """``out[i] = block's value for codes[i]``. ``stream``: ``out`` is large and not read
         again soon (a parameter being filled), so bypass the cache when writing it."""
-        assert codes.numel() == out.numel() and out.element_size() == 2 and block.numel() == TABLE_BYTES
+        _require(all(map(_flat_cpu, (codes, block, out))), "tensors must be contiguous on the CPU")
+        _require(codes.element_size() == 1 and out.element_size() == 2, "codes are bytes, outputs 2 bytes")
+        _require(codes.numel() == out.numel() and block.numel() == TABLE_BYTES, "sizes do not match")
         fn = self._stream16 if stream else self._lut16
         fn(codes.data_ptr(), codes.numel(), block.data_ptr(), out.data_ptr())
 
     def lut32(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
-        assert codes.numel() == out.numel() and out.element_size() == 4 and table.numel() == 256
+        _require(all(map(_flat_cpu, (codes, table, out))), "tensors must be contiguous on the CPU")
+        _require(codes.element_size() == 1 and out.element_size() == 4 == table.element_size(), "wrong item sizes")
+        _require(codes.numel() == out.numel() and table.numel() == 256, "sizes do not match")
         self._lut32(codes.data_ptr(), codes.numel(), table.data_ptr(), out.data_ptr())
 
     def grid_bf16(
@@ -400,13 +418,18 @@ class JitKernels:
         ``stream`` as for :meth:`lut16`)."""
         r0, r1 = rows
         nr = r1 - r0
-        w = codes.numel() // nr
         b0, b1 = block
-        assert nr * w == codes.numel() == out.numel() and out.dtype == torch.bfloat16
+        _require(all(map(_flat_cpu, (codes, out, scale, values, nan, tables))), "tensors must be contiguous on the CPU")
+        _require(nr > 0 and r0 >= 0 and col_start >= 0 and b0 > 0 and b1 > 0 and period > 0, "empty rectangle or block")
+        w = codes.numel() // nr
+        _require(w > 0 and nr * w == codes.numel() == out.numel(), "codes do not fill the rectangle")
+        _require(codes.element_size() == 1 and out.dtype == torch.bfloat16, "codes are bytes, the output bfloat16")
+        _require(scale.dtype == torch.float32 and scale.dim() == 2, "the scale grid is 2-d float32")
+        _require(values.dtype == torch.float32 and values.numel() == 256 == nan.numel() and nan.element_size() == 2, "bad code tables")
         blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
-        assert tables.numel() >= blocks * TABLE_BYTES and scale.dtype == torch.float32 and scale.is_contiguous()
-        assert (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0 < scale.shape[0]
-        assert (col_start + w - 1) // b1 < scale.shape[1]
+        _require(tables.numel() >= blocks * TABLE_BYTES, "table scratch too small")
+        last_scale_row = (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0
+        _require(last_scale_row < scale.shape[0] and (col_start + w - 1) // b1 < scale.shape[1], "rectangle outside the scale grid")
         (self._grid_stream if stream else self._grid)(
             codes.data_ptr(), out.data_ptr(), nr, w, r0, col_start,
             scale.data_ptr(), scale.shape[1], b0, b1, period,
@@ -425,14 +448,12 @@ def _mode() -> str:
 
 def _assemble(vector: bool) -> str:
     """The module's IR: the scalar kernels, plus the AVX-512 VBMI ones where the CPU has them."""
-    vector_args = "".join(f", <64 x i8> %{v}" for v in _TABLE_VECTORS)
-
     def band(name: str, row: str, with_vectors: bool) -> str:
         return (
             _BAND_IR.replace("@BAND", name)
             .replace("@ROW", row)
             .replace("LOADS", _LOAD_VECTORS if with_vectors else "")
-            .replace("ROWARGS", vector_args if with_vectors else "")
+            .replace("ROWARGS", _VECTOR_PARAMS if with_vectors else "")
         )
 
     def grid(name: str, band_name: str, fence: str) -> str:
@@ -447,7 +468,7 @@ def _assemble(vector: bool) -> str:
         _VPERM_DECLARATION,
         core.replace("@NAME", "@lut16_vbmi").replace("STORE", "align 1"),
         core.replace("@NAME", "@lut16_vbmi_nt").replace("STORE", "align 64, !nontemporal !0"),
-        _STREAM_IR.replace("VECTOR_PARAMS", _VECTOR_PARAMS).replace("VECTOR_ARGS", vector_args).replace("LOADS", _LOAD_VECTORS),
+        _STREAM_IR.replace("VECTOR_PARAMS", _VECTOR_PARAMS).replace("VECTOR_ARGS", _VECTOR_PARAMS).replace("LOADS", _LOAD_VECTORS),
         band("@band_vbmi", "@lut16_vbmi_regs", True),
         band("@band_stream", "@lut16_stream_regs", True),
         grid("@grid_bf16", "@band_vbmi", ""),

@@ -238,3 +238,23 @@ def test_cache_off_or_unwritable_still_compiles(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert _probe({"LAZYFP8_CACHE_DIR": str(blocker / "sub")}) == {"from_cache": False, "exact": True}
+
+
+@needs_jit
+def test_wrong_sizes_are_refused_before_any_write():
+    # The machine code trusts its lengths, so the wrappers check them (not with assert: they
+    # must hold under python -O too).
+    codes = torch.zeros(100, dtype=torch.uint8)
+    block = jit.table16(torch.zeros(256, dtype=torch.int16))
+    with pytest.raises(ValueError, match="sizes"):
+        jit.lut16(codes, block, torch.empty(99, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous"):
+        jit.lut16(codes, block, torch.empty(200, dtype=torch.bfloat16)[::2])
+    with pytest.raises(ValueError, match="sizes"):
+        jit.lut32(codes, torch.zeros(255, dtype=torch.int32), torch.empty(100, dtype=torch.float32))
+    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128)
+    tables = torch.empty(4 * _jit.TABLE_BYTES, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="scale grid"):  # row 128 has no scale row
+        jit.grid_bf16(codes[:100], torch.empty(100, dtype=torch.bfloat16), (128, 129), 0, k.scale, (128, 128), 256, k.values, k.nan, tables)
+    with pytest.raises(ValueError, match="fill"):
+        jit.grid_bf16(codes[:99], torch.empty(99, dtype=torch.bfloat16), (0, 2), 0, k.scale, (128, 128), 128, k.values, k.nan, tables)
