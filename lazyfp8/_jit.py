@@ -488,10 +488,19 @@ def _cache_dir() -> str | None:
     return os.path.join(base, "lazyfp8")
 
 
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and not writable by anyone else: machine code from a file another
+    user could have written would run as ours."""
+    if not hasattr(os, "getuid"):  # no POSIX ownership to check
+        return True
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 class _ObjectCache:
     """MCJIT's object cache on disk, keyed by everything the machine code depends on: the IR, the
     host CPU and its features, and the LLVM build. A cache hit skips optimisation and code
-    generation (80 ms -> a few ms); any I/O problem just means compiling again."""
+    generation (80 ms -> a few ms); any I/O problem just means compiling again. Objects are only
+    read from a directory and file of this user that nobody else can write."""
 
     def __init__(self, directory: str | None, key: str):
         self.path = os.path.join(directory, f"kernels-{key}.o") if directory else None
@@ -501,6 +510,9 @@ class _ObjectCache:
             return None
         try:
             with open(self.path, "rb") as f:
+                if not (_private(os.fstat(f.fileno())) and _private(os.stat(os.path.dirname(self.path)))):
+                    log.debug("lazyfp8: ignoring %s: not private to this user", self.path)
+                    return None
                 blob = f.read()
         except OSError:
             return None
@@ -513,8 +525,8 @@ class _ObjectCache:
             return
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(tmp, "wb") as f:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(hashlib.sha256(data).digest() + data)
             os.replace(tmp, self.path)  # readers see the whole object or none
         except OSError as e:

@@ -258,3 +258,16 @@ def test_wrong_sizes_are_refused_before_any_write():
         jit.grid_bf16(codes[:100], torch.empty(100, dtype=torch.bfloat16), (128, 129), 0, k.scale, (128, 128), 256, k.values, k.nan, tables)
     with pytest.raises(ValueError, match="fill"):
         jit.grid_bf16(codes[:99], torch.empty(99, dtype=torch.bfloat16), (0, 2), 0, k.scale, (128, 128), 128, k.values, k.nan, tables)
+
+
+@needs_jit
+def test_cache_writable_by_others_is_not_trusted(tmp_path):
+    env = {"LAZYFP8_CACHE_DIR": str(tmp_path / "c")}
+    _probe(env)
+    (cached,) = (tmp_path / "c").iterdir()
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700 and cached.stat().st_mode & 0o777 == 0o600
+    cached.chmod(0o666)  # anyone could have replaced the machine code
+    assert _probe(env)["from_cache"] is False
+    cached.chmod(0o600)
+    (tmp_path / "c").chmod(0o777)  # or the directory's entries
+    assert _probe(env)["from_cache"] is False
