@@ -28,6 +28,8 @@ def reference(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, block: tuple
     Straightforward and memory-hungry (a float32 copy of ``w``): for checking, not loading."""
     wf = w.to(torch.float32)
     sf = s.to(torch.float32)
+    if w.numel() == 0:  # an empty weight has an empty grid, which no broadcast below accepts
+        return wf.to(dtype)
     if block is not None and sf.numel() > 1 and w.dim() >= 3:
         # a stack of matrices, each tiled on its own
         mats = wf.reshape(-1, *w.shape[-2:])

@@ -233,3 +233,12 @@ def test_an_unwritable_config_is_refused_before_anything_is_read(tmp_path, monke
     with pytest.raises(ValueError, match="format must be one of"):
         save({"x.weight": torch.randn(8, 64)}, tmp_path, scheme=None, format="gguf")
     assert os.listdir(tmp_path) == []
+
+
+def test_empty_block_scaled_weight_round_trips(tmp_path):
+    # Found by the property test above: a [0, 3] weight with 1 x 2 blocks has a [0, 2] grid.
+    save({"w": torch.randn(0, 3)}, tmp_path, scheme=PerBlock((1, 2)), quantize=lambda k: True, exclude=())
+    view = LazyFP8View(tmp_path, block_size=(1, 2), dtype=torch.float32)
+    codes = raw(str(tmp_path), "w")
+    assert view.get_tensor("w").shape == (0, 3) and tuple(view.scale("w").shape) == (0, 2)
+    assert reference(codes, view.scale("w"), torch.float32, (1, 2)).shape == (0, 3)
