@@ -15,11 +15,13 @@ __all__ = ["assemble", "TABLE_BYTES"]
 #: little-endian 16-bit values (the scalar loop and the vector loop's tail read those).
 TABLE_BYTES = 1024
 
-_SCALAR_IR = r"""
-define void @lut16(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                   ptr noalias nocapture %dst) nounwind {
+# dst[i] = table[src[i]] for one output width: @lut16 reads the 16-bit words at byte 512 of its
+# table block (TABLE_BYTES), @lut32 a plain table of 256 32-bit values.
+_LUT_IR = r"""
+define void @NAME(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
+                  ptr noalias nocapture %dst) nounwind {
 entry:
-  %words = getelementptr inbounds i8, ptr %tab, i64 512
+  %words = getelementptr inbounds i8, ptr %tab, i64 OFFSET
   %empty = icmp eq i64 %n, 0
   br i1 %empty, label %done, label %loop
 loop:
@@ -27,38 +29,26 @@ loop:
   %sp = getelementptr inbounds i8, ptr %src, i64 %i
   %c = load i8, ptr %sp, align 1
   %ci = zext i8 %c to i64
-  %tp = getelementptr inbounds i16, ptr %words, i64 %ci
-  %v = load i16, ptr %tp, align 2
-  %dp = getelementptr inbounds i16, ptr %dst, i64 %i
-  store i16 %v, ptr %dp, align 2
+  %tp = getelementptr inbounds WORD, ptr %words, i64 %ci
+  %v = load WORD, ptr %tp, align ALIGN
+  %dp = getelementptr inbounds WORD, ptr %dst, i64 %i
+  store WORD %v, ptr %dp, align ALIGN
   %next = add nuw i64 %i, 1
   %more = icmp ult i64 %next, %n
   br i1 %more, label %loop, label %done
 done:
   ret void
 }
+"""
 
-define void @lut32(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                   ptr noalias nocapture %dst) nounwind {
-entry:
-  %empty = icmp eq i64 %n, 0
-  br i1 %empty, label %done, label %loop
-loop:
-  %i = phi i64 [0, %entry], [%next, %loop]
-  %sp = getelementptr inbounds i8, ptr %src, i64 %i
-  %c = load i8, ptr %sp, align 1
-  %ci = zext i8 %c to i64
-  %tp = getelementptr inbounds i32, ptr %tab, i64 %ci
-  %v = load i32, ptr %tp, align 4
-  %dp = getelementptr inbounds i32, ptr %dst, i64 %i
-  store i32 %v, ptr %dp, align 4
-  %next = add nuw i64 %i, 1
-  %more = icmp ult i64 %next, %n
-  br i1 %more, label %loop, label %done
-done:
-  ret void
-}
 
+def _lut(name: str, word: str, align: int, offset: int) -> str:
+    return (
+        _LUT_IR.replace("@NAME", name).replace("WORD", word).replace("ALIGN", str(align)).replace("OFFSET", str(offset))
+    )
+
+
+_SCALAR_IR = _lut("@lut16", "i16", 2, 512) + _lut("@lut32", "i32", 4, 0) + r"""
 ; The 1024-byte table block of bf16(vals[c] * s) for all 256 codes: round to nearest even as
 ; torch does, NaN results taken from nan[c] (what torch writes for that NaN code).
 define void @table_bf16(ptr noalias nocapture readonly %vals, ptr noalias nocapture readonly %nan,

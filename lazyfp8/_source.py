@@ -216,8 +216,7 @@ class TensorSource:
         rows, cols = matrix_shape(e.shape)
         block = g.block_size(e.shape)
         period = g.period(e.shape) if isinstance(g, PerBlock) else rows
-        grid = GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
-        return lambda codes, out, rows, c0, work, final=False: grid(codes, out, rows, c0, work, final)
+        return GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
 
 
 Kernel = Callable[..., None]  # (codes, out, rows, col_start, work, final=False)
