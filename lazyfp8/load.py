@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,6 +25,22 @@ _log = logging.getLogger("lazyfp8")
 __all__ = ["load_into", "init_empty_weights"]
 
 
+# The patch of nn.Module.register_parameter is installed while any thread is inside
+# init_empty_weights, and acts only where the context variable says so: a model built at the same
+# time in another thread, or in a task of another context, gets real parameters.
+_empty_weights: contextvars.ContextVar[bool] = contextvars.ContextVar("lazyfp8_empty_weights", default=False)
+_patch_lock = threading.Lock()
+_patch_users = 0
+_original_register_parameter = nn.Module.register_parameter  # re-read at each install
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _original_register_parameter(module, name, param)
+    if param is not None and _empty_weights.get() and param.device.type != "meta":
+        cls = type(param)
+        module._parameters[name] = cls(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def init_empty_weights() -> Iterator[None]:
     """Build a model whose **parameters** are on the meta device while buffers stay real.
@@ -31,20 +49,28 @@ def init_empty_weights() -> Iterator[None]:
     ``inv_freq``...) are not in any checkpoint, so nothing could fill them. Inside this context
     each parameter is moved to meta as it is registered; its CPU storage is allocated uninitialized
     and released at once, so no parameter memory is ever touched.
+
+    Thread-safe and scoped: only modules built in this thread (or asyncio task) while inside the
+    context are affected; other threads building models at the same time get ordinary parameters.
+    Contexts nest. ``nn.Module.register_parameter`` is wrapped while any thread is inside one and
+    restored when the last one exits.
     """
-    original = nn.Module.register_parameter
-
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            cls = type(param)
-            module._parameters[name] = cls(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    global _patch_users, _original_register_parameter
+    with _patch_lock:
+        if _patch_users == 0:
+            _original_register_parameter = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _patch_users += 1
+    token = _empty_weights.set(True)
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _empty_weights.reset(token)
+        with _patch_lock:
+            _patch_users -= 1
+            # Someone who patched it after us keeps their patch (and restores ours' original).
+            if _patch_users == 0 and nn.Module.register_parameter is _register_parameter:
+                nn.Module.register_parameter = _original_register_parameter  # type: ignore[method-assign]
 
 
 def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str, bool]]]:

@@ -115,3 +115,77 @@ def test_path_with_view_options(ckpt):
         model = Tiny().to(torch.float16)
     load_into(model, ckpt, dtype=torch.float16)
     assert model.body[0].weight.dtype == torch.float16
+
+
+def test_init_empty_weights_is_scoped_to_its_thread():
+    """A model built in another thread while one thread is inside the context gets real
+    parameters; the patch is gone once the last context exits, even after an error."""
+    import threading
+
+    from torch import nn
+
+    original = nn.Module.register_parameter
+    inside, outside_done = threading.Event(), threading.Event()
+    built = {}
+
+    def outside():
+        inside.wait(5)
+        built["outside"] = nn.Linear(4, 4)
+        outside_done.set()
+
+    t = threading.Thread(target=outside)
+    t.start()
+    with init_empty_weights():
+        inside.set()
+        assert outside_done.wait(5)
+        built["inside"] = nn.Linear(4, 4)
+        with init_empty_weights():  # nesting
+            built["nested"] = nn.Linear(2, 2)
+        built["after_nested"] = nn.Linear(2, 2)
+    t.join(5)
+    assert built["outside"].weight.device.type == "cpu"
+    assert built["inside"].weight.is_meta and built["nested"].weight.is_meta and built["after_nested"].weight.is_meta
+    assert nn.Module.register_parameter is original
+    with pytest.raises(ZeroDivisionError), init_empty_weights():
+        raise ZeroDivisionError
+    assert nn.Module.register_parameter is original
+    assert nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def test_init_empty_weights_concurrent_contexts_in_threads():
+    """Two threads entering and leaving overlapping contexts: each builds meta parameters inside,
+    real ones outside, and the last exit restores the original."""
+    import threading
+
+    from torch import nn
+
+    original = nn.Module.register_parameter
+    barrier = threading.Barrier(2)
+    results, errors = [], []
+
+    def worker(delay_exit: bool):
+        try:
+            for _ in range(20):
+                barrier.wait(5)
+                with init_empty_weights():
+                    m = nn.Linear(3, 3)
+                    barrier.wait(5)
+                    if delay_exit:
+                        barrier.wait(5)  # the other thread has left its context by now
+                        m2 = nn.Linear(3, 3)
+                    else:
+                        m2 = nn.Linear(3, 3)
+                if not delay_exit:
+                    barrier.wait(5)
+                results.append((m.weight.is_meta, m2.weight.is_meta, nn.Linear(1, 1).weight.is_meta))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(d,)) for d in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert results and all(r == (True, True, False) for r in results)
+    assert nn.Module.register_parameter is original
