@@ -2,7 +2,13 @@
 
 Accepts a directory with ``model.safetensors.index.json`` and its shards, a directory with one
 ``*.safetensors`` file, or the path of one file. Shard names from an index are resolved only
-inside the checkpoint directory.
+inside the checkpoint directory. Every file is opened through :mod:`lazyfp8._files`: regular
+files only, so a FIFO or device where a file should be is an error, never a hang.
+
+Which files a directory means follows transformers (``modeling_utils.
+_get_resolved_checkpoint_files``): ``config.json``'s ``transformers_weights`` if set, else
+``model.safetensors``, else the index; so a directory holding both ``model.safetensors`` and an
+index is read as the single file, by transformers and by us alike (``inspect`` reports it).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ import dataclasses
 import glob
 import os
 import re
+import unicodedata
 from typing import Any
 
+from ._files import allowed_roots, check_name, inside, open_error, read_regular
 from ._header import ShardHeader, TensorEntry, parse_json, read_header
 from .errors import (
     CheckpointError,
@@ -22,11 +30,14 @@ from .errors import (
     raise_or_collect,
 )
 
-__all__ = ["Checkpoint", "INDEX_NAME", "open_checkpoint"]
+__all__ = ["Checkpoint", "INDEX_NAME", "SINGLE_NAME", "open_checkpoint"]
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 _SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 CONFIG_NAME = "config.json"
+# The index of a model with a million tensors is about 60 MB; a larger JSON file is not one.
+MAX_JSON_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,26 +63,26 @@ class Checkpoint:
 
 
 def _load_json(path: str, what: str) -> Any:
-    with open(path, "rb") as f:
-        return parse_json(f.read(), path, what)
+    try:
+        raw = read_regular(path, what, MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise open_error(e, path, what) from e
+    if len(raw) > MAX_JSON_BYTES:
+        raise CorruptCheckpointError(f"{path}: {what} is larger than {MAX_JSON_BYTES} bytes", file=path)
+    return parse_json(raw, path, what)
 
 
-def _allowed_roots(root: str) -> list[str]:
-    """Directories a shard may resolve into.
+def _similar_names(root: str, name: str) -> list[str]:
+    """Files in ``root`` whose name equals ``name`` up to case and Unicode normalisation: what
+    an index written on macOS or Windows may have meant (an error message hint only)."""
 
-    The checkpoint directory itself, and, for a Hugging Face cache snapshot
-    (``models--org--name/snapshots/<rev>/``), the repository's ``blobs/`` directory: the cache
-    stores every file there and links to it, so refusing those links would refuse every cached
-    model.
-    """
-    real = os.path.realpath(root)
-    roots = [real]
-    parent = os.path.dirname(root.rstrip(os.sep))
-    if os.path.basename(parent) == "snapshots":
-        blobs = os.path.join(os.path.dirname(parent), "blobs")
-        if os.path.isdir(blobs):
-            roots.append(os.path.realpath(blobs))
-    return roots
+    def fold(s: str) -> str:
+        return unicodedata.normalize("NFC", s).casefold()
+
+    try:
+        return [f for f in os.listdir(root) if f != name and fold(f) == fold(name)]
+    except (OSError, ValueError):
+        return []
 
 
 def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[str]) -> str:
@@ -81,6 +92,7 @@ def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[
             file=index_path,
             key=key,
         )
+    check_name(name, f"shard of {key!r}", file=index_path, key=key)
     parts = name.replace("\\", "/").split("/")
     if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts:
         raise UnsafePathError(
@@ -90,17 +102,26 @@ def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[
             key=key,
         )
     path = os.path.join(root, name)
-    real = os.path.realpath(path)
-    if not any(os.path.commonpath([real, r]) == r for r in roots):
+    if not inside(path, roots):
         raise UnsafePathError(
             f"{index_path}: shard {name!r} for {key!r} is a link that leaves the checkpoint "
-            f"directory (it points to {real}); copy the file into the directory instead",
+            f"directory (it points to {os.path.realpath(path)}); copy the file into the directory instead",
             file=path,
             key=key,
         )
-    if not os.path.isfile(path):
+    # lexists: a dangling or looping link is not "absent" but broken, and read_header says so
+    # (as it does for a FIFO or device, which must be refused before anything opens it).
+    if os.path.isdir(path):
         raise MissingShardError(
-            f"{index_path}: shard {name!r} (holding {key!r}) does not exist in {root}; "
+            f"{index_path}: shard {name!r} (holding {key!r}) is a directory, not a file",
+            file=path,
+            key=key,
+        )
+    if not os.path.lexists(path):
+        similar = _similar_names(root, name)
+        hint = f" ({', '.join(map(repr, similar))} differs only in case or Unicode normalisation)" if similar else ""
+        raise MissingShardError(
+            f"{index_path}: shard {name!r} (holding {key!r}) does not exist in {root}{hint}; "
             "the download is incomplete",
             file=path,
             key=key,
@@ -119,7 +140,17 @@ def _read_index(root: str, index_path: str, problems: list[CheckpointError] | No
             "tensor name -> shard file name",
             file=index_path,
         )
-    roots = _allowed_roots(root)
+    if not weight_map:
+        present = glob.glob(os.path.join(glob.escape(root), "*.safetensors"))
+        if present:
+            # Loading nothing from a directory full of weights is never what was meant.
+            raise CorruptCheckpointError(
+                f"{index_path}: weight_map is empty, but the directory holds "
+                f"{len(present)} *.safetensors file(s) ({os.path.basename(sorted(present)[0])}...); "
+                "the index is damaged: rewrite it or remove it",
+                file=index_path,
+            )
+    roots = allowed_roots(root)
     resolved: dict[str, str] = {}
     by_name: dict[str, str | None] = {}
     for key, name in weight_map.items():
@@ -135,17 +166,54 @@ def _read_index(root: str, index_path: str, problems: list[CheckpointError] | No
     return resolved
 
 
-def _find_files(path: str) -> tuple[str, str | None, list[str]]:
+def _explicit_weights(root: str, config: dict[str, Any] | None, config_path: str) -> str | None:
+    """``config.json``'s ``transformers_weights``: the file transformers loads instead of
+    looking for ``model.safetensors`` or the index."""
+    name = (config or {}).get("transformers_weights")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise CorruptCheckpointError(
+            f"{config_path}: transformers_weights must name a *.safetensors or "
+            f"*.safetensors.index.json file, found {name!r}",
+            file=config_path,
+            key="transformers_weights",
+        )
+    check_name(name, "transformers_weights", file=config_path, key="transformers_weights")
+    path = os.path.join(root, name)
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or not inside(path, allowed_roots(root)):
+        raise UnsafePathError(
+            f"{config_path}: transformers_weights {name!r} is not a file inside the checkpoint directory",
+            file=config_path,
+            key="transformers_weights",
+        )
+    return path
+
+
+def _find_files(path: str, explicit: str | None) -> tuple[str, str | None, list[str]]:
     """(root, index path or None, single file list) for any accepted form of ``path``."""
-    if os.path.isfile(path):
+    check_name(path, "checkpoint path")
+    if os.path.isdir(path):
+        if explicit is not None:
+            return (path, explicit, []) if explicit.endswith(".json") else (path, None, [explicit])
+        # transformers' order. lexists: a broken link or a non-file under either name is an
+        # error when read, not a reason to look elsewhere.
+        single = os.path.join(path, SINGLE_NAME)
+        if os.path.lexists(single):
+            return path, None, [single]
+        index_path = os.path.join(path, INDEX_NAME)
+        if os.path.lexists(index_path):
+            return path, index_path, []
+        return path, None, _lone_file(path)
+    if os.path.lexists(path):
+        # A file, or something that is not (a FIFO, a broken link): reading it says which.
         if path.endswith(".json"):
             return os.path.dirname(path) or ".", path, []
         return os.path.dirname(path) or ".", None, [path]
-    if not os.path.isdir(path):
-        raise MissingShardError(f"{path}: no such file or directory", file=path)
-    index_path = os.path.join(path, INDEX_NAME)
-    if os.path.isfile(index_path):
-        return path, index_path, []
+    raise MissingShardError(f"{path}: no such file or directory", file=path)
+
+
+def _lone_file(path: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if len(files) == 1:
         part = _SHARD_NAME.search(os.path.basename(files[0]))
@@ -156,7 +224,7 @@ def _find_files(path: str) -> tuple[str, str | None, list[str]]:
                 f"{int(part.group(2))}, and no {INDEX_NAME}; the download or conversion is incomplete",
                 file=files[0],
             )
-        return path, None, files
+        return files
     if not files:
         raise MissingShardError(
             f"{path}: holds neither {INDEX_NAME} nor a *.safetensors file", file=path
@@ -169,24 +237,62 @@ def _find_files(path: str) -> tuple[str, str | None, list[str]]:
     )
 
 
+def _read_config(config_path: str, problems: list[CheckpointError] | None) -> dict[str, Any] | None:
+    if not os.path.lexists(config_path):
+        return None
+    try:
+        config = _load_json(config_path, "config.json")
+        if not isinstance(config, dict):
+            raise CorruptCheckpointError(
+                f"{config_path}: expected a JSON object, found {type(config).__name__}", file=config_path
+            )
+        return config
+    except CheckpointError as e:
+        raise_or_collect(problems, e)
+        return None
+
+
+def _both_forms(root: str) -> CorruptCheckpointError | None:
+    """The ambiguity of a directory holding ``model.safetensors`` and an index: read like
+    transformers reads it (the single file), but worth a line in ``inspect``."""
+    index = os.path.join(root, INDEX_NAME)
+    if not os.path.lexists(index):
+        return None
+    return CorruptCheckpointError(
+        f"{root}: holds both {SINGLE_NAME} and {INDEX_NAME}; lazyfp8 and transformers read "
+        f"{SINGLE_NAME} and ignore the index: remove the one that is stale",
+        file=index,
+    )
+
+
 def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError] | None = None) -> Checkpoint:
     """Locate and read every header of the checkpoint at ``path``.
 
-    With ``problems`` given, errors confined to one shard or tensor (a missing or damaged shard,
-    an index entry its shard does not hold) are appended there and that shard or tensor is left
-    out, so that every problem can be reported at once.
+    With ``problems`` given, errors confined to one file or tensor (a missing or damaged shard,
+    an index entry its shard does not hold, a damaged ``config.json``) are appended there and
+    that file or tensor is left out, so that every problem can be reported at once; an index
+    beside ``model.safetensors`` (read as transformers reads it: the single file) is reported
+    there too.
 
     Raises:
         MissingShardError: nothing to read at ``path``, or the index names an absent shard.
-        UnsafePathError: the index names a shard outside the directory.
-        CorruptCheckpointError: a damaged index or header, or the index names a tensor its shard
-            does not hold.
+        UnsafePathError: the index names a shard outside the directory, or a file is not a
+            regular file (a FIFO, device or directory) or a looping link.
+        CorruptCheckpointError: a damaged index, header or ``config.json``, an empty index
+            beside shards, or the index names a tensor its shard does not hold.
+        ShardChangedError: never here; raised by reads when a file changes afterwards.
     """
-    root, index_path, files = _find_files(os.fspath(path))
+    path = os.fsdecode(os.fspath(path))
+    root = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
     config_path = os.path.join(root, CONFIG_NAME)
-    config = _load_json(config_path, "config.json") if os.path.isfile(config_path) else None
-    if config is not None and not isinstance(config, dict):
-        raise CorruptCheckpointError(f"{config_path}: expected a JSON object", file=config_path)
+    config = _read_config(config_path, problems)
+    explicit = None
+    if os.path.isdir(path):
+        try:
+            explicit = _explicit_weights(root, config, config_path)
+        except CheckpointError as e:
+            raise_or_collect(problems, e)
+    root, index_path, files = _find_files(path, explicit)
 
     shards: dict[str, ShardHeader] = {}
     tensors: dict[str, tuple[str, TensorEntry]] = {}
@@ -225,6 +331,9 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
                 ))
                 continue
             tensors[key] = (shard, entry)
+    if problems is not None and os.path.isdir(path) and explicit is None and index_path is None:
+        if os.path.basename(files[0]) == SINGLE_NAME and (both := _both_forms(root)) is not None:
+            problems.append(both)
     return Checkpoint(
         root=root, shards=shards, tensors=tensors, config=config, index_path=index_path
     )

@@ -12,12 +12,21 @@ imports nothing of the package but the errors.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 
-from .errors import UnsafePathError
+from .errors import CheckpointError, MissingShardError, UnsafePathError
 
-__all__ = ["FileIdentity", "allowed_roots", "check_name", "inside", "open_regular", "read_regular"]
+__all__ = [
+    "FileIdentity",
+    "allowed_roots",
+    "check_name",
+    "inside",
+    "open_error",
+    "open_regular",
+    "read_regular",
+]
 
 _FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -37,9 +46,28 @@ class FileIdentity:
 
 
 def check_name(path: str, what: str, *, file: str | None = None, key: str | None = None) -> None:
-    """Refuse a path no file system can hold (an embedded NUL), naming where it came from."""
+    """Refuse a path no file system can hold (an embedded NUL, or a lone surrogate that has no
+    bytes in the file system's encoding), naming where it came from."""
     if "\x00" in path:
         raise UnsafePathError(f"{file or path}: {what} {path!r} holds a NUL byte", file=file or path, key=key)
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        # JSON may spell "\ud800"; os.open would raise a bare UnicodeEncodeError on it.
+        raise UnsafePathError(
+            f"{file or path!r}: {what} {path!r} holds characters no file name can (a lone surrogate)",
+            file=file or path,
+            key=key,
+        ) from None
+
+
+def open_error(e: OSError, path: str, what: str, *, key: str | None = None) -> CheckpointError:
+    """The checkpoint error to raise for ``e``, raised opening ``path`` (``what`` it should be)."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return MissingShardError(f"{path}: {what} does not exist", file=path, key=key)
+    if e.errno == errno.ELOOP:
+        return UnsafePathError(f"{path}: {what} is a link that loops (or is nested too deep)", file=path, key=key)
+    return CheckpointError(f"{path}: cannot open {what}: {e.strerror or e}", file=path, key=key)
 
 
 def open_regular(path: str, what: str, *, key: str | None = None) -> tuple[int, FileIdentity]:

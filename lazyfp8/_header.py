@@ -16,6 +16,7 @@ import struct
 from typing import Any
 
 from . import _dtypes
+from ._files import FileIdentity, open_error, open_regular
 from .errors import CorruptCheckpointError, UnsupportedDtypeError
 
 __all__ = ["TensorEntry", "ShardHeader", "read_header", "parse_json", "MAX_HEADER_BYTES"]
@@ -50,12 +51,17 @@ class TensorEntry:
 
 @dataclasses.dataclass(frozen=True)
 class ShardHeader:
-    """The parsed header of one file: its tensors (in header order) and ``__metadata__``."""
+    """The parsed header of one file: its tensors (in header order) and ``__metadata__``.
+
+    ``identity`` is the file the header was read from (device, inode, size, mtime): tensor bytes
+    are read at this header's offsets only from that same, unchanged file.
+    """
 
     path: str
     size: int
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    identity: FileIdentity
 
 
 class _DuplicateKey(Exception):
@@ -103,31 +109,21 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
     Raises:
         CorruptCheckpointError: the file is truncated or its header is damaged.
         UnsupportedDtypeError: an entry has a dtype this package does not read.
-        FileNotFoundError / OSError: the file cannot be opened.
+        MissingShardError: the file does not exist (a ``FileNotFoundError`` too).
+        UnsafePathError: it is not a regular file (a FIFO, device, directory) or a looping link.
+        CheckpointError: it cannot be opened for another reason (permissions).
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CorruptCheckpointError(
-                f"{path}: file is {size} bytes, too short to hold the 8-byte header length; "
-                "the file is truncated or not a safetensors file",
-                file=path,
-            )
-        (n,) = struct.unpack("<Q", prefix)
-        if n > size - 8:
-            raise CorruptCheckpointError(
-                f"{path}: header length {n} runs past the end of the {size}-byte file; "
-                "the file is truncated or not a safetensors file",
-                file=path,
-            )
-        if n > MAX_HEADER_BYTES:
-            raise CorruptCheckpointError(
-                f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit of the format",
-                file=path,
-            )
-        raw = f.read(n)
+    try:
+        fd, identity = open_regular(path, "shard")
+    except OSError as e:
+        raise open_error(e, path, "shard") from e
+    try:
+        raw = _read_header_bytes(fd, path, identity.size)
+    finally:
+        os.close(fd)
+    size = identity.size
+    n = len(raw)
     header = parse_json(raw, path, "the header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(
@@ -157,7 +153,46 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
                 file=path,
                 key=b,
             )
-    return ShardHeader(path=path, size=size, tensors=tensors, metadata=dict(metadata))
+    return ShardHeader(path=path, size=size, tensors=tensors, metadata=dict(metadata), identity=identity)
+
+
+def _pread_exactly(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset``, or fewer if the file ends first."""
+    parts, done = [], 0
+    while done < n:
+        part = os.pread(fd, n - done, offset + done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
+
+
+def _read_header_bytes(fd: int, path: str, size: int) -> bytes:
+    """The JSON header of the open file ``fd`` of ``size`` bytes, its length checked."""
+    prefix = _pread_exactly(fd, 8, 0)
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(
+            f"{path}: file is {size} bytes, too short to hold the 8-byte header length; "
+            "the file is truncated or not a safetensors file",
+            file=path,
+        )
+    (n,) = struct.unpack("<Q", prefix)
+    if n > size - 8:
+        raise CorruptCheckpointError(
+            f"{path}: header length {n} runs past the end of the {size}-byte file; "
+            "the file is truncated or not a safetensors file",
+            file=path,
+        )
+    if n > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit of the format",
+            file=path,
+        )
+    raw = _pread_exactly(fd, n, 8)
+    if len(raw) < n:  # the file shrank after fstat
+        raise CorruptCheckpointError(f"{path}: file ended inside its {n}-byte header; the file is truncated", file=path)
+    return raw
 
 
 def _parse_entry(path: str, name: str, info: Any, data_start: int, data_size: int) -> TensorEntry:

@@ -1,4 +1,8 @@
-"""Turn ``config.json``'s ``quantization_config`` into a :class:`~lazyfp8.schemes.Scheme`."""
+"""Turn ``config.json``'s ``quantization_config`` into a :class:`~lazyfp8.schemes.Scheme`.
+
+Any JSON may sit in a config: every field is type-checked before use, and whatever does not fit
+is an :class:`~lazyfp8.errors.UnsupportedSchemeError` naming the file and the key.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +16,44 @@ __all__ = ["scheme_from_config", "SUPPORTED_METHODS"]
 SUPPORTED_METHODS = ("fp8", "compressed-tensors", "fbgemm_fp8", "modelopt")
 
 
+# A block beyond int64 cannot be handed to torch; no tensor dimension is that large anyway.
+_MAX_BLOCK = 2**62
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _MAX_BLOCK
+
+
 def _block(value: Any, what: str, path: str) -> tuple[int, int]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
-    ):
-        raise UnsupportedSchemeError(f"{path}: {what} must be two positive integers, found {value!r}", file=path)
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_positive_int(x) for x in value):
+        raise UnsupportedSchemeError(
+            f"{path}: {what} must be two positive integers, found {value!r}", file=path, key=what
+        )
     return int(value[0]), int(value[1])
+
+
+def _bad(path: str, what: str, value: Any, expected: str) -> UnsupportedSchemeError:
+    return UnsupportedSchemeError(
+        f"{path}: {what} must be {expected}, found {type(value).__name__} {value!r:.80}", file=path, key=what
+    )
 
 
 def _compressed_tensors(qc: dict[str, Any], path: str) -> Scheme:
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
-        raise UnsupportedSchemeError(f"{path}: compressed-tensors config has no config_groups", file=path)
+        raise UnsupportedSchemeError(
+            f"{path}: compressed-tensors config has no config_groups", file=path, key="quantization_config.config_groups"
+        )
     found: list[Granularity] = []
     for name, group in groups.items():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(weights, dict):
+        where = f"quantization_config.config_groups.{name}"
+        if not isinstance(group, dict):
+            raise _bad(path, where, group, "an object")
+        weights = group.get("weights")
+        if weights is None:  # a group that quantizes only activations
             continue
+        if not isinstance(weights, dict):
+            raise _bad(path, f"{where}.weights", weights, "an object or null")
         kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
         if kind != "float" or bits != 8:
             raise UnsupportedSchemeError(
@@ -46,8 +69,8 @@ def _compressed_tensors(qc: dict[str, Any], path: str) -> Scheme:
             found.append(PerBlock(_block(weights.get("block_structure"), f"group {name!r} block_structure", path)))
         elif strategy == "group":
             size = weights.get("group_size")
-            if not isinstance(size, int) or size <= 0:
-                raise UnsupportedSchemeError(f"{path}: group {name!r} has group_size {size!r}", file=path)
+            if not _positive_int(size):
+                raise _bad(path, f"{where}.weights.group_size", size, "a positive integer")
             found.append(PerBlock((1, size)))
         else:
             raise UnsupportedSchemeError(
@@ -56,7 +79,9 @@ def _compressed_tensors(qc: dict[str, Any], path: str) -> Scheme:
                 file=path,
             )
     if not found:
-        raise UnsupportedSchemeError(f"{path}: no compressed-tensors group quantizes weights", file=path)
+        raise UnsupportedSchemeError(
+            f"{path}: no compressed-tensors group quantizes weights", file=path, key="quantization_config.config_groups"
+        )
     return Scheme("compressed-tensors", tuple(dict.fromkeys(found)), ("_scale",))
 
 
@@ -67,11 +92,15 @@ def scheme_from_config(config: dict[str, Any] | None, path: str) -> Scheme | Non
         UnsupportedSchemeError: a ``quant_method`` that is not an FP8 scheme read here, or a
             malformed quantization_config.
     """
-    qc = (config or {}).get("quantization_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise _bad(path, "config.json", config, "a JSON object")
+    qc = config.get("quantization_config")
     if qc is None:
         return None
     if not isinstance(qc, dict):
-        raise UnsupportedSchemeError(f"{path}: quantization_config must be an object", file=path)
+        raise _bad(path, "quantization_config", qc, "an object")
     method = qc.get("quant_method")
     if method == "fp8":
         block = qc.get("weight_block_size")
@@ -83,15 +112,20 @@ def scheme_from_config(config: dict[str, Any] | None, path: str) -> Scheme | Non
     if method == "fbgemm_fp8":
         return Scheme("fbgemm_fp8", (PerChannel(),), ("_scale",))
     if method == "modelopt":
-        algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
+        # modelopt writes quant_algo at the top, or (hf_quant_config.json style) under "quantization".
+        nested = qc.get("quantization")
+        if nested is not None and not isinstance(nested, dict):
+            raise _bad(path, "quantization_config.quantization", nested, "an object")
+        algo = qc.get("quant_algo") or (nested or {}).get("quant_algo")
         if algo != "FP8":
             raise UnsupportedSchemeError(
                 f"{path}: modelopt quant_algo {algo!r} is not FP8; lazyfp8 reads FP8 only", file=path
             )
         return Scheme("modelopt", (PerTensor(),), ("_scale",))
     raise UnsupportedSchemeError(
-        f"{path}: quantization_config.quant_method is {method!r}; lazyfp8 reads "
+        f"{path}: quantization_config.quant_method is {method!r:.80}; lazyfp8 reads "
         f"{', '.join(SUPPORTED_METHODS)} (pass scheme= to override)",
         file=path,
+        key="quantization_config.quant_method",
     )
 

@@ -46,6 +46,7 @@ def read_scale(ref: ScaleRef, weight_key: str) -> torch.Tensor:
     against ``SCALE_DTYPES`` when the scale was paired with its weight."""
     e = ref.entry
     raw = torch.empty(e.shape, dtype=e.dtype.torch)
+    ref.shard.check(e.name)
     ref.shard.read_into(raw, e.offset, e.name)
     if e.dtype.code == "U8":  # ue8m0 stored as bytes: the exponent, 2^(b - 127)
         raw = raw.view(torch.float8_e8m0fnu)
@@ -140,6 +141,9 @@ class TensorSource:
             self.read_box_into(tmp, offsets, lengths)
             dst.copy_(tmp)
             return
+        # Once per tensor read, not per chunk: a file rewritten in place since its header was
+        # read is refused before any of its bytes are used.
+        self.shard.check(self.entry.name)
         plan = self.plan(offsets, lengths)
         if dst.device.type == "cuda":
             from ._cuda import read_into_cuda

@@ -9,6 +9,7 @@ __all__ = [
     "LazyFP8Error",
     "CheckpointError",
     "CorruptCheckpointError",
+    "ShardChangedError",
     "MissingShardError",
     "UnsafePathError",
     "UnsupportedDtypeError",
@@ -49,6 +50,11 @@ class CheckpointError(LazyFP8Error, ValueError):
 class CorruptCheckpointError(CheckpointError):
     """A header, an index or a tensor's bytes are damaged or inconsistent (truncated file,
     bad JSON, offsets out of bounds or overlapping, wrong byte count)."""
+
+
+class ShardChangedError(CorruptCheckpointError):
+    """A shard was replaced, rewritten or truncated after its header was read: reading it at the
+    header's offsets would return another file's bytes. Open a new view."""
 
 
 class MissingShardError(CheckpointError, FileNotFoundError):

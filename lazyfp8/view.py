@@ -139,7 +139,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         ckpt = open_checkpoint(self.path)
         self._checkpoint = ckpt
         self.scheme = _resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
-        self._files = {p: ShardFile(p) for p in ckpt.shards}
+        self._files = {p: ShardFile(p, h.identity) for p, h in ckpt.shards.items()}
         self._chunk = chunk_elements
         self._threads = default_threads() if threads is None else max(int(threads), 1)
         pairing = pair_scales(ckpt.tensors, self.scheme)
