@@ -110,8 +110,11 @@ class _Descriptors:
         with self._lock:
             shard.bytes_read += nbytes  # counted here, under the lock this read takes anyway
             slot.users -= 1
-            if slot.dropped and slot.users == 0:
-                os.close(slot.fd)
+            if slot.users == 0:
+                if slot.dropped:
+                    os.close(slot.fd)
+                elif len(self._open) > self.capacity:  # over budget while others were busy
+                    self._shrink(self.capacity)
 
     def drop(self, token: object, *, blocking: bool = True) -> None:
         """Close the descriptor of the ShardFile with ``token``, or have its last reader close

@@ -65,8 +65,13 @@ def _model_keys(root: str) -> list[str]:
         import transformers
     except ImportError:
         raise LazyFP8Error("key_mapping='auto' needs the model's keys: install transformers") from None
-    config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a config transformers cannot use
+        raise LazyFP8Error(f"{os.path.join(root, CONFIG_NAME)}: transformers cannot read it ({e})") from None
     archs = getattr(config, "architectures", None) or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise LazyFP8Error(f"{os.path.join(root, CONFIG_NAME)}: architectures must be a list of class names, found {archs!r}")
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise LazyFP8Error(f"{root}/config.json names no transformers architecture ({archs!r})")
@@ -84,8 +89,11 @@ def inspect_checkpoint(
 ) -> Report:
     """Read every header of ``path`` and report what it holds and what is wrong with it.
 
-    Never raises for a damaged shard, tensor or scale: each becomes a line in ``problems``.
-    Raises only when ``path`` holds no checkpoint at all.
+    Never raises for a damaged shard, tensor, scale, index or ``config.json``: each becomes a
+    line in ``problems``, and the rest is still read. A directory holding both
+    ``model.safetensors`` and an index (read as transformers reads it: the single file) and an
+    empty index beside shards are problems too. Raises only when ``path`` holds no checkpoint
+    at all.
 
     ``key_mapping="auto"`` builds the model ``config.json`` names on the meta device (needs
     transformers) and infers the rules onto its keys.

@@ -1,11 +1,13 @@
 import json
 import os
+import signal
 
 import pytest
 import torch
 
-from lazyfp8 import CorruptCheckpointError, MissingShardError, UnsafePathError
-from lazyfp8._checkpoint import open_checkpoint
+from lazyfp8 import CheckpointError, CorruptCheckpointError, LazyFP8Error, MissingShardError, UnsafePathError
+from lazyfp8._checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
+from lazyfp8.inspection import inspect_checkpoint
 from tests.helpers import save, write_index, write_sharded
 
 T = {"a": torch.ones(2), "b": torch.zeros(3)}
@@ -122,3 +124,140 @@ def test_index_json_path_is_accepted(tmp_path):
     ck = open_checkpoint(tmp_path / "model.safetensors.index.json")
     assert set(ck.tensors) == {"a", "b"}
     assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["a"] == "s.safetensors"
+
+
+# --- special files, odd names, and which files a directory means --------------------------
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: a FIFO opened blocking waits forever for a writer."""
+
+    def expired(*_):
+        raise TimeoutError("blocked on a special file")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("where", ["shard", SINGLE_NAME, INDEX_NAME, "config.json"])
+def test_a_fifo_where_a_file_should_be_is_refused_not_waited_on(tmp_path, deadline, where):
+    if where == "shard":
+        write_index(str(tmp_path), {"a": "s.safetensors"})
+        fifo = tmp_path / "s.safetensors"
+    else:
+        save(T, str(tmp_path / "s.safetensors"))
+        if where == INDEX_NAME:
+            (tmp_path / "s.safetensors").rename(tmp_path / "s1.safetensors")
+        fifo = tmp_path / where
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafePathError, match=rf"{fifo.name}.*not a regular file") as e:
+        open_checkpoint(tmp_path)
+    assert e.value.file == str(fifo)
+
+
+def test_a_fifo_passed_as_the_path_is_refused(tmp_path, deadline):
+    os.mkfifo(tmp_path / "w.safetensors")
+    with pytest.raises(UnsafePathError, match="not a regular file"):
+        open_checkpoint(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("name", ["s\x00.safetensors", "\ud800.safetensors"])
+def test_a_shard_name_no_file_system_can_hold_is_refused(tmp_path, name):
+    # Was: ValueError("embedded null byte") / UnicodeEncodeError from deep inside os.
+    save(T, str(tmp_path / "s.safetensors"))
+    write_index(str(tmp_path), {"a": name})
+    with pytest.raises(UnsafePathError, match=r"model\.safetensors\.index\.json.*'a'") as e:
+        open_checkpoint(tmp_path)
+    assert e.value.file.endswith(INDEX_NAME) and e.value.key == "a"
+
+
+@pytest.mark.parametrize("value", [None, True, 3.5, ["s.safetensors"], {"f": "s.safetensors"}, ""])
+def test_weight_map_values_of_other_types(tmp_path, value):
+    save(T, str(tmp_path / "s.safetensors"))
+    write_index(str(tmp_path), {"a": value})
+    with pytest.raises(CorruptCheckpointError, match="weight_map entry for 'a' must be a file name") as e:
+        open_checkpoint(tmp_path)
+    assert e.value.key == "a"
+
+
+def test_an_empty_weight_map_beside_shards_is_refused(tmp_path):
+    # Was: 0 tensors, and inspect found nothing wrong.
+    write_sharded(str(tmp_path), {"model-00001-of-00001.safetensors": T})
+    write_index(str(tmp_path), {})
+    with pytest.raises(CorruptCheckpointError, match="weight_map is empty, but the directory holds 1"):
+        open_checkpoint(tmp_path)
+    report = inspect_checkpoint(tmp_path)
+    assert any("weight_map is empty" in p for p in report.problems)
+
+
+def _both(tmp_path):
+    save({"single": torch.ones(2)}, str(tmp_path / SINGLE_NAME))
+    write_sharded(str(tmp_path), {"s.safetensors": T})
+    return tmp_path
+
+
+def test_model_safetensors_wins_over_the_index_as_in_transformers(tmp_path):
+    _both(tmp_path)
+    ck = open_checkpoint(tmp_path)
+    assert set(ck.tensors) == {"single"} and ck.index_path is None
+    report = inspect_checkpoint(tmp_path)
+    assert any("holds both model.safetensors and model.safetensors.index.json" in p for p in report.problems)
+
+
+def test_the_same_files_as_transformers(tmp_path):
+    modeling_utils = pytest.importorskip("transformers.modeling_utils")
+    resolve = getattr(modeling_utils, "_get_resolved_checkpoint_files", None)
+    if resolve is None:
+        pytest.skip("transformers moved its checkpoint resolution")
+    _both(tmp_path)
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": {"a": "s.safetensors", "b": "s.safetensors"}}))
+    theirs, _ = resolve(str(tmp_path), None, None, None, {}, False)
+    assert [os.path.basename(f) for f in theirs] == [SINGLE_NAME]
+    assert set(open_checkpoint(tmp_path).tensors) == {"single"}
+    # config.json's transformers_weights names the file outright
+    theirs, _ = resolve(str(tmp_path), None, None, None, {}, False, transformers_explicit_filename=INDEX_NAME)
+    (tmp_path / "config.json").write_text(json.dumps({"transformers_weights": INDEX_NAME}))
+    assert {os.path.basename(f) for f in theirs} == {"s.safetensors"}
+    assert set(open_checkpoint(tmp_path).tensors) == {"a", "b"}
+    assert inspect_checkpoint(tmp_path).problems == []
+
+
+@pytest.mark.parametrize("value", [3, "weights.bin", "../x.safetensors", "/abs.safetensors"])
+def test_a_bad_transformers_weights_is_refused(tmp_path, value):
+    write_sharded(str(tmp_path), {"s.safetensors": T}, config={"transformers_weights": value})
+    with pytest.raises(CheckpointError, match=r"config\.json: transformers_weights") as e:
+        open_checkpoint(tmp_path)
+    assert e.value.key == "transformers_weights"
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", "3", '"x"', "null", "{broken", "\xff"])
+def test_a_damaged_config_is_refused_by_the_reader_and_reported_by_inspect(tmp_path, body):
+    write_sharded(str(tmp_path), {"s.safetensors": T})
+    (tmp_path / "config.json").write_bytes(body.encode("latin-1"))
+    with pytest.raises(CorruptCheckpointError, match=r"config\.json"):
+        open_checkpoint(tmp_path)
+    report = inspect_checkpoint(tmp_path)  # was: raised, though only a missing checkpoint may
+    assert report.tensors == 2 and report.files[0]["name"] == "s.safetensors"
+    assert len(report.problems) == 1 and "config.json" in report.problems[0]
+
+
+def test_a_shard_name_differing_in_case_or_normalisation_gets_a_hint(tmp_path):
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "café.safetensors")
+    save(T, str(tmp_path / nfd))
+    write_index(str(tmp_path), {"a": unicodedata.normalize("NFC", "Café.safetensors")})
+    with pytest.raises(MissingShardError, match="differs only in case or Unicode normalisation"):
+        open_checkpoint(tmp_path)
+
+
+def test_every_open_failure_is_a_lazyfp8_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files without read permission")
+    write_sharded(str(tmp_path), {"s.safetensors": T})
+    os.chmod(tmp_path / "s.safetensors", 0)
+    with pytest.raises(LazyFP8Error, match=r"s\.safetensors: cannot open shard"):
+        open_checkpoint(tmp_path)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from lazyfp8 import CorruptCheckpointError, UnsupportedDtypeError
+from lazyfp8 import CorruptCheckpointError, MissingShardError, UnsafePathError, UnsupportedDtypeError
 from lazyfp8._header import read_header
 from tests.helpers import raw_file, save
 from tests.strategies import PASSTHROUGH_DTYPES, random_tensor, shapes
@@ -151,3 +151,32 @@ def test_header_json_is_not_what_the_data_says(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="'t2'"):
         read_header(p)
     assert json.loads(json.dumps(header))  # the header itself was well-formed
+
+
+def test_the_header_pins_the_file_it_was_read_from(tmp_path):
+    path = save({"a": torch.ones(3)}, str(tmp_path / "m.safetensors"))
+    st_ = os.stat(path)
+    ident = read_header(path).identity
+    assert (ident.device, ident.inode, ident.size, ident.mtime_ns) == (st_.st_dev, st_.st_ino, st_.st_size, st_.st_mtime_ns)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "loop"])
+def test_only_a_regular_file_is_read(tmp_path, kind):
+    # A FIFO used to block the open forever; a directory or a looping link raised a bare OSError.
+    p = tmp_path / "m.safetensors"
+    {"fifo": os.mkfifo, "directory": os.mkdir, "loop": lambda q: os.symlink(q, q)}[kind](p)
+    with pytest.raises(UnsafePathError, match=r"m\.safetensors.*(not a regular file|loops)"):
+        read_header(p)
+
+
+def test_an_absent_file_is_a_missing_shard(tmp_path):
+    with pytest.raises(MissingShardError, match="does not exist") as e:
+        read_header(tmp_path / "gone.safetensors")
+    assert isinstance(e.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("dims", [[2**62], [2**62, 2], [2**31, 2**31, 4]])
+def test_a_header_claiming_a_huge_shape_is_refused(tmp_path, dims):
+    p = raw_file(str(tmp_path / "x.safetensors"), {"t": {"dtype": "F32", "shape": dims, "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(CorruptCheckpointError, match="'t'"):
+        read_header(p)

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lazyfp8 import PerBlock, PerChannel, PerTensor, UnsupportedSchemeError
 from lazyfp8._quant_config import scheme_from_config
@@ -59,3 +61,65 @@ def test_other_methods_are_refused_naming_what_was_found(method):
 def test_malformed_block():
     with pytest.raises(UnsupportedSchemeError, match="weight_block_size"):
         scheme_from_config(qc(quant_method="fp8", weight_block_size=[128]), "c")
+
+
+@pytest.mark.parametrize("nested", ["FP8", ["FP8"], 3, True])
+def test_modelopt_quantization_of_another_type(nested):
+    # Was: AttributeError: 'str' object has no attribute 'get'.
+    with pytest.raises(UnsupportedSchemeError, match="c: quantization_config.quantization must be an object") as e:
+        scheme_from_config(qc(quant_method="modelopt", quantization=nested), "c")
+    assert e.value.file == "c" and e.value.key == "quantization_config.quantization"
+
+
+def test_modelopt_nested_quant_algo():
+    assert scheme_from_config(qc(quant_method="modelopt", quantization={"quant_algo": "FP8"}), "c").name == "modelopt"
+
+
+@pytest.mark.parametrize(
+    "groups, where",
+    [
+        ({"g": "weights"}, "config_groups.g must be an object"),
+        ({"g": {"weights": [8, "float"]}}, "config_groups.g.weights must be an object"),
+        ({"g": {"weights": dict(type="float", num_bits=8, strategy="group", group_size=True)}}, "group_size"),
+        ({"g": {"weights": dict(type="float", num_bits=8, strategy="block", block_structure=[2**64, 1])}}, "block_structure"),
+    ],
+)
+def test_compressed_tensors_fields_of_the_wrong_type(groups, where):
+    with pytest.raises(UnsupportedSchemeError, match=where):
+        scheme_from_config(qc(quant_method="compressed-tensors", config_groups=groups), "c")
+
+
+def test_a_group_quantizing_only_activations_is_skipped():
+    groups = {"acts": {"weights": None, "input_activations": {}}, "w": {"weights": dict(type="float", num_bits=8, strategy="tensor")}}
+    assert scheme_from_config(qc(quant_method="compressed-tensors", config_groups=groups), "c").granularities == (PerTensor(),)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_keys = st.sampled_from(["quant_method", "weight_block_size", "config_groups", "quant_algo", "quantization",
+                         "weights", "type", "num_bits", "strategy", "block_structure", "group_size"])
+_methods = st.sampled_from(["fp8", "compressed-tensors", "fbgemm_fp8", "modelopt", "gptq"])
+
+
+@st.composite
+def quantization_configs(draw):
+    """Mostly-plausible configs with any JSON at any level: the shapes that reach deep code."""
+    leaf = _json | _methods | st.just(8) | st.just("float") | st.sampled_from(["tensor", "channel", "block", "group"])
+    node = st.recursive(leaf, lambda inner: st.dictionaries(_keys | st.text(max_size=4), inner, max_size=5) | st.lists(inner, max_size=3), max_leaves=16)
+    qcfg = draw(st.dictionaries(_keys, node, max_size=6))
+    if draw(st.booleans()):
+        qcfg["quant_method"] = draw(_methods)
+    return draw(st.sampled_from([{"quantization_config": qcfg}, {"quantization_config": draw(_json)}, qcfg]))
+
+
+@given(config=quantization_configs())
+def test_any_json_gives_a_scheme_none_or_an_unsupported_scheme_error(config):
+    try:
+        s = scheme_from_config(config, "cfg.json")
+    except UnsupportedSchemeError as e:
+        assert str(e).startswith("cfg.json: ") and e.file == "cfg.json"
+    else:
+        assert s is None or s.granularities
