@@ -3,32 +3,96 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
+import re
+import stat
 import sys
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["main"]
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32"}
+_OUT_DTYPES = ("bfloat16", "float16", "float32")
+_FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 _CHECKPOINT_FILES = ("model.safetensors.index.json", "config.json")
+# Weights in another format hold the unconverted model: a copy beside the converted one would be
+# a second, stale set of weights (and often many GB).
+_WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def _named_dtype(name: str, allowed: tuple[str, ...], hint: str) -> Any:
+    import torch
+
+    full = _DTYPES.get(name, name)
+    if full not in allowed:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use {hint}")
+    return getattr(torch, full)
 
 
 def _dtype(name: str) -> Any:
-    import torch
+    return _named_dtype(name, _OUT_DTYPES, "bf16, fp16 or fp32")
+
+
+def _fp8_dtype(name: str) -> Any:
+    return _named_dtype(name, _FP8_DTYPES, "float8_e4m3fn or float8_e5m2")
+
+
+def _scheme(name: str) -> str:
+    from .schemes import NAMED_SCHEMES
+
+    if name not in NAMED_SCHEMES:
+        raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; use one of {', '.join(NAMED_SCHEMES)}")
+    return name
+
+
+def _shard_size(value: str) -> int:
+    from .writer import parse_shard_size
 
     try:
-        return getattr(torch, _DTYPES.get(name, name))
-    except AttributeError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use bf16, fp16 or fp32") from None
+        return parse_shard_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return n
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a regular expression: {e}") from None
+    return value
 
 
 def _mapping(value: str | None) -> Any:
-    """A preset name, ``auto``, or a JSON object of ``{regex: replacement}``."""
-    if value is None or not value.lstrip().startswith("{"):
+    """A preset name, ``auto``, or a JSON object of ``{regex: replacement}``; checked here, before
+    anything is read."""
+    if value is None or value == "auto":
         return value
-    return json.loads(value)
+    from .errors import KeyMappingError
+    from .keymap import KeyMapping
+
+    spec: Any = value
+    if value.lstrip().startswith("{"):
+        try:
+            spec = json.loads(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"key mapping {value!r} is not a JSON object: {e}") from None
+    try:
+        KeyMapping.from_spec(spec)
+    except (KeyMappingError, re.error) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -79,7 +143,7 @@ def _print_report(report: Any) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_checkpoint
 
-    report = inspect_checkpoint(args.path, key_mapping=_mapping(args.key_mapping), scheme=args.scheme)
+    report = inspect_checkpoint(args.path, key_mapping=args.key_mapping, scheme=args.scheme)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()
@@ -88,42 +152,82 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
-def _prepare_destination(src: str, dst: str, force: bool) -> None:
-    if os.path.exists(dst) and os.listdir(dst) and not force:
+def _check_destination(dst: str, force: bool) -> None:
+    if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise FileExistsError(f"{dst} is not empty; pass --force to overwrite")
-    os.makedirs(dst, exist_ok=True)
 
 
-def _copy_side_files(src_root: str, dst: str) -> list[str]:
-    """Copy tokenizer and other small files beside the checkpoint (not shards, index or config)."""
-    copied = []
+def _open_side_files(src_root: str, stack: contextlib.ExitStack) -> dict[str, IO[bytes]]:
+    """Open the tokenizer and other small files beside the checkpoint (not its shards, index or
+    config, nor weights in another format), to be copied in the same atomic replacement as the
+    weights (``save(extra_files=...)``).
+
+    Only regular files are copied (directories, FIFOs, devices are skipped). A file whose real path
+    leaves the checkpoint directory (or, for a Hugging Face cache snapshot, its ``blobs/``) is
+    refused: a link to ``~/.ssh/id_rsa`` named ``tokenizer.json`` must not end up in DST. The check
+    is made on the file opened, so a link swapped in between is caught too.
+
+    Raises:
+        UnsafePathError: a side file that is a link out of the checkpoint directory.
+        CheckpointError: a side file that is a link to nothing.
+    """
+    from ._files import FileIdentity, allowed_roots, inside, open_regular
+    from .errors import CheckpointError, UnsafePathError
+
+    roots = allowed_roots(src_root)
+    files: dict[str, IO[bytes]] = {}
     for name in sorted(os.listdir(src_root)):
-        p = os.path.join(src_root, name)
-        if not os.path.isfile(p) or name.endswith(".safetensors") or name in _CHECKPOINT_FILES or name.startswith("."):
+        if name.startswith(".") or name in _CHECKPOINT_FILES or name.endswith(_WEIGHT_SUFFIXES):
             continue
-        shutil.copy2(p, os.path.join(dst, name))
-        copied.append(name)
-    return copied
+        p = os.path.join(src_root, name)
+        try:
+            if not stat.S_ISREG(os.stat(p).st_mode):
+                continue
+            fd, identity = open_regular(p, "side file")
+        except UnsafePathError:
+            continue  # replaced by something that is not a regular file since the stat
+        except FileNotFoundError:
+            raise CheckpointError(f"{p}: the side file is a link to nothing; fix or remove it", file=p) from None
+        f = stack.enter_context(os.fdopen(fd, "rb"))
+        real = os.path.realpath(p)
+        try:
+            same = FileIdentity.of(os.stat(real)) == identity
+        except OSError:
+            same = False
+        if not same or not inside(real, roots):
+            raise UnsafePathError(
+                f"{p}: the side file is a link that leaves {src_root} (it points to {real}); "
+                f"copy the file itself into {src_root} or remove it",
+                file=p,
+            )
+        files[name] = f
+    return files
 
 
-def _root(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+def _convert(view: Any, args: argparse.Namespace, **options: Any) -> tuple[Any, list[str]]:
+    """``save`` the view to DST with SRC's side files; ``save`` refuses a DST that is SRC or
+    holds SRC's files before anything is written."""
+    from .writer import save
+
+    _check_destination(args.dst, args.force)
+    with contextlib.ExitStack() as stack:
+        side = _open_side_files(view._checkpoint.root, stack)
+        r = save(view, args.dst, max_shard_size=args.max_shard_size, extra_files=side, overwrite=args.force,
+                 progress=_progress(args), **options)
+    return r, list(side)
 
 
 def cmd_dequantize(args: argparse.Namespace) -> int:
-    from . import LazyFP8View, save
+    from . import LazyFP8View
 
     view = LazyFP8View(args.src, dtype=args.dtype, scheme=args.scheme)
-    _prepare_destination(args.src, args.dst, args.force)
-    copied = _copy_side_files(_root(args.src), args.dst)
     config = None
     if view.config is not None:
         config = {k: v for k, v in view.config.items() if k != "quantization_config"}
         for k in ("torch_dtype", "dtype"):
             if k in config:
                 config[k] = str(args.dtype).replace("torch.", "")
-    r = save(view, args.dst, scheme=None, max_shard_size=args.max_shard_size, config=config,
-             overwrite=args.force, progress=_progress(args))
+    r, copied = _convert(view, args, scheme=None, config=config)
     fp8 = sum(view.info(k).scale_key is not None for k in view)
     if not args.quiet:
         print(f"wrote {len(r.files)} file(s), {_mib(r.total_size)}: {fp8} FP8 tensors dequantized to "
@@ -132,19 +236,15 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from . import LazyFP8View, save
+    from . import LazyFP8View
     from .writer import DEFAULT_EXCLUDE
 
     view = LazyFP8View(args.src)
-    _prepare_destination(args.src, args.dst, args.force)
-    copied = _copy_side_files(_root(args.src), args.dst)
     config = None if view.config is None else {k: v for k, v in view.config.items() if k != "quantization_config"}
     block = tuple(args.block_size) if args.block_size else None
-    r = save(
-        view, args.dst, scheme=args.scheme, block_size=block, fp8_dtype=args.fp8_dtype, format=args.format,
-        exclude=args.exclude if args.exclude is not None else DEFAULT_EXCLUDE,
-        max_shard_size=args.max_shard_size, config=config, overwrite=args.force, progress=_progress(args),
-        ue8m0=args.scheme == "mx",
+    r, copied = _convert(
+        view, args, scheme=args.scheme, block_size=block, fp8_dtype=args.fp8_dtype, format=args.format,
+        exclude=args.exclude if args.exclude is not None else DEFAULT_EXCLUDE, config=config, ue8m0=args.scheme == "mx",
     )
     if not args.quiet:
         print(f"wrote {len(r.files)} file(s), {_mib(r.total_size)}: {len(r.quantized)} tensors quantized "
@@ -157,8 +257,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from . import LazyFP8View
 
-    view = LazyFP8View(args.src, key_mapping=_mapping(args.key_mapping), scheme=args.scheme)
-    other = None if args.against is None else LazyFP8View(args.against, key_mapping=_mapping(args.against_key_mapping))
+    view = LazyFP8View(args.src, key_mapping=args.key_mapping, scheme=args.scheme)
+    other = None if args.against is None else LazyFP8View(args.against, key_mapping=args.against_key_mapping)
     worst: list[tuple[float, str]] = []
     problems = []
     total = 0
@@ -212,8 +312,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="what a checkpoint holds and every problem in it (exit 1 on problems)")
     s.add_argument("path")
-    s.add_argument("--key-mapping", help="a preset (mistral3), 'auto' (needs transformers), or a JSON {regex: replacement}")
-    s.add_argument("--scheme", help="override the detected scheme (per-tensor, per-channel, block, mx, auto)")
+    s.add_argument("--key-mapping", type=_mapping,
+                   help="a preset (mistral3), 'auto' (needs transformers), or a JSON {regex: replacement}")
+    s.add_argument("--scheme", type=_scheme, help="override the detected scheme (per-tensor, per-channel, block, mx, auto)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)
 
@@ -221,8 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--dtype", type=_dtype, default="bf16", help="bf16 (default), fp16 or fp32")
-    s.add_argument("--scheme", help="override the detected scheme")
-    s.add_argument("--max-shard-size", default="5GB")
+    s.add_argument("--scheme", type=_scheme, help="override the detected scheme")
+    s.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="a positive size: 5GB (default), 500MB, or bytes")
     s.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
     s.set_defaults(func=cmd_dequantize)
 
@@ -230,20 +331,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--scheme", default="block", choices=["per-tensor", "per-channel", "block", "mx"])
-    s.add_argument("--block-size", type=int, nargs=2, default=[128, 128], metavar=("ROWS", "COLS"))
-    s.add_argument("--fp8-dtype", type=_dtype, default="float8_e4m3fn", help="float8_e4m3fn (default) or float8_e5m2")
+    s.add_argument("--block-size", type=_positive_int, nargs=2, default=[128, 128], metavar=("ROWS", "COLS"))
+    s.add_argument("--fp8-dtype", type=_fp8_dtype, default="float8_e4m3fn", help="float8_e4m3fn (default) or float8_e5m2")
     s.add_argument("--format", default="fp8", choices=["fp8", "compressed-tensors"])
-    s.add_argument("--exclude", nargs="*", help="regexes of keys to keep unquantized (default: lm_head, embeddings)")
-    s.add_argument("--max-shard-size", default="5GB")
+    s.add_argument("--exclude", type=_regex, nargs="*", help="regexes of keys to keep unquantized (default: lm_head, embeddings)")
+    s.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="a positive size: 5GB (default), 500MB, or bytes")
     s.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("verify", help="read every tensor once; with --against, compare tensor by tensor")
     s.add_argument("src")
     s.add_argument("--against")
-    s.add_argument("--key-mapping")
-    s.add_argument("--against-key-mapping")
-    s.add_argument("--scheme")
+    s.add_argument("--key-mapping", type=_mapping)
+    s.add_argument("--against-key-mapping", type=_mapping)
+    s.add_argument("--scheme", type=_scheme)
     s.add_argument("--atol", type=float, help="exit 1 if any max abs error exceeds this")
     s.add_argument("--top", type=int, default=5, help="list the N worst tensors")
     s.set_defaults(func=cmd_verify)

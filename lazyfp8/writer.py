@@ -2,38 +2,84 @@
 
 The inverse of :class:`~lazyfp8.LazyFP8View`: what ``save`` writes, a view reads back. Tensors are
 produced one at a time from the source (a model, a state dict or a lazy view); at most one shard's
-worth of output plus one source tensor is held. Every file is written under a temporary name in
-the destination directory and renamed only when all are complete, the index last; on failure the
-temporary files are removed and nothing that looks like a checkpoint is left.
+worth of output plus one source tensor is held.
+
+What a user may rely on (see ``docs/writing.md`` for how it is tested):
+
+* Everything that can be refused (arguments, keys, values, the destination) is refused before the
+  destination is touched.
+* Every file is written under a temporary name in the destination and put in place by
+  :func:`_commit`, so that at every instant the destination loads as the old checkpoint, as the
+  new one, or not at all, whichever file a reader looks at first.
+* The only files ever removed or replaced are the ones ``save`` itself writes
+  (``model.safetensors``, ``model-XXXXX-of-YYYYY.safetensors``, the index, ``config.json``, the
+  ``extra_files`` names and their ``.<name>.tmp-<pid>`` temporaries), directly inside the
+  destination; a link among them is removed, never followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+import shutil
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Union
 
 import torch
 from torch import nn
 
 from ._checkpoint import CONFIG_NAME, INDEX_NAME
+from ._dtypes import by_torch
+from ._files import open_regular
 from ._progress import ProgressSpec, make_progress
+from .errors import LazyFP8Error
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
+from .quantize import fp8_max
 from .quantize import quantize as _quantize
 from .schemes import Granularity, PerBlock, PerChannel, PerTensor, make_scheme
+from .view import LazyFP8View
 
-__all__ = ["save", "SaveResult", "DEFAULT_EXCLUDE"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["save", "SaveResult", "SaveError", "DEFAULT_EXCLUDE"]
 
 #: Weights left unquantized unless ``exclude`` says otherwise: the output head and embeddings.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|\.)lm_head\.", r"(^|\.)embed")
 
 _FORMATS = {"fp8": "_scale_inv", "compressed-tensors": "_scale"}
 
+#: The file names save writes (besides INDEX_NAME and CONFIG_NAME): huggingface_hub's planner
+#: names one shard ``model.safetensors`` and several ``model-00001-of-00003.safetensors``.
+SINGLE_NAME = "model.safetensors"
+_SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
+_STAGING = "lazyfp8"
+
 Selector = Union[Callable[[str], bool], Iterable[str], None]
+
+
+class SaveError(LazyFP8Error, ValueError):
+    """``save`` refuses what it was asked to write, or where, before touching the destination:
+    the destination is the source, is not a directory, or holds files ``save`` would not own; a
+    key safetensors cannot store; a value that is not a tensor with data.
+
+    Attributes:
+        path: the destination.
+        key: the tensor concerned, or ``None``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +105,20 @@ class SaveResult:
     key_map: dict[str, str]
 
 
+def _ours(name: str) -> bool:
+    """Whether ``name`` is a checkpoint file save writes (and so may remove when overwriting)."""
+    return name in (SINGLE_NAME, INDEX_NAME, CONFIG_NAME) or _SHARD_NAME.fullmatch(name) is not None
+
+
 def _selector(spec: Selector) -> Callable[[str], bool] | None:
     if spec is None or callable(spec):
         return spec  # type: ignore[return-value]
-    patterns = [re.compile(p) for p in spec]
+    if isinstance(spec, str):
+        spec = [spec]  # one regex, not its characters
+    try:
+        patterns = [re.compile(p) for p in spec]
+    except (re.error, TypeError) as e:
+        raise ValueError(f"not a regular expression: {e}") from None
     return lambda key: any(p.search(key) for p in patterns)
 
 
@@ -71,14 +127,16 @@ def _items(source: nn.Module | Mapping[str, Any]) -> tuple[dict[str, Any], list[
     if isinstance(source, nn.Module):
         linear = {f"{n}.weight" if n else "weight" for n, m in source.named_modules() if isinstance(m, nn.Linear)}
         values = source.state_dict(keep_vars=True)
-    else:
+    elif isinstance(source, Mapping):
         linear = set()
         values = source
+    else:
+        raise TypeError(f"save() writes an nn.Module, a state dict or a LazyFP8View, not {type(source).__name__}")
     out: dict[str, Any] = {}
     tied: list[str] = []
     seen: dict[tuple, str] = {}
     for key, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel():
+        if isinstance(value, torch.Tensor) and value.numel() and value.device.type != "meta":
             ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
             if ident in seen:
                 tied.append(key)
@@ -86,6 +144,63 @@ def _items(source: nn.Module | Mapping[str, Any]) -> tuple[dict[str, Any], list[
             seen[ident] = key
         out[key] = value
     return out, tied, linear
+
+
+def _check_key(disk: Any, path: str, runtime: Any = None) -> None:
+    """Refuse a name safetensors cannot store, or stores so that no reader gets it back."""
+    shown = repr(disk) if runtime is None or runtime == disk else f"{runtime!r} (written as {disk!r})"
+    if not isinstance(disk, str):
+        problem = f"is a {type(disk).__name__}; safetensors names tensors with strings"
+    elif not disk:
+        problem = "is empty"
+    elif "\x00" in disk:
+        problem = "holds a NUL character"
+    elif disk == "__metadata__":
+        problem = "is the name safetensors reserves for its metadata"
+    else:
+        try:
+            disk.encode("utf-8")
+            return
+        except UnicodeEncodeError as e:
+            problem = f"holds {disk[e.start]!r}, which UTF-8 cannot encode (a lone surrogate)"
+    raise SaveError(
+        f"{path}: cannot write the tensor {shown}: its name {problem}; rename it (key_mapping=...) or leave it out",
+        path=path,
+        key=disk if isinstance(disk, str) else repr(disk),
+    )
+
+
+def _check_value(key: str, value: Any, path: str) -> None:
+    """Refuse, before anything is written, a value that cannot be read and stored as it is."""
+    if isinstance(value, LazyTensor):
+        return  # a view's tensor: its dtype and shape come from a header that was checked
+    if not isinstance(value, torch.Tensor):
+        problem = f"is a {type(value).__name__}, not a tensor"
+    elif value.device.type == "meta":
+        problem = "is on the meta device and has no data; load the weights first"
+    elif value.layout != torch.strided:
+        problem = f"has layout {value.layout}; convert it with .to_dense()"
+    elif by_torch(value.dtype) is None:
+        problem = f"has dtype {value.dtype}, which safetensors cannot store"
+    else:
+        return
+    raise SaveError(f"{path}: cannot write {key!r}: it {problem}", path=path, key=key)
+
+
+def _check_disk_names(disk_of: dict[str, str], scale_names: dict[str, str], path: str) -> None:
+    """Every on-disk name storable, and no scale taking the name of another tensor."""
+    for runtime, disk in disk_of.items():
+        _check_key(disk, path, runtime)
+    holder = {disk: runtime for runtime, disk in disk_of.items()}
+    for runtime, scale in scale_names.items():
+        if scale in holder:
+            raise SaveError(
+                f"{path}: the scale of {runtime!r} would be written as {scale!r}, the name of the tensor "
+                f"{holder[scale]!r}; rename one of them or leave {runtime!r} unquantized",
+                path=path,
+                key=scale,
+            )
+        _check_key(scale, path, runtime)
 
 
 def _materialize(value: Any) -> torch.Tensor:
@@ -122,11 +237,36 @@ def _quantization_config(g: Granularity, fmt: str, fp8_dtype: torch.dtype, ue8m0
     }
 
 
-def _plan(sizes: dict[str, int], max_shard_size: int | str) -> tuple[dict[str, list[str]], dict[str, Any]]:
+def parse_shard_size(value: int | str) -> int:
+    """``max_shard_size`` in bytes: a positive int, or a size huggingface_hub parses (``"5GB"``,
+    ``"500MB"``); plain digits are bytes.
+
+    Raises:
+        ValueError: zero, negative, or not a size.
+    """
     try:
-        from huggingface_hub import split_state_dict_into_shards_factory
+        from huggingface_hub.serialization._base import parse_size_to_int
     except ImportError:  # pragma: no cover - exercised only without the extra
         raise ImportError("lazyfp8.save plans shards with huggingface_hub: pip install 'lazyfp8[save]'") from None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        try:
+            n = parse_size_to_int(value)
+        except (ValueError, OverflowError) as e:
+            raise ValueError(f"max_shard_size {value!r} is not a size: {e}") from None
+    else:
+        raise ValueError(f"max_shard_size must be bytes (an int) or a size like '5GB', not {value!r}")
+    if n <= 0:
+        raise ValueError(f"max_shard_size must be a positive size, got {value!r}")
+    return n
+
+
+def _plan(sizes: dict[str, int], max_shard_size: int) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    from huggingface_hub import split_state_dict_into_shards_factory
+
     split = split_state_dict_into_shards_factory(
         sizes,
         get_storage_size=lambda n: n,
@@ -136,12 +276,269 @@ def _plan(sizes: dict[str, int], max_shard_size: int | str) -> tuple[dict[str, l
     return split.filename_to_tensors, split.metadata
 
 
-def _write_json(obj: Any, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def _json_text(obj: Any, what: str, path: str) -> str:
+    try:
+        return json.dumps(obj, indent=2) + "\n"
+    except (TypeError, ValueError) as e:
+        raise SaveError(f"{path}: {what} cannot be written as JSON: {e}", path=path) from None
+
+
+def _extra_names(extra_files: Mapping[str, Any] | None, path: str) -> dict[str, Any]:
+    """``extra_files`` checked to hold plain names that no reader takes for checkpoint files."""
+    out = dict(extra_files or {})
+    for name in out:
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name or "\x00" in name:
+            raise SaveError(f"{path}: extra file name {name!r} is not a plain file name", path=path)
+        if name.startswith(".") or name.endswith(".safetensors") or _ours(name) or name.endswith(".index.json"):
+            raise SaveError(
+                f"{path}: extra file name {name!r} is reserved: hidden names are save's temporaries, and "
+                "*.safetensors, *.index.json and config.json are the checkpoint's own files",
+                path=path,
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The destination
+
+
+def _files_of(view: LazyFP8View) -> list[str]:
+    """Every file a view reads: shards, index and config.json."""
+    ckpt = view._checkpoint
+    files = list(view.files)
+    if ckpt.index_path is not None:
+        files.append(ckpt.index_path)
+    config = os.path.join(ckpt.root, CONFIG_NAME)
+    if os.path.exists(config):
+        files.append(config)
+    return files
+
+
+def _check_not_source(path: str, sources: Iterable[Any]) -> None:
+    """Refuse a destination that is, or holds a file of, a view being read.
+
+    The directory itself (the same real path, or the same (st_dev, st_ino) through a bind mount
+    or a link), a file of the view directly inside it, or a file in it that is one of the view's
+    under another name (a hard link or a symlink) all count: overwriting would destroy the source.
+    """
+    real = os.path.realpath(path)
+    try:
+        dst = os.stat(path)
+    except OSError:
+        return  # nothing there yet: nothing of the source either
+    inside_dst: dict[tuple[int, int], str] = {}
+    if stat.S_ISDIR(dst.st_mode):
+        for name in os.listdir(path):
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(path, name))
+                inside_dst[(st.st_dev, st.st_ino)] = name
+    for view in sources:
+        if not isinstance(view, LazyFP8View):
+            continue
+        root = view._checkpoint.root
+        with contextlib.suppress(OSError):
+            if os.path.samefile(root, path):
+                raise SaveError(f"{path} is the directory of the checkpoint being read ({root}); "
+                                "write to another directory", path=path)
+        for f in _files_of(view):
+            clash = os.path.dirname(os.path.realpath(f)) == real
+            with contextlib.suppress(OSError):
+                st = os.stat(f)
+                clash = clash or (st.st_dev, st.st_ino) in inside_dst
+            if clash:
+                raise SaveError(
+                    f"{path} holds {f}, a file of the checkpoint being read ({root}); writing there "
+                    "would destroy the source: write to another directory",
+                    path=path,
+                )
+
+
+def _survey(path: str, overwrite: bool) -> tuple[set[str], bool]:
+    """(checkpoint files of ours in ``path`` but config.json, whether config.json is there),
+    refusing a destination that cannot be overwritten safely."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise SaveError(f"{path} is a link to nothing; remove it or point it at a directory", path=path) from None
+        return set(), False
+    except OSError as e:
+        raise SaveError(f"{path}: cannot use it as the destination: {e.strerror}", path=path) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SaveError(f"{path} exists and is not a directory ({stat.filemode(st.st_mode)}); save writes a "
+                        "directory: pass another path", path=path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SaveError(f"{path}: the directory is not writable", path=path)
+    ours, foreign = set(), []
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        if _ours(name):
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                raise SaveError(f"{p} is a directory where save writes a file; remove it", path=path)
+            ours.add(name)
+        elif name.endswith(".safetensors"):
+            foreign.append(name)
+    config = CONFIG_NAME in ours
+    ours.discard(CONFIG_NAME)
+    if (ours or foreign) and not overwrite:
+        shown = ", ".join(sorted(ours | set(foreign))[:3])
+        raise FileExistsError(f"{path} already holds a checkpoint ({shown}); pass overwrite=True")
+    if foreign:
+        # A reader takes a lone *.safetensors file for a checkpoint: once the old files are gone
+        # and before the new ones are in, the destination would load as that file.
+        raise SaveError(
+            f"{path} holds {', '.join(sorted(foreign)[:3])}, which save did not write and will not "
+            "remove; with it there the destination cannot be replaced atomically: move it away or "
+            "write to another directory",
+            path=path,
+        )
+    return ours, config
+
+
+def _make_directory(path: str) -> None:
+    if os.path.isdir(path):
+        return
+    try:
+        os.makedirs(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise SaveError(f"{path} exists and is not a directory", path=path) from None
+        return
+    except OSError as e:
+        raise SaveError(f"{path}: cannot create the destination directory: {e.strerror}", path=path) from None
+    # A umask that leaves the owner no write access would make the directory just created
+    # unusable to the save that created it (mkdir -p gives its parents u+wx for the same reason).
+    mode = os.stat(path).st_mode
+    if mode & 0o700 != 0o700:
+        os.chmod(path, stat.S_IMODE(mode) | 0o700)
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the destination directory: two saves into one directory
+    would interleave their renames into a mix. Where the file system has no locks (some network
+    file systems), saves are not serialized."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SaveError(f"{path}: another save is writing there; wait for it to finish", path=path) from None
+            except OSError:
+                pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_dead_temporaries(path: str) -> None:
+    """Remove what writers that were killed (their process is gone) left in ``path``: their
+    staging directories ``.lazyfp8.tmp-<pid>``, and the ``.<name>.tmp-<pid>`` files that earlier
+    versions wrote for our own file names. Anything else that merely looks like a temporary is a
+    user's and stays."""
+    for entry in os.listdir(path):
+        m = _TEMPORARY.fullmatch(entry)
+        if m is None or not (m["name"] == _STAGING or _ours(m["name"])):
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue  # another writer is at work here
+        p = os.path.join(path, entry)
+        if m["name"] == _STAGING and stat.S_ISDIR(os.lstat(p).st_mode):
+            shutil.rmtree(p, ignore_errors=True)  # removes links inside, never follows them
+        else:
+            _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False  # no process has that pid
+    return True
+
+
+def _remove(p: str) -> None:
+    """Remove a file or a link (never what it points to); a directory is left alone."""
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        os.remove(p)
+
+
+class _Staging:
+    """A private directory ``.lazyfp8.tmp-<pid>`` in the destination where every new file is
+    written under its final name, to be moved into the destination by :func:`_commit`.
+
+    A directory rather than ``.<name>.tmp-<pid>`` files beside the checkpoint: safetensors
+    itself writes through a randomly named temporary in the directory of the target, which a
+    killed writer would leave behind with no name to tell whose it is. Inside the staging
+    directory it goes with everything else."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, f".{_STAGING}.tmp-{os.getpid()}")
+        if os.path.lexists(self.path):  # left by an earlier save of this process that was interrupted
+            self.discard()
+        os.mkdir(self.path, 0o700)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def write(self, name: str, data: str | IO[bytes]) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        with os.fdopen(os.open(self.file(name), flags, 0o600), "wb") as f:
+            if isinstance(data, str):
+                f.write(data.encode("utf-8"))
+            else:
+                shutil.copyfileobj(data, f)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+
+    def discard(self) -> None:
+        if os.path.islink(self.path):
+            _remove(self.path)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _commit(path: str, staging: _Staging, new: list[str], old: set[str], drop_config: bool) -> None:
+    """Replace the old checkpoint in ``path`` by the new files ``new``, already written in
+    ``staging``; the last of ``new`` is the file that makes ``path`` loadable.
+
+    Claim: at every instant between two of these calls, ``path`` loads as the old checkpoint,
+    the new one, or not at all, whether a reader prefers ``model.safetensors`` over the index
+    (transformers) or the index over ``model.safetensors``. A reader loads ``path`` through
+    exactly one of: ``model.safetensors``; the index; a lone ``*.safetensors`` file that is not
+    shard i of n > 1 (``_survey`` refused every name but ours, so this is ``model.safetensors``
+    again). config.json is read with whichever loads, and decides how its shards are read.
+
+    1. Disable the old checkpoint, entry points first. The index goes first: a reader that
+       prefers the index then falls to model.safetensors, which is still the old one; then
+       model.safetensors: with both entry points gone, what is left is old shards, two or more or
+       one that is i-of-n > 1, which every reader refuses; then the old shards one by one (still
+       refused); then the old config.json, if no new one replaces it. Up to here the old
+       checkpoint loads whole (old shards + old config) or nothing does.
+    2. Put in place everything that does not make ``path`` loadable: config.json (a new config
+       beside no loadable shards loads nothing), the extra files, then every shard but
+       ``loadable`` (new shards with no index: refused, as above).
+    3. Last, ``loadable``: the index of the new shards or the single model.safetensors. The
+       moment it appears, everything it reads is new.
+
+    ``os.replace`` and ``os.remove`` are atomic on one file system; a process killed between
+    them leaves the staging directory (removed by the next save) and one of the three states.
+    """
+    entry_first = sorted(old, key=lambda n: (n != INDEX_NAME, n != SINGLE_NAME, n))
+    for name in entry_first:
+        _remove(os.path.join(path, name))
+    if drop_config:
+        _remove(os.path.join(path, CONFIG_NAME))
+    for name in new:
+        os.replace(staging.file(name), os.path.join(path, name))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def save(
@@ -159,6 +556,7 @@ def save(
     scales: Mapping[str, torch.Tensor] | Any = None,
     max_shard_size: int | str = "5GB",
     config: dict[str, Any] | None = None,
+    extra_files: Mapping[str, str | os.PathLike[str] | IO[bytes]] | None = None,
     overwrite: bool = False,
     progress: ProgressSpec = None,
 ) -> SaveResult:
@@ -184,9 +582,15 @@ def save(
         scales: runtime key -> scale to reuse instead of ``amax / fp8_max``, or a
             :class:`LazyFP8View` whose stored scales to reuse: re-saving a view's tensors with its
             own scales reproduces its FP8 bytes exactly.
-        max_shard_size: as in ``huggingface_hub`` (``"5GB"``, or bytes).
+        max_shard_size: as in ``huggingface_hub`` (``"5GB"``, or bytes); must be positive.
         config: written as ``config.json`` with ``quantization_config`` describing the result.
-        overwrite: replace an existing checkpoint in ``path`` (its stale shards are removed).
+        extra_files: file name -> path or binary file object, copied byte for byte beside the
+            checkpoint (a tokenizer...) in the same atomic replacement: they are in place before
+            the checkpoint becomes loadable. Names must be plain, not hidden, and not checkpoint
+            files (``*.safetensors``, ``*.index.json``, ``config.json``).
+        overwrite: replace the checkpoint in ``path``: its index, ``model*.safetensors`` shards
+            and ``config.json`` (removed when ``config`` is ``None``). At every instant ``path``
+            loads as the old checkpoint, the new one, or not at all; no other file is touched.
         progress: ``True`` for a bar on stderr (tqdm), or ``callback(done_bytes, total_bytes, key)``.
 
     Returns:
@@ -194,23 +598,41 @@ def save(
 
     Raises:
         FileExistsError: ``path`` holds a checkpoint and ``overwrite`` is false.
+        SaveError: ``path`` is (or holds a file of) a view being read, is not a directory, holds
+            a ``*.safetensors`` file save did not write, or another save is writing there; a key
+            safetensors cannot store (not a string, empty, NUL, a lone surrogate, a scale name
+            taken by another tensor); a value that is not a tensor with data.
+        ValueError: a bad argument (``max_shard_size``, ``format``, ``scheme``...).
         NonFiniteError: a tensor to quantize holds NaN or an infinity (naming it).
         KeyMappingError: the key mapping does not round-trip on the keys.
     """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path must be a directory path, got {path!r}")
     path = os.fspath(path)
+    # -- Everything that can be refused is refused here, before the destination is touched. --
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
     gran = None if scheme is None else make_scheme(scheme, block_size).granularities[0]  # type: ignore[union-attr]
     if format == "fp8" and isinstance(gran, PerChannel):
         raise ValueError("the HF 'fp8' format has no per-channel scales; use format='compressed-tensors'")
-    # Settled before any tensor is read: a config that cannot be written must not cost a save.
-    cfg = None if config is None else dict(config)
-    if cfg is not None and gran is not None:
-        cfg["quantization_config"] = _quantization_config(gran, format, fp8_dtype, ue8m0)
+    if gran is not None:
+        fp8_max(fp8_dtype)  # an FP8 dtype, or a ValueError naming the allowed ones
+    shard_bytes = parse_shard_size(max_shard_size)
+    cfg_text = None
+    if config is not None:
+        cfg = dict(config)
+        if gran is not None:
+            cfg["quantization_config"] = _quantization_config(gran, format, fp8_dtype, ue8m0)
+        cfg_text = _json_text(cfg, "config", path)
+    extras = _extra_names(extra_files, path)
     suffix = _FORMATS[format]
     chosen = _selector(quantize)
-    excluded = _selector(list(exclude)) or (lambda key: False)
+    excluded = _selector(exclude if isinstance(exclude, str) else list(exclude)) or (lambda key: False)
     items, tied, linear = _items(source)
+    for k, v in items.items():
+        if not isinstance(k, str):
+            _check_key(k, path)
+        _check_value(k, v, path)
     mapping = KeyMapping.from_spec(key_mapping)
     disk_of = {runtime: disk for disk, runtime in mapping.build_inverse(items).items()}
 
@@ -230,6 +652,7 @@ def save(
             raise ValueError(f"format='compressed-tensors' names scales '<module>.weight_scale'; {k!r} is not a weight")
         if isinstance(gran, PerChannel) and len(items[k].shape) < 2:
             raise ValueError(f"per-channel scales need a 2-D weight; {k!r} has shape {list(items[k].shape)}")
+    _check_disk_names(disk_of, {k: disk_of[k] + suffix for k in quantized}, path)
 
     sizes = {}
     for k, v in items.items():
@@ -238,61 +661,58 @@ def save(
             sizes[k] = n + 4 * int(torch.Size(gran.scale_shape(tuple(v.shape))).numel())  # type: ignore[union-attr]
         else:
             sizes[k] = n * v.dtype.itemsize
-    files, metadata = _plan(sizes, max_shard_size)
-
-    os.makedirs(path, exist_ok=True)
-    _remove_dead_temporaries(path)
-    index_path = os.path.join(path, INDEX_NAME)
-    old_files = _existing(path, index_path)
-    if old_files and not overwrite:
-        raise FileExistsError(f"{path} already holds a checkpoint ({', '.join(sorted(old_files)[:3])}); pass overwrite=True")
-
-    scale_source = _scale_lookup(scales)
-    written: list[str] = []
-    bar = make_progress(progress, sum(sizes.values()), "writing")
-    try:
+    files, metadata = _plan(sizes, shard_bytes)
+    index_text = None
+    if len(files) > 1:
+        weight_map = {}
         for fname, keys in files.items():
-            shard: dict[str, torch.Tensor] = {}
             for k in keys:
-                t = _materialize(items[k])
-                disk = disk_of[k]
+                weight_map[disk_of[k]] = fname
                 if k in qset:
-                    given = scale_source(k)
-                    codes, s = _quantize(t, gran, fp8_dtype, ue8m0=ue8m0, scale=given, name=k)  # type: ignore[arg-type]
-                    shard[disk] = codes
-                    shard[disk + suffix] = s.contiguous()
-                else:
-                    shard[disk] = t
-                del t
-                bar.update(sizes[k], k)
-            tmp = os.path.join(path, f".{fname}.tmp-{os.getpid()}")
-            written.append(tmp)
-            _save_file(shard, tmp)
-            del shard
-        if cfg is not None:
-            _write_json(cfg, os.path.join(path, CONFIG_NAME))
-        for tmp, fname in zip(written, files):
-            os.replace(tmp, os.path.join(path, fname))
-        written = []
-        if len(files) > 1:
-            weight_map = {}
+                    weight_map[disk_of[k] + suffix] = fname
+        index_text = _json_text({"metadata": metadata, "weight_map": weight_map}, "the index", path)
+    _check_not_source(path, [source, scales])
+    _survey(path, overwrite)
+
+    # -- Write every file as a temporary, then put them in place (see _commit). --
+    _make_directory(path)
+    scale_source = _scale_lookup(scales)
+    with _locked(path):
+        _remove_dead_temporaries(path)
+        old, old_config = _survey(path, overwrite)  # again: the directory may have changed
+        staging = _Staging(path)
+        bar = make_progress(progress, sum(sizes.values()), "writing")
+        try:
             for fname, keys in files.items():
+                shard: dict[str, torch.Tensor] = {}
                 for k in keys:
-                    weight_map[disk_of[k]] = fname
+                    t = _materialize(items[k])
+                    disk = disk_of[k]
                     if k in qset:
-                        weight_map[disk_of[k] + suffix] = fname
-            _write_json({"metadata": metadata, "weight_map": weight_map}, index_path)
-        elif os.path.exists(index_path):
-            os.remove(index_path)
-    finally:
-        bar.close()
-        for tmp in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    for stale in old_files - set(files):
-        p = os.path.join(path, stale)
-        if os.path.exists(p):
-            os.remove(p)
+                        given = scale_source(k)
+                        codes, s = _quantize(t, gran, fp8_dtype, ue8m0=ue8m0, scale=given, name=k)  # type: ignore[arg-type]
+                        shard[disk] = codes
+                        shard[disk + suffix] = s.contiguous()
+                    else:
+                        shard[disk] = t
+                    del t
+                    bar.update(sizes[k], k)
+                _save_file(shard, staging.file(fname))
+                del shard
+            if cfg_text is not None:
+                staging.write(CONFIG_NAME, cfg_text)
+            for name, value in extras.items():
+                _copy_extra(staging, name, value)
+            if index_text is not None:
+                staging.write(INDEX_NAME, index_text)
+            # The file that makes the destination loadable goes last: the index, or the single shard.
+            new = ([CONFIG_NAME] if cfg_text is not None else []) + list(extras) + list(files)
+            if index_text is not None:
+                new.append(INDEX_NAME)
+            _commit(path, staging, new, old, drop_config=old_config and cfg_text is None and bool(old))
+        finally:
+            bar.close()
+            staging.discard()
     return SaveResult(
         path=path,
         files=list(files),
@@ -304,45 +724,13 @@ def save(
     )
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
-
-
-def _remove_dead_temporaries(path: str) -> None:
-    """Remove temporary files left by writers that were killed (their process is gone)."""
-    for name in os.listdir(path):
-        m = _TEMPORARY.match(name)
-        if m is None:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and _alive(pid):
-            continue  # another writer is at work here
-        try:
-            os.remove(os.path.join(path, name))
-        except FileNotFoundError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _existing(path: str, index_path: str) -> set[str]:
-    """Checkpoint files already in ``path``: the index's shards and any ``*.safetensors``."""
-    names = {f for f in os.listdir(path) if f.endswith(".safetensors")}
-    if os.path.isfile(index_path):
-        names.add(INDEX_NAME)
-        try:
-            with open(index_path) as f:
-                names |= set(json.load(f).get("weight_map", {}).values())
-        except (ValueError, AttributeError, OSError):
-            pass
-    return names
+def _copy_extra(staging: _Staging, name: str, value: Any) -> None:
+    if hasattr(value, "read"):
+        staging.write(name, value)
+        return
+    fd, _ = open_regular(os.fspath(value), f"extra file {name!r}")
+    with os.fdopen(fd, "rb") as f:
+        staging.write(name, f)
 
 
 def _scale_lookup(scales: Any) -> Callable[[str], torch.Tensor | None]:

@@ -1,16 +1,16 @@
 """A converter killed mid-way (SIGKILL: no cleanup code runs) leaves nothing that loads.
 
-``lazyfp8 dequantize``, ``lazyfp8 quantize`` and ``lazyfp8.save`` write every shard under a
-temporary name (``.<shard>.tmp-<pid>``), then rename them, then write the index. Each test runs
+``lazyfp8 dequantize``, ``lazyfp8 quantize`` and ``lazyfp8.save`` write every file into a staging
+directory ``DST/.lazyfp8.tmp-<pid>/``, then move them into DST, the index last. Each test runs
 the real command in a child process on a ~50 MB checkpoint with small ``--max-shard-size`` (~25
 shards), kills it at several moments, then checks that the destination holds no index, no file
 with a final shard name (``*.safetensors``), and that ``LazyFP8View`` and ``inspect_checkpoint``
 both refuse it with ``MissingShardError`` rather than loading part of it.
 
-Temporary files may be left behind: SIGKILL gives the child no chance to remove them. They are
-harmless to a reader: their names end in ``.tmp-<pid>`` (shards' also start with a dot), so no
-reader takes them for a shard (``*.safetensors``) or an index, and no index names them. A rerun with ``--force`` must then
-succeed and produce the right checkpoint.
+The staging directory may be left behind: SIGKILL gives the child no chance to remove it. It is
+harmless to a reader (a hidden subdirectory: no reader looks for shards or an index there) and the
+next save into DST removes it once its process is gone. A rerun with ``--force`` must then succeed
+and produce the right checkpoint.
 
 Shards are written in a few milliseconds, so that every kill point comes well before the end
 the child is slowed down: a ``sitecustomize`` put on its ``PYTHONPATH`` wraps
@@ -21,6 +21,7 @@ N-th shard rename (``LAZYFP8_TEST_KILL_AFTER_RENAMES``), a moment too short to h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ from lazyfp8.inspection import inspect_checkpoint
 from tests.helpers import bits
 
 INDEX = "model.safetensors.index.json"
-# shards: ".<name>.safetensors.tmp-<pid>"; config.json and the index: "<name>.tmp-<pid>"
+# the staging directory ".lazyfp8.tmp-<pid>" (earlier versions: ".<name>.tmp-<pid>" files)
 TEMPORARY = re.compile(r"^.+\.tmp-(\d+)$")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,14 +117,23 @@ def temporaries(dst):
     return sorted(n for n in os.listdir(dst) if TEMPORARY.match(n)) if os.path.isdir(dst) else []
 
 
+def staged(dst):
+    """Shards written so far into staging directories, under their final names."""
+    out = []
+    for t in temporaries(dst):
+        with contextlib.suppress(OSError):  # the child may be removing it
+            out += [f"{t}/{n}" for n in os.listdir(os.path.join(dst, t)) if n.endswith(".safetensors")]
+    return sorted(out)
+
+
 # Kill points: (name, predicate on the destination, pause after each shard file). The pause makes
 # every point come long before the child could finish, however slow the machine; a shard itself
 # is still written at full speed, so the kill when the second one appears usually lands while
 # safetensors is writing it (a partial temporary).
 POINTS = [
     ("destination_created", lambda dst: os.path.isdir(dst), 0.05),
-    ("second_temporary_shard_appears", lambda dst: len(temporaries(dst)) >= 2, 0.12),
-    ("eight_temporary_shards", lambda dst: len(temporaries(dst)) >= 8, 0.12),
+    ("second_temporary_shard_appears", lambda dst: len(staged(dst)) >= 2, 0.12),
+    ("eight_temporary_shards", lambda dst: len(staged(dst)) >= 8, 0.12),
 ]
 
 
@@ -154,7 +164,7 @@ def assert_nothing_loads(dst):
     assert INDEX not in names
     assert [n for n in names if n.endswith(".safetensors")] == []
     # Left: temporaries (see the module docstring) and the small side files written first.
-    assert all(TEMPORARY.match(n) or n == "config.json" for n in names), names
+    assert [n for n in names if not (TEMPORARY.match(n) or n == "config.json")] == []
     with pytest.raises(MissingShardError, match=re.escape(str(dst))):
         LazyFP8View(dst)
     with pytest.raises(MissingShardError):
@@ -176,8 +186,7 @@ def interrupt_then_force(tmp_path, hook_dir, cmd, reference, expect_shards):
         dst = str(tmp_path / name)
         kill_when(cmd(dst), dst, ready, child_env(hook_dir, LAZYFP8_TEST_WRITE_DELAY=delay))
         assert_nothing_loads(dst)
-    stale = temporaries(dst)
-    assert len(stale) >= 8
+    assert len(staged(dst)) >= 8
     r = subprocess.run(cmd(dst) + ["--force"], cwd=REPO, env=child_env(hook_dir), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     with open(os.path.join(dst, INDEX)) as f:
@@ -185,7 +194,7 @@ def interrupt_then_force(tmp_path, hook_dir, cmd, reference, expect_shards):
     assert len(shards) >= expect_shards
     assert_same_checkpoint(dst, reference)
     # the rerun's own temporaries are gone, and so are the killed run's
-    assert [n for n in temporaries(dst) if n not in stale] == []
+    assert temporaries(dst) == []
     return dst
 
 
@@ -230,7 +239,7 @@ def test_save_killed_at_any_point(tmp_path, hook_dir):
 def test_force_rerun_leaves_no_temporaries(tmp_path, hook_dir, src):
     dst = str(tmp_path / "dst")
     cmd = cli("quantize", src, "--scheme", "per-tensor", "--max-shard-size", "2MB")
-    kill_when(cmd(dst), dst, lambda d: len(temporaries(d)) >= 3, child_env(hook_dir, LAZYFP8_TEST_WRITE_DELAY=0.12))
+    kill_when(cmd(dst), dst, lambda d: len(staged(d)) >= 3, child_env(hook_dir, LAZYFP8_TEST_WRITE_DELAY=0.12))
     assert temporaries(dst)
     r = subprocess.run(cmd(dst) + ["--force"], cwd=REPO, env=child_env(hook_dir), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
