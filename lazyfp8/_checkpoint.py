@@ -72,20 +72,30 @@ def _load_json(path: str, what: str) -> Any:
     return parse_json(raw, path, what)
 
 
-def _similar_names(root: str, name: str) -> list[str]:
-    """Files in ``root`` whose name equals ``name`` up to case and Unicode normalisation: what
-    an index written on macOS or Windows may have meant (an error message hint only)."""
+class _Folded:
+    """The names in ``root`` by their case- and normalisation-folded form, listed on first use:
+    what an index written on macOS or Windows may have meant (an error message hint only)."""
 
-    def fold(s: str) -> str:
-        return unicodedata.normalize("NFC", s).casefold()
+    def __init__(self, root: str):
+        self.root = root
+        self._by_fold: dict[str, list[str]] | None = None
 
-    try:
-        return [f for f in os.listdir(root) if f != name and fold(f) == fold(name)]
-    except (OSError, ValueError):
-        return []
+    @staticmethod
+    def fold(name: str) -> str:
+        return unicodedata.normalize("NFC", name).casefold()
+
+    def like(self, name: str) -> list[str]:
+        if self._by_fold is None:
+            self._by_fold = {}
+            try:
+                for f in os.listdir(self.root):
+                    self._by_fold.setdefault(self.fold(f), []).append(f)
+            except (OSError, ValueError):
+                pass
+        return [f for f in self._by_fold.get(self.fold(name), []) if f != name]
 
 
-def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[str]) -> str:
+def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[str], folded: _Folded) -> str:
     if not isinstance(name, str) or not name:
         raise CorruptCheckpointError(
             f"{index_path}: weight_map entry for {key!r} must be a file name, found {name!r}",
@@ -102,6 +112,18 @@ def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[
             key=key,
         )
     path = os.path.join(root, name)
+    # lexists first (one lstat), so an index of a million absent names fails fast. It is not
+    # exists(): a dangling or looping link is not absent but broken, and read_header says so
+    # (as it does for a FIFO or device, which must be refused before anything opens it).
+    if not os.path.lexists(path):
+        similar = folded.like(name)
+        hint = f" ({', '.join(map(repr, similar))} differs only in case or Unicode normalisation)" if similar else ""
+        raise MissingShardError(
+            f"{index_path}: shard {name!r} (holding {key!r}) does not exist in {root}{hint}; "
+            "the download is incomplete",
+            file=path,
+            key=key,
+        )
     if not inside(path, roots):
         raise UnsafePathError(
             f"{index_path}: shard {name!r} for {key!r} is a link that leaves the checkpoint "
@@ -109,20 +131,9 @@ def _resolve_shard(root: str, name: Any, key: str, index_path: str, roots: list[
             file=path,
             key=key,
         )
-    # lexists: a dangling or looping link is not "absent" but broken, and read_header says so
-    # (as it does for a FIFO or device, which must be refused before anything opens it).
     if os.path.isdir(path):
         raise MissingShardError(
             f"{index_path}: shard {name!r} (holding {key!r}) is a directory, not a file",
-            file=path,
-            key=key,
-        )
-    if not os.path.lexists(path):
-        similar = _similar_names(root, name)
-        hint = f" ({', '.join(map(repr, similar))} differs only in case or Unicode normalisation)" if similar else ""
-        raise MissingShardError(
-            f"{index_path}: shard {name!r} (holding {key!r}) does not exist in {root}{hint}; "
-            "the download is incomplete",
             file=path,
             key=key,
         )
@@ -151,13 +162,14 @@ def _read_index(root: str, index_path: str, problems: list[CheckpointError] | No
                 file=index_path,
             )
     roots = allowed_roots(root)
+    folded = _Folded(root)
     resolved: dict[str, str] = {}
     by_name: dict[str, str | None] = {}
     for key, name in weight_map.items():
         hashable = name if isinstance(name, str) else repr(name)
         if hashable not in by_name:
             try:
-                by_name[hashable] = _resolve_shard(root, name, key, index_path, roots)
+                by_name[hashable] = _resolve_shard(root, name, key, index_path, roots, folded)
             except CheckpointError as e:
                 raise_or_collect(problems, e)
                 by_name[hashable] = None

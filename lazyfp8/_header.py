@@ -131,7 +131,9 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
         )
     data_start = 8 + n
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null, as safetensors allows; 0 or [] are damage
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

@@ -25,6 +25,7 @@ import collections
 import ctypes
 import errno
 import os
+import stat
 import threading
 
 import torch
@@ -201,8 +202,8 @@ class ShardFile:
 
     def _changed(self, key: str, how: str) -> ShardChangedError:
         return ShardChangedError(
-            f"{self.path}: reading {key!r}: the file {how} since the view was opened; "
-            "its header no longer describes it: open a new view",
+            f"{self.path}: reading {key!r}: the file changed since the view was opened ({how}); "
+            "its header no longer describes it: open a new view on the current files",
             file=self.path,
             key=key,
         )
@@ -217,14 +218,15 @@ class ShardFile:
                 if e.errno in (errno.EMFILE, errno.ENFILE) and attempt == 0:
                     _DESCRIPTORS.shrink(0)  # out of descriptors: give back every idle one, retry
                     continue
-                raise self._changed(key, f"could not be opened again ({e.strerror or e})") from e
-            except CheckpointError as e:  # no longer a regular file
-                raise self._changed(key, f"was replaced ({e})") from None
+                raise self._changed(key, f"it can no longer be opened: {e.strerror or e}") from e
+            except CheckpointError:  # no longer a regular file
+                mode = _mode(self.path)
+                raise self._changed(key, f"it is no longer a regular file: {mode}") from None
         if self.identity is None:
             self.identity = found
         elif found != self.identity:
             os.close(fd)
-            raise self._changed(key, f"was replaced or rewritten ({_differences(self.identity, found)})")
+            raise self._changed(key, _differences(self.identity, found))
         return fd
 
     def check(self, key: str) -> None:
@@ -240,7 +242,7 @@ class ShardFile:
         finally:
             _DESCRIPTORS.release(slot, self, 0)
         if found != self.identity:
-            raise self._changed(key, f"was rewritten ({_differences(self.identity, found)})")
+            raise self._changed(key, _differences(self.identity, found))
 
     def read_into(self, dst: torch.Tensor, offset: int, key: str) -> None:
         """Fill contiguous CPU tensor ``dst`` with ``dst.nbytes`` bytes from file ``offset``.
@@ -259,8 +261,8 @@ class ShardFile:
                 if n == 0:
                     raise self._changed(
                         key,
-                        f"was truncated (it ended after {offset + done} bytes, but {key!r} needs "
-                        f"bytes up to {offset + total})",
+                        f"it was truncated: it ended after {offset + done} bytes, but {key!r} needs "
+                        f"bytes up to {offset + total}",
                     )
                 done += n
         finally:
@@ -302,7 +304,14 @@ def _differences(was: FileIdentity, now: FileIdentity) -> str:
     if (was.device, was.inode) != (now.device, now.inode):
         return "another file now has its name"
     if now.size < was.size:
-        return f"truncated: {was.size} bytes then, {now.size} now"
+        return f"it was truncated: {was.size} bytes then, {now.size} now"
     if now.size != was.size:
-        return f"grown: {was.size} bytes then, {now.size} now"
-    return "same size, modified since"
+        return f"it has grown: {was.size} bytes then, {now.size} now"
+    return "it was modified in place: same size, another mtime"
+
+
+def _mode(path: str) -> str:
+    try:
+        return stat.filemode(os.stat(path).st_mode)
+    except OSError as e:
+        return e.strerror or str(e)
