@@ -12,6 +12,7 @@ installed) run the same tables faster than a memcpy of the output.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 
@@ -53,6 +54,17 @@ class Workspace:
 
 
 _local = threading.local()
+
+
+def _after_fork_in_child() -> None:
+    # A child forked while this thread was inside a read (from a signal handler, say) would hand
+    # a nested read the buffers the interrupted one still writes into: give the child new ones.
+    global _local
+    _local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def thread_workspace() -> Workspace:

@@ -145,6 +145,22 @@ def _mode() -> str:
 _compile_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    global _compile_lock
+    _compile_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    # A fork waits for a compilation in progress in another thread: the child then inherits the
+    # finished kernels, never a held lock or LLVM stopped half-way through code generation (its
+    # own locks would stay held in the child, where the compiling thread does not exist).
+    os.register_at_fork(
+        before=lambda: _compile_lock.acquire(),
+        after_in_parent=lambda: _compile_lock.release(),
+        after_in_child=_after_fork_in_child,
+    )
+
+
 @functools.cache
 def _compile(allow_vector: bool = True) -> JitKernels | None:
     if sys.byteorder != "little":

@@ -20,6 +20,21 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    # A forked child has none of the pool's threads, but the executor object still counts them as
+    # idle and would queue work for them forever (os.fork, DataLoader and multiprocessing "fork"
+    # workers). The lock may have been held by a thread that does not exist here. Start afresh.
+    # (torch's own OpenMP pool is not ours to reset: parallel torch ops on the thread that forked
+    # hang in the child whatever lazyfp8 does; torch.utils.data workers set one thread for that.)
+    global _pool, _lock
+    _pool = None
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def default_threads() -> int:
     """Workers per tensor: the CPUs this process may use, at most 4 (beyond that a load is bound
     by memory bandwidth, not by arithmetic)."""

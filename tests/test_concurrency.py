@@ -13,10 +13,18 @@ to a serial read. Then several models loaded at once from one view.
 from __future__ import annotations
 
 import concurrent.futures
+import faulthandler
+import multiprocessing
+import os
+import pickle
 import random
+import select
+import signal
 import subprocess
 import sys
 import threading
+import time
+import traceback
 
 import pytest
 import torch
@@ -226,3 +234,178 @@ def test_views_with_different_thread_counts_read_at_once():
     process."""
     r = subprocess.run([sys.executable, "-c", POOL_RACE], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- fork -------------------------------------------------------------------------------------
+# A forked child has only the thread that forked. lazyfp8's pool, locks and compiled kernels must
+# work there as if fresh. Every child runs under a deadline: a hang fails the test, not the suite.
+# Each child first sets torch.set_num_threads(1), as torch.utils.data workers do: torch's own
+# OpenMP pool (libgomp) does not survive a fork, and any parallel torch op (torch.equal of a few
+# million elements) on the thread that forked hangs inside torch, with or without lazyfp8.
+
+
+def run_forked(fn, timeout=60.0):
+    """``fn()`` in a child made by ``os.fork``; returns what it returns (through a pipe), raises
+    what it raised, and fails if it has not finished within ``timeout`` seconds."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave at once, never back into pytest
+        code = 1
+        try:
+            os.close(r)
+            # A hang shows where: every thread's stack on stderr shortly before the deadline.
+            faulthandler.dump_traceback_later(max(timeout - 2, 1), exit=True)
+            torch.set_num_threads(1)
+            try:
+                out = pickle.dumps(("ok", fn()))
+                code = 0
+            except BaseException:
+                out = pickle.dumps(("error", traceback.format_exc()))
+            with os.fdopen(w, "wb") as f:
+                f.write(out)
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    data = b""
+    with os.fdopen(r, "rb", buffering=0) as f:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([f], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the forked child did not finish within {timeout} s (a hang)")
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(data)
+    if status != "ok":
+        pytest.fail(f"the forked child failed:\n{value}")
+    return value
+
+
+def wrong_keys(view, ref):
+    """The keys of ``view`` whose values are not bit-identical to ``ref``'s."""
+    return [k for k in ref if not torch.equal(bits(view.get_tensor(k)), bits(ref[k]))]
+
+
+def busy_view(path):
+    """A view whose reads split over lazyfp8's pool, after enough reads that the pool's threads
+    sit idle (an idle thread is what a forked child's copy of the pool waits for in vain)."""
+    view = LazyFP8View(path, chunk_elements=1000, threads=4)
+    for _ in range(2):
+        for k in view:
+            view.get_tensor(k)
+    time.sleep(0.05)
+    return view
+
+
+def test_forked_child_reads_bit_identical(checkpoint):
+    ref = serial(checkpoint)
+    view = busy_view(checkpoint)
+    assert run_forked(lambda: wrong_keys(view, ref)) == []
+    fresh = LazyFP8View(checkpoint, chunk_elements=1000, threads=4)  # opened in the child's copy
+    assert run_forked(lambda: wrong_keys(fresh, ref)) == []
+    assert wrong_keys(view, ref) == []  # and the parent goes on as before
+
+
+def test_fork_while_other_threads_read(checkpoint):
+    """Forks while another thread of the parent is in the middle of reads (the pool's lock, the
+    descriptors and the workers' buffers in use at that moment)."""
+    ref = serial(checkpoint)
+    view = busy_view(checkpoint)
+    stop, reading = threading.Event(), threading.Event()
+    errors = []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                for k in ref:
+                    reading.set()
+                    view.get_tensor(k)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        reading.wait(10)
+        for i in range(6):
+            time.sleep(0.003 * i)
+            assert run_forked(lambda: wrong_keys(view, ref)) == []
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+
+
+def test_fork_while_a_thread_holds_the_pool_lock(checkpoint):
+    """The deterministic case: the pool's lock is held by another thread at the moment of the
+    fork (a thread inside ``_get_pool``); the child must not wait for it."""
+    from lazyfp8 import _parallel
+
+    ref = serial(checkpoint)
+    view = LazyFP8View(checkpoint, chunk_elements=1000, threads=4)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _parallel._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        held.wait(10)
+        assert run_forked(lambda: wrong_keys(view, ref), timeout=30) == []
+    finally:
+        release.set()
+        t.join()
+
+
+class KeyDataset(torch.utils.data.Dataset):
+    """Item ``i``: the ``i``-th tensor of a view, read in whichever process asks."""
+
+    def __init__(self, view):
+        self.view = view
+        self.keys = sorted(view)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.keys[i], self.view.get_tensor(self.keys[i])
+
+
+def test_dataloader_fork_workers(checkpoint):
+    ref = serial(checkpoint)
+    loader = torch.utils.data.DataLoader(
+        KeyDataset(busy_view(checkpoint)), batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60
+    )
+    got = dict(loader)  # a hung worker raises "DataLoader timed out" instead of hanging
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if not torch.equal(bits(got[k]), bits(ref[k]))] == []
+
+
+_FORKED_VIEW = None
+
+
+def _read_inherited(key):
+    return key, _FORKED_VIEW.get_tensor(key)
+
+
+def test_multiprocessing_fork_pool(checkpoint):
+    """Workers that inherit the view through the fork (only keys are pickled)."""
+    global _FORKED_VIEW
+    ref = serial(checkpoint)
+    _FORKED_VIEW = busy_view(checkpoint)
+    try:
+        with multiprocessing.get_context("fork").Pool(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            got = dict(pool.map_async(_read_inherited, sorted(ref)).get(timeout=60))
+    finally:
+        _FORKED_VIEW = None
+    assert [k for k in ref if not torch.equal(bits(got[k]), bits(ref[k]))] == []
