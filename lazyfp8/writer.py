@@ -34,7 +34,7 @@ from torch import nn
 
 from ._checkpoint import CONFIG_NAME, INDEX_NAME
 from ._dtypes import by_torch
-from ._files import open_regular
+from ._files import check_name, open_regular
 from ._progress import ProgressSpec, make_progress
 from .errors import LazyFP8Error
 from .keymap import KeyMapping, KeyMappingSpec
@@ -122,8 +122,9 @@ def _selector(spec: Selector) -> Callable[[str], bool] | None:
     return lambda key: any(p.search(key) for p in patterns)
 
 
-def _items(source: nn.Module | Mapping[str, Any]) -> tuple[dict[str, Any], list[str], set[str]]:
-    """(runtime key -> value, tied keys dropped, keys of Linear weights) without reading data."""
+def _items(source: nn.Module | Mapping[str, Any], path: str) -> tuple[dict[str, Any], list[str], set[str]]:
+    """(runtime key -> value, tied keys dropped, keys of Linear weights) without reading data;
+    every key a string and every value a tensor with data (else a SaveError)."""
     if isinstance(source, nn.Module):
         linear = {f"{n}.weight" if n else "weight" for n, m in source.named_modules() if isinstance(m, nn.Linear)}
         values = source.state_dict(keep_vars=True)
@@ -136,7 +137,10 @@ def _items(source: nn.Module | Mapping[str, Any]) -> tuple[dict[str, Any], list[
     tied: list[str] = []
     seen: dict[tuple, str] = {}
     for key, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel() and value.device.type != "meta":
+        if not isinstance(key, str):
+            _check_key(key, path)
+        _check_value(key, value, path)
+        if isinstance(value, torch.Tensor) and value.numel():
             ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
             if ident in seen:
                 tied.append(key)
@@ -609,6 +613,7 @@ def save(
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"path must be a directory path, got {path!r}")
     path = os.fspath(path)
+    check_name(path, "destination")
     # -- Everything that can be refused is refused here, before the destination is touched. --
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
@@ -628,11 +633,7 @@ def save(
     suffix = _FORMATS[format]
     chosen = _selector(quantize)
     excluded = _selector(exclude if isinstance(exclude, str) else list(exclude)) or (lambda key: False)
-    items, tied, linear = _items(source)
-    for k, v in items.items():
-        if not isinstance(k, str):
-            _check_key(k, path)
-        _check_value(k, v, path)
+    items, tied, linear = _items(source, path)
     mapping = KeyMapping.from_spec(key_mapping)
     disk_of = {runtime: disk for disk, runtime in mapping.build_inverse(items).items()}
 

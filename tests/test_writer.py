@@ -1,5 +1,10 @@
+import contextlib
+import errno
+import io
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ from torch import nn
 
 import lazyfp8
 from lazyfp8 import (
+    LazyFP8Error,
     LazyFP8View,
     NonFiniteError,
     PerBlock,
@@ -19,9 +25,11 @@ from lazyfp8 import (
     load_into,
     save,
 )
-from lazyfp8.keymap import KeyMappingError
+from lazyfp8.keymap import KeyMapping, KeyMappingError, Rule
 from tests.helpers import bits, reference
 from tests.strategies import key_trees, random_tensor
+
+INDEX = "model.safetensors.index.json"
 
 
 def raw(path, key):
@@ -242,3 +250,303 @@ def test_empty_block_scaled_weight_round_trips(tmp_path):
     codes = raw(str(tmp_path), "w")
     assert view.get_tensor("w").shape == (0, 3) and tuple(view.scale("w").shape) == (0, 2)
     assert reference(codes, view.scale("w"), torch.float32, (1, 2)).shape == (0, 3)
+
+
+# --- Issue 11: nothing lost, nothing leaked ----------------------------------------------------
+
+
+def sentinel(path, text="keep me"):
+    path.write_text(text)
+    return path
+
+
+def dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_overwrite_removes_only_files_save_would_write(tmp_path):
+    """A hostile old index (``..``, absolute paths, subdirectories) or a link named like a shard
+    makes overwrite remove nothing outside DST, and inside DST only save's own names."""
+    dst = tmp_path / "dst"
+    save({"a.weight": torch.randn(8, 8), "b.weight": torch.randn(8, 8)}, dst, max_shard_size=300)
+    outside = sentinel(tmp_path / "victim.txt")
+    linked = sentinel(tmp_path / "linked.safetensors", "not mine to delete")
+    (dst / "sub").mkdir()
+    inner = sentinel(dst / "sub" / "x.safetensors")
+    notes = sentinel(dst / "notes.txt")
+    hostile = {"a": "../victim.txt", "b": str(outside), "c": "sub/x.safetensors", "d": "sub/../../victim.txt",
+               "e": "notes.txt", "f": "model-00009-of-00009.safetensors"}
+    (dst / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": hostile}))
+    os.symlink(linked, dst / "model-00009-of-00009.safetensors")
+    save({"a.weight": torch.randn(8, 8)}, dst, overwrite=True)
+    for f in (outside, linked, inner, notes):
+        assert f.exists(), f
+    assert linked.read_text() == "not mine to delete"
+    assert sorted(os.listdir(dst)) == ["model.safetensors", "notes.txt", "sub"]
+
+
+def test_dead_temporaries_removed_are_only_ours(tmp_path):
+    pid = dead_pid()
+    save({"a.weight": torch.randn(4, 4)}, tmp_path)
+    users = [sentinel(tmp_path / f".x.tmp-{pid}"), sentinel(tmp_path / f".notes.txt.tmp-{pid}"),
+             sentinel(tmp_path / f".model.safetensors.tmp-{pid}x")]
+    ours = [sentinel(tmp_path / f".model.safetensors.tmp-{pid}"), sentinel(tmp_path / f".{INDEX}.tmp-{pid}"),
+            sentinel(tmp_path / f".model-00001-of-00002.safetensors.tmp-{pid}")]
+    staging = tmp_path / f".lazyfp8.tmp-{pid}"
+    staging.mkdir()
+    sentinel(staging / "model.safetensors")
+    live = tmp_path / f".lazyfp8.tmp-{os.getppid()}"  # a writer still at work
+    live.mkdir()
+    save({"a.weight": torch.randn(4, 4)}, tmp_path, overwrite=True)
+    assert all(f.exists() for f in users) and live.exists()
+    assert not any(f.exists() for f in ours) and not staging.exists()
+
+
+@pytest.mark.parametrize("how", ["same path", "trailing slash", "symlink to it", "file of it inside", "hard link inside", "as scales"])
+def test_save_refuses_to_overwrite_its_own_source(tmp_path, how):
+    src = tmp_path / "src"
+    save({"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64)}, src, max_shard_size=5000, config={})
+    before = {f: (src / f).read_bytes() for f in os.listdir(src)}
+    view = LazyFP8View(src)
+    kwargs = {}
+    dst = src
+    if how == "trailing slash":
+        dst = str(src) + "/"
+    elif how == "symlink to it":
+        dst = tmp_path / "link"
+        os.symlink(src, dst)
+    elif how == "file of it inside":
+        view = LazyFP8View(src / "model-00001-of-00002.safetensors")
+        dst = tmp_path / "other"
+        dst.mkdir()
+        os.symlink(src / "model-00001-of-00002.safetensors", dst / "model.safetensors")
+    elif how == "hard link inside":
+        dst = tmp_path / "other"
+        dst.mkdir()
+        os.link(src / "model-00002-of-00002.safetensors", dst / "model-00002-of-00002.safetensors")
+    elif how == "as scales":
+        kwargs = {"scales": view}
+        view = {"a.weight": torch.randn(64, 64)}
+    with pytest.raises(lazyfp8.writer.SaveError, match=re.escape(str(src))) as e:
+        save(view, dst, overwrite=True, **kwargs)
+    assert isinstance(e.value, (LazyFP8Error, ValueError)) and str(dst).rstrip("/") in str(e.value)
+    assert {f: (src / f).read_bytes() for f in os.listdir(src)} == before
+
+
+def test_a_dict_of_a_views_tensors_may_replace_that_view(tmp_path):
+    """Every tensor is read before anything old is removed: ``save(dict(view), view.path)`` is
+    safe, and gives the same tensors back."""
+    torch.manual_seed(3)
+    save({f"l{i}.weight": torch.randn(64, 64) for i in range(4)}, tmp_path, scheme=None, max_shard_size=40_000)
+    view = LazyFP8View(tmp_path, dtype=torch.float32)
+    want = {k: view.get_tensor(k) for k in view}
+    save(dict(view), tmp_path, scheme=None, overwrite=True)
+    again = LazyFP8View(tmp_path, dtype=torch.float32)
+    assert all(torch.equal(again.get_tensor(k), t) for k, t in want.items()) and len(again.files) == 1
+
+
+@pytest.mark.parametrize("size", [0, -1, "0KB", "-5MB", "5", "lots", "5XB", "infGB", "nanMB", True, 1.5, None])
+def test_max_shard_size_is_checked_before_the_destination_is_touched(tmp_path, size):
+    if size == "5":
+        assert lazyfp8.writer.parse_shard_size(size) == 5  # plain digits are bytes
+        return
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save({"a.weight": torch.randn(4, 4)}, tmp_path / "dst", max_shard_size=size)
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    "sd, key_mapping, match",
+    [
+        ({"a\udc80.weight": torch.ones(2, 2)}, None, "lone surrogate"),
+        ({"a\x00b": torch.ones(2)}, None, "NUL"),
+        ({"": torch.ones(2)}, None, "empty"),
+        ({"__metadata__": torch.ones(2)}, None, "reserves"),
+        ({3: torch.ones(2)}, None, "is a int"),
+        ({("a", 1): torch.ones(2)}, None, "is a tuple"),
+        # a runtime key that is fine, written under a disk key that is not
+        ({"model.x.weight": torch.ones(2)}, KeyMapping((Rule("^m\udc80[.]", "model."),), inverse=(Rule("^model[.]", "m\udc80."),)),
+         "'model.x.weight' \\(written as 'm\\\\udc80.x.weight'\\).*lone surrogate"),
+        ({"l.weight": torch.ones(4, 4), "l.weight_scale_inv": torch.ones(1)}, None, "'l.weight_scale_inv', the name of"),
+        ({"a": 1.0}, None, "is a float, not a tensor"),
+        ({"a": torch.ones(2, device="meta")}, None, "meta device"),
+        ({"a": torch.ones(2, 2).to_sparse()}, None, "layout"),
+        ({"a": torch.ones(2, dtype=torch.complex128)}, None, "cannot store"),
+    ],
+)
+def test_unwritable_keys_and_values_are_refused_naming_them(tmp_path, sd, key_mapping, match):
+    dst = tmp_path / "dst"
+    with pytest.raises(LazyFP8Error, match=match) as e:
+        save(sd, dst, key_mapping=key_mapping, quantize=lambda k: k == "l.weight")
+    assert str(dst) in str(e.value) and isinstance(e.value, ValueError)
+    assert not dst.exists()
+
+
+def test_other_destinations_refused_before_anything_is_written(tmp_path):
+    sd = {"a.weight": torch.randn(4, 4)}
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.mkfifo(tmp_path / "fifo")
+    for name, match in [("file", "not a directory"), ("dangling", "link to nothing"), ("fifo", "not a directory")]:
+        with pytest.raises(lazyfp8.writer.SaveError, match=match):
+            save(sd, tmp_path / name, overwrite=True)
+    with pytest.raises(lazyfp8.writer.SaveError, match="Not a directory"):
+        save(sd, tmp_path / "file" / "sub")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+# A crash (the process killed, or one file operation failing) after every file operation of an
+# overwrite, for every pair of layouts: DST must load as the old checkpoint, the new one, or not
+# at all, read the way this package reads it, the way transformers does (model.safetensors before
+# the index) and index first. Old and new differ in values, scheme and shard count, so any mix is
+# visible.
+
+LAYOUTS = {
+    "single, per-tensor": dict(scheme="per-tensor", max_shard_size=10**9, seed=1),
+    "2 shards, 32x32 blocks": dict(scheme=PerBlock((32, 32)), max_shard_size=13_000, seed=2),
+    "3 shards, per-tensor, no config": dict(scheme="per-tensor", max_shard_size=9_000, seed=3, config=None),
+    "4 shards, 16x64 blocks": dict(scheme=PerBlock((16, 64)), max_shard_size=6_000, seed=4),
+}
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs (a BaseException passes every handler)."""
+
+
+def save_layout(dst, layout, n=6, **kw):
+    """Save the layout's tensors, config and a tokenizer.json (an extra file) to ``dst``."""
+    g = torch.Generator().manual_seed(layout["seed"])
+    sd = {f"layers.{i}.weight": torch.randn(64, 64, generator=g) for i in range(n)}
+    sd["norm.weight"] = torch.randn(64, generator=g)
+    config = layout.get("config", {"model_type": "toy", "seed": layout["seed"]})
+    tokenizer = io.BytesIO(f'{{"seed": {layout["seed"]}}}'.encode() * 1000)
+    return save(sd, dst, scheme=layout["scheme"], max_shard_size=layout["max_shard_size"], config=config,
+                extra_files={"tokenizer.json": tokenizer}, **kw)
+
+
+def snapshot(path):
+    """What a reader gets from ``path``: config, every tensor's bits and the tokenizer beside
+    them, or ``None`` if refused."""
+    try:
+        with LazyFP8View(path, dtype=torch.float32) as v:
+            tokenizer = os.path.join(v._checkpoint.root, "tokenizer.json")
+            return v.config, {k: bits(v.get_tensor(k)) for k in sorted(v)}, open(tokenizer, "rb").read()
+    except LazyFP8Error:
+        return None
+
+
+def same(a, b):
+    if a is None or b is None:
+        return a is b
+    return a[0] == b[0] and a[2] == b[2] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def assert_old_new_or_nothing(dst, old, new, what):
+    entries = [dst] + [os.path.join(dst, n) for n in ("model.safetensors", INDEX) if os.path.lexists(os.path.join(dst, n))]
+    for path in entries:
+        got = snapshot(path)
+        assert got is None or same(got, old) or same(got, new), f"{what}: {path} loads as a mix: {sorted(os.listdir(dst))}"
+
+
+@contextlib.contextmanager
+def crash_at(dst, k, mode):
+    """Make the ``k``-th file operation under ``dst`` crash: ``kill`` (it and every later one
+    raise ``Crash``) or ``fail`` (it alone raises OSError, then the writer's error handling runs)."""
+    dst = str(dst)
+    count, dead = [0], [False]
+
+    def wrap(real):
+        def op(*args, **kwargs):
+            if any(isinstance(a, str) and a.startswith(dst) for a in args[:2]):
+                if dead[0]:
+                    raise Crash
+                count[0] += 1
+                if count[0] == k:
+                    if mode == "kill":
+                        dead[0] = True
+                        raise Crash
+                    raise OSError(errno.EIO, "injected failure", args[0])
+            return real(*args, **kwargs)
+
+        return op
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("replace", "rename", "remove", "unlink", "rmdir"):
+            mp.setattr(os, name, wrap(getattr(os, name)))
+        yield count
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Each layout saved once, with its snapshot."""
+    out = {}
+    for name, layout in LAYOUTS.items():
+        d = str(tmp_path_factory.mktemp("layout"))
+        save_layout(d, layout)
+        out[name] = (d, snapshot(d))
+        assert out[name][1] is not None, name
+    return out
+
+
+def crash_every_step(tmp_path, layouts, old_name, new_name, mode):
+    """Returns how many file operations the overwrite makes (every one crashed in turn)."""
+    old_dir, old = layouts[old_name]
+    new = layouts[new_name][1]
+    k, total = 1, None
+    while total is None or k <= total:
+        dst = str(tmp_path / f"{mode}-{k}")
+        shutil.copytree(old_dir, dst)
+        with crash_at(dst, k, mode) as count:
+            try:
+                save_layout(dst, LAYOUTS[new_name], overwrite=True)
+                total = count[0]  # no crash: k is past the last operation
+            except (Crash, OSError):
+                pass
+        assert_old_new_or_nothing(dst, old, new, f"{old_name} -> {new_name}, {mode} at operation {k}")
+        if k == 1:
+            assert same(snapshot(dst), old), "the first operation lost the old checkpoint"
+        k += 1
+    assert same(snapshot(dst), new)
+    # and a rerun over what a crash left gives the new checkpoint
+    save_layout(dst, LAYOUTS[new_name], overwrite=True)
+    assert same(snapshot(dst), new) and not [n for n in os.listdir(dst) if ".tmp-" in n]
+    return total
+
+
+@pytest.mark.parametrize("mode", ["kill", "fail"])
+@pytest.mark.parametrize("old_name, new_name", [(a, b) for a in LAYOUTS for b in LAYOUTS if a != b])
+def test_overwrite_crashed_at_every_file_operation_loads_old_new_or_nothing(tmp_path, layouts, old_name, new_name, mode):
+    total = crash_every_step(tmp_path, layouts, old_name, new_name, mode)
+    assert total >= 4
+
+
+def layouts_drawn(seed):
+    # A block checkpoint without config.json needs block_size= to be read: not a layout to compare.
+    return st.fixed_dictionaries({
+        "scheme": st.sampled_from(["per-tensor", PerBlock((32, 32)), PerBlock((1, 64))]),
+        "max_shard_size": st.integers(3000, 60_000),
+        "seed": st.just(seed),
+        "config": st.sampled_from([None, {"model_type": "toy", "seed": seed}]),
+    }).filter(lambda d: d["config"] is not None or d["scheme"] == "per-tensor")
+
+
+@given(old=layouts_drawn(7), new=layouts_drawn(8), n=st.integers(1, 8), k=st.integers(1, 30), mode=st.sampled_from(["kill", "fail"]))
+def test_property_overwrite_crash_loads_old_new_or_nothing(tmp_path_factory, old, new, n, k, mode):
+    d = tmp_path_factory.mktemp("crash")
+    ref_old, ref_new, dst = str(d / "old"), str(d / "new"), str(d / "dst")
+    save_layout(ref_old, old, n=n)
+    save_layout(ref_new, new, n=n)
+    shutil.copytree(ref_old, dst)
+    with crash_at(dst, k, mode):
+        try:
+            save_layout(dst, new, n=n, overwrite=True)
+        except (Crash, OSError):
+            pass
+    old_snap, new_snap = snapshot(ref_old), snapshot(ref_new)
+    assert old_snap is not None and new_snap is not None
+    assert_old_new_or_nothing(dst, old_snap, new_snap, f"{old} -> {new}, {mode} at {k}")
