@@ -61,6 +61,7 @@ def test_dequantize_refuses_to_overwrite(fp8_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err and "Traceback" not in err
     assert main(["dequantize", str(fp8_ckpt), str(dst), "--force"]) == 0
+    assert (dst / "keep.txt").read_text() == "x"  # --force replaces the checkpoint, nothing else
 
 
 def test_dequantize_fails_on_a_missing_scale(fp8_ckpt, tmp_path, capsys):
@@ -109,3 +110,156 @@ def test_python_dash_m(fp8_ckpt):
 
     r = subprocess.run([sys.executable, "-m", "lazyfp8", "inspect", str(fp8_ckpt)], capture_output=True, text=True)
     assert r.returncode == 0 and "no problems found" in r.stdout
+
+
+# --- Issue 11: nothing lost, nothing leaked ----------------------------------------------------
+
+
+def tree(path):
+    """Every file under ``path`` with its bytes (links as their target)."""
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = os.readlink(p) if os.path.islink(p) else open(p, "rb").read()
+    return out
+
+
+@pytest.mark.parametrize("command", [["dequantize"], ["quantize", "--scheme", "per-tensor"]])
+@pytest.mark.parametrize("form", ["SRC SRC", "SRC SRC/", "SRC link-to-SRC", "SRC/shard SRC"])
+def test_converting_into_its_own_source_is_refused_before_anything_is_written(fp8_ckpt, tmp_path, capsys, command, form):
+    if command[0] == "quantize":  # quantize reads a bf16 checkpoint
+        assert main(["-q", "dequantize", str(fp8_ckpt), str(tmp_path / "bf16")]) == 0
+        for side in ("tokenizer.json", "generation_config.json"):
+            assert (tmp_path / "bf16" / side).exists()
+        src = tmp_path / "bf16"
+    else:
+        src = fp8_ckpt
+    # Without side files: copying those onto themselves used to fail first, by luck.
+    for side in ("tokenizer.json", "generation_config.json"):
+        os.remove(src / side)
+    os.symlink(src, tmp_path / "link")
+    first = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[0]
+    src_arg, dst_arg = {
+        "SRC SRC": (str(src), str(src)),
+        "SRC SRC/": (str(src), str(src) + "/"),
+        "SRC link-to-SRC": (str(src), str(tmp_path / "link")),
+        "SRC/shard SRC": (str(src / first), str(src)),
+    }[form]
+    before = tree(src)
+    capsys.readouterr()
+    assert main([command[0], src_arg, dst_arg, "--force", *command[1:]]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(src) in err and dst_arg.rstrip("/") in err, err
+    assert tree(src) == before
+
+
+def test_side_file_linking_out_of_src_is_refused(fp8_ckpt, tmp_path, capsys):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    os.remove(fp8_ckpt / "tokenizer.json")
+    os.symlink(secret, fp8_ckpt / "tokenizer.json")
+    dst = tmp_path / "out"
+    assert main(["dequantize", str(fp8_ckpt), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "leaves" in err
+    assert not dst.exists() or "PRIVATE KEY" not in str(tree(dst))
+    # a link inside SRC is fine, and copied as a file
+    os.remove(fp8_ckpt / "tokenizer.json")
+    (fp8_ckpt / "sub").mkdir()
+    (fp8_ckpt / "sub" / "tok.json").write_text('{"inside": 1}')
+    os.symlink("sub/tok.json", fp8_ckpt / "tokenizer.json")
+    assert main(["-q", "dequantize", str(fp8_ckpt), str(dst)]) == 0
+    assert not os.path.islink(dst / "tokenizer.json") and (dst / "tokenizer.json").read_text() == '{"inside": 1}'
+    assert not (dst / "sub").exists()  # directories are not copied
+
+
+def test_side_files_of_a_hub_cache_snapshot_link_into_blobs(fp8_ckpt, tmp_path):
+    repo = tmp_path / "models--org--name"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for name in os.listdir(fp8_ckpt):
+        os.replace(fp8_ckpt / name, blobs / f"sha-{name}")
+        os.symlink(f"../../blobs/sha-{name}", snap / name)
+    dst = tmp_path / "out"
+    assert main(["-q", "dequantize", str(snap), str(dst)]) == 0
+    assert (dst / "tokenizer.json").read_text() == "{}" and not os.path.islink(dst / "tokenizer.json")
+
+
+def test_only_regular_side_files_are_copied_and_other_weights_are_not(fp8_ckpt, tmp_path):
+    os.mkfifo(fp8_ckpt / "tokenizer.model")  # would block a plain copy forever
+    (fp8_ckpt / "pytorch_model.bin").write_bytes(b"stale weights")
+    (fp8_ckpt / "pytorch_model.bin.index.json").write_text("{}")
+    (fp8_ckpt / ".cache").write_text("hidden")
+    os.symlink(fp8_ckpt / "nowhere", fp8_ckpt / "dangling.txt")
+    dst = tmp_path / "out"
+    assert main(["-q", "dequantize", str(fp8_ckpt), str(dst)]) == 1  # the dangling link is named
+    os.remove(fp8_ckpt / "dangling.txt")
+    assert main(["-q", "dequantize", str(fp8_ckpt), str(dst)]) == 0
+    names = set(os.listdir(dst))
+    assert {"tokenizer.json", "generation_config.json"} <= names
+    assert not names & {"tokenizer.model", "pytorch_model.bin", "pytorch_model.bin.index.json", ".cache"}
+
+
+def test_a_killed_copy_leaves_no_half_side_file(fp8_ckpt, tmp_path, monkeypatch):
+    """Side files are staged with the shards and moved in before the checkpoint becomes loadable:
+    a run killed while copying leaves the old tokenizer (or none), never part of the new one."""
+    import shutil
+
+    dst = tmp_path / "out"
+    assert main(["-q", "dequantize", str(fp8_ckpt), str(dst)]) == 0
+    (fp8_ckpt / "tokenizer.json").write_text('{"new": "' + "x" * 100_000 + '"}')
+    real = shutil.copyfileobj
+
+    def dies_half_way(src, dst_file, *args):
+        dst_file.write(src.read(1000))
+        raise KeyboardInterrupt  # what Ctrl-C would do mid-copy
+
+    monkeypatch.setattr(shutil, "copyfileobj", dies_half_way)
+    assert main(["-q", "dequantize", str(fp8_ckpt), str(dst), "--force"]) == 130
+    assert (dst / "tokenizer.json").read_text() == "{}"
+    assert not [n for n in os.listdir(dst) if ".tmp-" in n]
+    monkeypatch.setattr(shutil, "copyfileobj", real)
+    assert main(["-q", "dequantize", str(fp8_ckpt), str(dst), "--force"]) == 0
+    assert (dst / "tokenizer.json").read_text().startswith('{"new"')
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dequantize", "--max-shard-size", "0"],
+        ["dequantize", "--max-shard-size=-1KB"],
+        ["dequantize", "--max-shard-size", "lots"],
+        ["dequantize", "--dtype", "int8"],
+        ["dequantize", "--dtype", "Tensor"],
+        ["dequantize", "--scheme", "bogus"],
+        ["quantize", "--max-shard-size", "0KB"],
+        ["quantize", "--block-size", "0", "128"],
+        ["quantize", "--block-size", "-3", "128"],
+        ["quantize", "--fp8-dtype", "bf16"],
+        ["quantize", "--scheme", "int4"],
+        ["quantize", "--format", "gguf"],
+        ["quantize", "--exclude", "(unclosed"],
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(fp8_ckpt, tmp_path, capsys, args):
+    dst = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main([args[0], str(fp8_ckpt), str(dst), *args[1:]])
+    assert e.value.code == 2 and not dst.exists()
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--key-mapping", "{not json"], ["--key-mapping", "no-such-preset"], ["--scheme", "x"]])
+def test_bad_inspect_and_verify_arguments_are_usage_errors(fp8_ckpt, capsys, args):
+    for command in (["inspect", str(fp8_ckpt)], ["verify", str(fp8_ckpt)]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, *args])
+        assert e.value.code == 2
+
+
+def test_combinations_save_refuses_write_nothing(fp8_ckpt, tmp_path, capsys):
+    dst = tmp_path / "out"
+    assert main(["quantize", str(fp8_ckpt), str(dst), "--scheme", "per-channel", "--format", "fp8"]) == 1
+    assert "per-channel" in capsys.readouterr().err and not dst.exists()
