@@ -7,6 +7,9 @@ dequantized straight into its parameter, so the load streams.
 
 from __future__ import annotations
 
+import operator
+import sys
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -38,12 +41,17 @@ class LazyTensor:
     (``torch.equal(lazy, t)``, ``lazy.float()``, ``lazy[0]``), except ``dst.copy_(lazy)``, which
     reads and dequantizes straight into ``dst``. Nothing is kept afterwards: every use reads
     the file again. Call :meth:`materialize` to get a real tensor once and keep it.
+
+    A value fetched from a view pickles as ``(view, key)`` and unpickles to ``view[key]`` of the
+    view opened again in the receiving process; ``copy.deepcopy`` does the same. ``torch.save``
+    stores its values instead, as a plain tensor.
     """
 
-    __slots__ = ("_source",)
+    __slots__ = ("_source", "_view")
 
-    def __init__(self, source: _Source):
+    def __init__(self, source: _Source, view: "Mapping[str, LazyTensor] | None" = None):
         self._source = source
+        self._view = view  # the mapping that handed it out (a view): what a pickle reopens
 
     # --- metadata, from the header -----------------------------------------------------
     @property
@@ -132,6 +140,18 @@ class LazyTensor:
         unwrap = lambda x: x.materialize() if isinstance(x, LazyTensor) else x  # noqa: E731
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        if _pickled_by_torch_save():
+            # torch.save(view[key]) means "save this tensor": store its values, which torch.load
+            # (weights_only too) returns as a plain tensor, not a handle on the checkpoint.
+            return self.materialize().__reduce_ex__(protocol)
+        if self._view is None:
+            raise TypeError(
+                f"{self!r} was not fetched from a LazyFP8View, so there is no checkpoint to reopen "
+                "when it is unpickled; pickle lazy.materialize() instead"
+            )
+        return (operator.getitem, (self._view, self.key))
+
     def __getattr__(self, name: str) -> Any:
         # Any other Tensor method or attribute: on a temporary that lives for this call only.
         if not name.startswith("_") and hasattr(torch.Tensor, name):
@@ -144,6 +164,16 @@ class LazyTensor:
     def __array__(self, dtype: Any = None) -> Any:
         arr = self.materialize().numpy()
         return arr if dtype is None else arr.astype(dtype)
+
+
+def _pickled_by_torch_save() -> bool:
+    """Whether the pickler calling ``__reduce_ex__`` is torch.save's. The C pickler leaves no
+    frame of its own, so the caller two frames up is whoever called ``dump`` (the pure-Python
+    pickler's frames are skipped)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") in ("pickle", "copyreg"):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__") == "torch.serialization"
 
 
 def _forward(name: str) -> Any:

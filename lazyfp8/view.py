@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import difflib
@@ -16,7 +17,7 @@ from ._parallel import default_threads
 from ._quant_config import scheme_from_config
 from ._reader import ShardFile
 from ._source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
-from .errors import TensorNotFoundError
+from .errors import ShardChangedError, TensorNotFoundError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
@@ -71,6 +72,64 @@ def _resolve_scheme(
         return declared
     gs = tuple(g for g in declared.granularities if not isinstance(g, PerBlock))
     return dataclasses.replace(declared, granularities=gs + (PerBlock(tuple(block_size)),))
+
+
+class _Hints:
+    """What a "did you mean" needs, built once per view on its first miss. difflib over every key
+    cost 2.5 s per miss on a 47k-key checkpoint; a near miss differs from its key in one place,
+    so its key is a neighbour in the sorted keys (a changed suffix) or in the sorted reversed
+    keys (a changed prefix). Those few neighbours are ranked by how much of each end they share."""
+
+    NEIGHBOURS = 4  # on each side, in each order
+    CUTOFF = 0.6  # shared ends over the longer length, as difflib's default cutoff
+
+    def __init__(self, to_disk: dict[str, str]):
+        self.runtime_of = {d: r for r, d in to_disk.items() if d != r}
+        self.keys = sorted(to_disk)
+        self.reversed = sorted(k[::-1] for k in to_disk)
+
+    def near(self, key: str) -> list[str]:
+        """Up to three keys sharing most of their beginning and end with ``key``, closest first."""
+        n = self.NEIGHBOURS
+        i = bisect.bisect_left(self.keys, key)
+        j = bisect.bisect_left(self.reversed, key[::-1])
+        candidates = set(self.keys[max(i - n, 0) : i + n]) | {k[::-1] for k in self.reversed[max(j - n, 0) : j + n]}
+        scored = sorted((-_shared_ends(key, c), c) for c in candidates)
+        return [c for score, c in scored[:3] if -score >= self.CUTOFF]
+
+
+def _shared_ends(a: str, b: str) -> float:
+    """The characters ``a`` and ``b`` share at their start and, after that, at their end, over
+    the longer length."""
+    m = min(len(a), len(b))
+    p = 0
+    while p < m and a[p] == b[p]:
+        p += 1
+    s = 0
+    while s < m - p and a[-1 - s] == b[-1 - s]:
+        s += 1
+    return (p + s) / max(len(a), len(b), 1)
+
+
+def _reopen(path: str, kwargs: dict, pinned: dict) -> "LazyFP8View":
+    """Unpickle a view: open it again, and refuse shards that are no longer the files it read."""
+    view = LazyFP8View(path, **kwargs)
+    for p in sorted(pinned.keys() | view._files.keys()):
+        now = view._files.get(p)
+        if p not in pinned:
+            how = "is a new shard in the index"
+        elif now is None:
+            how = "is no longer in the index"
+        elif now.identity != pinned[p]:
+            how = "was replaced or rewritten"
+        else:
+            continue
+        raise ShardChangedError(
+            f"{p}: {how}: the checkpoint changed since the view was pickled; "
+            "pickle a view opened on the current files",
+            file=p,
+        )
+    return view
 
 
 class LazyFP8View(Mapping[str, LazyTensor]):
@@ -133,6 +192,17 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         if dtype not in _FLOAT_TARGETS:
             raise ValueError(f"dtype must be one of {', '.join(map(str, _FLOAT_TARGETS))}; got {dtype}")
         self.path = os.fspath(path)
+        # What a pickle carries to reopen this view elsewhere (the key mapping is added then, as
+        # remap() may have changed it).
+        self._reopen_args = dict(
+            dtype=dtype,
+            device=device,
+            scheme=scheme,
+            block_size=block_size,
+            include_quant_params=include_quant_params,
+            chunk_elements=chunk_elements,
+            threads=threads,
+        )
         self.dtype = dtype
         self.device = torch.device(device)
         self.key_mapping = KeyMapping.from_spec(key_mapping)
@@ -152,6 +222,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
 
     def _apply_mapping(self) -> None:
         self._to_disk = self.key_mapping.build(self._exposed)
+        self._hints: _Hints | None = None  # built on the first miss
         self._sources: dict[str, TensorSource] = {}
         for runtime, disk in self._to_disk.items():
             file, entry = self._checkpoint.tensors[disk]
@@ -173,6 +244,20 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         other._apply_mapping()
         return other
 
+    def __copy__(self) -> "LazyFP8View":
+        # Shares the headers and files (what remap() builds on); __reduce__ below would reopen.
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        return other
+
+    def __reduce__(self) -> tuple:
+        # A view pickles as what opened it, so a spawned worker (multiprocessing, a DataLoader)
+        # opens the checkpoint again and re-reads every header; open descriptors and locks do not
+        # cross processes. The files' identities travel too: a checkpoint rewritten in between is
+        # refused, as a read through this view would be. copy.deepcopy goes this way as well.
+        pinned = {p: f.identity for p, f in self._files.items()}
+        return (_reopen, (self.path, {**self._reopen_args, "key_mapping": self.key_mapping}, pinned))
+
     def disk_keys(self) -> list[str]:
         """The on-disk names of the keys, in checkpoint order (scales excluded)."""
         return list(self._exposed)
@@ -182,7 +267,13 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         source = self._sources.get(key)
         if source is None:
             raise self._missing(key)
-        return LazyTensor(source)
+        return LazyTensor(source, self)
+
+    def get(self, key: str, default: object = None) -> LazyTensor | object:  # type: ignore[override]
+        # Mapping.get would go through __getitem__ and build a "did you mean" hint only to
+        # catch the KeyError and throw it away.
+        source = self._sources.get(key)
+        return default if source is None else LazyTensor(source, self)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)
@@ -196,11 +287,13 @@ class LazyFP8View(Mapping[str, LazyTensor]):
     def _missing(self, key: object) -> TensorNotFoundError:
         msg = f"{self.path} has no tensor {key!r}"
         if isinstance(key, str):
-            runtime = [r for r, d in self._to_disk.items() if d == key and r != key]
-            if runtime:
-                msg += f"; that is the on-disk name of {runtime[0]!r} under the key mapping"
+            if self._hints is None:
+                self._hints = _Hints(self._to_disk)
+            runtime = self._hints.runtime_of.get(key)
+            if runtime is not None:
+                msg += f"; that is the on-disk name of {runtime!r} under the key mapping"
             else:
-                close = difflib.get_close_matches(key, list(self._sources), n=3)
+                close = self._hints.near(key)
                 if close:
                     msg += f"; did you mean {', '.join(map(repr, close))}?"
         return TensorNotFoundError(msg)

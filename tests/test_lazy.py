@@ -1,3 +1,5 @@
+import copy
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -96,3 +98,40 @@ def test_load_state_dict_error_for_shape_mismatch_reads_nothing(view, monkeypatc
 
 def test_value_type(view):
     assert isinstance(view["lin.weight"], LazyTensor)
+
+
+def test_pickle_unpickles_to_the_key_of_a_reopened_view(view):
+    a, b = view["lin.weight"], view["lin.bias"]
+    a2, b2 = pickle.loads(pickle.dumps([a, b]))
+    assert isinstance(a2, LazyTensor) and (a2.key, a2.shape, a2.dtype) == (a.key, a.shape, a.dtype)
+    assert a2._view is b2._view is not view  # one view reopened per pickle, shared by its values
+    assert torch.equal(bits(a2.materialize()), bits(a.materialize()))
+    assert torch.equal(bits(b2.materialize()), bits(b.materialize()))
+
+
+def test_a_value_not_from_a_view_refuses_to_pickle(view):
+    orphan = LazyTensor(view._sources["lin.weight"])
+    with pytest.raises(TypeError, match="not fetched from a LazyFP8View.*materialize"):
+        pickle.dumps(orphan)
+
+
+def test_copy_and_deepcopy(view):
+    lazy = view["lin.weight"]
+    shallow = copy.copy(lazy)
+    assert shallow is not lazy and shallow._view is view
+    deep = copy.deepcopy({"a": lazy, "b": view["lin.bias"]})
+    assert deep["a"]._view is deep["b"]._view is not view
+    assert torch.equal(bits(deep["a"].materialize()), bits(lazy.materialize()))
+
+
+def test_torch_save_stores_the_values(view, tmp_path):
+    """torch.save of a lazy value means "save this tensor": torch.load (weights_only too) gives a
+    plain tensor, which needs neither lazyfp8 nor the checkpoint."""
+    torch.save({"w": view["lin.weight"], "b": view["lin.bias"]}, tmp_path / "sd.pt")
+    torch.save(view["lin.weight"], tmp_path / "w.pt")
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    w = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert type(sd["w"]) is torch.Tensor and type(w) is torch.Tensor
+    assert torch.equal(bits(sd["w"]), bits(view.get_tensor("lin.weight")))
+    assert torch.equal(bits(w), bits(view.get_tensor("lin.weight")))
+    assert torch.equal(bits(sd["b"]), bits(view.get_tensor("lin.bias")))
