@@ -41,6 +41,7 @@ from lazyfp8.inspection import inspect_checkpoint
 from tests.helpers import bits
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 # the staging directory ".lazyfp8.tmp-<pid>" (earlier versions: ".<name>.tmp-<pid>" files)
 TEMPORARY = re.compile(r"^.+\.tmp-(\d+)$")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +72,24 @@ HOOK = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)
 
         os.replace = replace
+
+    if os.environ.get("LAZYFP8_TEST_KILL_AFTER_OPS"):
+        # SIGKILL right after the N-th rename or removal under LAZYFP8_TEST_KILL_DIR.
+        _ops, _dir = [int(os.environ["LAZYFP8_TEST_KILL_AFTER_OPS"])], os.environ["LAZYFP8_TEST_KILL_DIR"]
+
+        def _counted(real):
+            def op(*args, **kwargs):
+                result = real(*args, **kwargs)
+                if any(isinstance(a, str) and a.startswith(_dir) for a in args[:2]):
+                    _ops[0] -= 1
+                    if _ops[0] == 0:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return result
+
+            return op
+
+        for _name in ("replace", "rename", "remove", "unlink", "rmdir"):
+            setattr(os, _name, _counted(getattr(os, _name)))
     """
 )
 
@@ -268,3 +287,73 @@ def test_killed_after_several_renames_is_refused(tmp_path, hook_dir, src):
     assert INDEX not in os.listdir(dst)
     with pytest.raises(MissingShardError, match="no model.safetensors.index.json"):
         LazyFP8View(dst)
+
+
+def snapshot(path):
+    """Config, tokenizer and every tensor's bits as read from ``path``, or ``None`` if refused."""
+    try:
+        with LazyFP8View(path, dtype=torch.float32) as v:
+            tokenizer = os.path.join(v._checkpoint.root, "tokenizer.json")
+            tok = open(tokenizer, "rb").read() if os.path.exists(tokenizer) else None
+            return v.config, tok, {k: bits(v.get_tensor(k)).clone() for k in sorted(v)}
+    except LazyFP8Error:
+        return None
+
+
+def same(a, b):
+    if a is None or b is None:
+        return a is b
+    return a[:2] == b[:2] and a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def small_src(path, seed):
+    """A bf16 checkpoint of 8 x 256 x 256 weights, a config and a tokenizer, all depending on
+    ``seed`` (a model and its fine-tuned version)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layers.{i}.mlp.weight": torch.randn(256, 256, generator=g).bfloat16() for i in range(8)}
+    lazyfp8.save(sd, path, scheme=None, config={"model_type": "toy", "seed": seed})
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        f.write(json.dumps({"seed": seed}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        # the same shard names, other weights: renaming over them under the old index is a mix
+        (["--scheme", "per-tensor", "--max-shard-size", "200KB"], ["--scheme", "per-tensor", "--max-shard-size", "200KB"]),
+        # transformers reads model.safetensors before the index: it must appear last
+        (["--scheme", "block", "--max-shard-size", "200KB"], ["--scheme", "per-tensor"]),
+    ],
+    ids=["3 shards -> 3 shards of another model", "3 block shards -> single per-tensor"],
+)
+def test_force_killed_after_every_file_operation_loads_old_new_or_nothing(tmp_path, hook_dir, old, new):
+    """``quantize --force`` over an earlier conversion, SIGKILLed right after its k-th rename or
+    removal in DST, for every k: DST loads (as this package, transformers and an index-first
+    reader would read it) as the old conversion, the new one, or not at all."""
+    import shutil
+
+    from lazyfp8.cli import main
+
+    src_old, src_new = small_src(tmp_path / "src-old", 5), small_src(tmp_path / "src-new", 6)
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    assert main(["-q", "quantize", src_old, str(old_dir), *old]) == 0
+    assert main(["-q", "quantize", src_new, str(new_dir), *new]) == 0
+    want_old, want_new = snapshot(old_dir), snapshot(new_dir)
+    assert want_old is not None and not same(want_old, want_new)
+    k = 0
+    while True:
+        k += 1
+        dst = str(tmp_path / f"dst-{k}")
+        shutil.copytree(old_dir, dst)
+        cmd = cli("quantize", src_new, *new, "--force")(dst)
+        r = subprocess.run(cmd, cwd=REPO, env=child_env(hook_dir, LAZYFP8_TEST_KILL_AFTER_OPS=k, LAZYFP8_TEST_KILL_DIR=dst),
+                           capture_output=True, text=True, timeout=120)
+        entries = [dst] + [os.path.join(dst, n) for n in (SINGLE, INDEX) if os.path.lexists(os.path.join(dst, n))]
+        for path in entries:
+            got = snapshot(path)
+            assert got is None or same(got, want_old) or same(got, want_new), f"killed after operation {k}: {path} is a mix"
+        if r.returncode == 0:
+            break  # k is past the last operation
+        assert r.returncode == -signal.SIGKILL, r.stderr
+    assert same(snapshot(dst), want_new) and k >= 6
