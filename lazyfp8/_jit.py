@@ -142,12 +142,14 @@ def _mode() -> str:
     return "scalar" if value == "scalar" else "best"
 
 
-_compile_lock = threading.Lock()
+# Reentrant: the fork hook below takes it, and a thread that forks while holding it (a signal
+# handler run in the middle of a compilation) must not wait for itself.
+_compile_lock = threading.RLock()
 
 
 def _after_fork_in_child() -> None:
     global _compile_lock
-    _compile_lock = threading.Lock()
+    _compile_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
-import difflib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -114,8 +113,9 @@ def _shared_ends(a: str, b: str) -> float:
 def _reopen(path: str, kwargs: dict, pinned: dict) -> "LazyFP8View":
     """Unpickle a view: open it again, and refuse shards that are no longer the files it read."""
     view = LazyFP8View(path, **kwargs)
-    for p in sorted(pinned.keys() | view._files.keys()):
-        now = view._files.get(p)
+    files = {os.path.abspath(p): f for p, f in view._files.items()}
+    for p in sorted(pinned.keys() | files.keys()):
+        now = files.get(p)
         if p not in pinned:
             how = "is a new shard in the index"
         elif now is None:
@@ -255,8 +255,10 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         # opens the checkpoint again and re-reads every header; open descriptors and locks do not
         # cross processes. The files' identities travel too: a checkpoint rewritten in between is
         # refused, as a read through this view would be. copy.deepcopy goes this way as well.
-        pinned = {p: f.identity for p, f in self._files.items()}
-        return (_reopen, (self.path, {**self._reopen_args, "key_mapping": self.key_mapping}, pinned))
+        # Absolute paths: a worker may run in another directory.
+        pinned = {os.path.abspath(p): f.identity for p, f in self._files.items()}
+        args = {**self._reopen_args, "key_mapping": self.key_mapping}
+        return (_reopen, (os.path.abspath(self.path), args, pinned))
 
     def disk_keys(self) -> list[str]:
         """The on-disk names of the keys, in checkpoint order (scales excluded)."""
