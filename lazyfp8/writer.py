@@ -299,6 +299,8 @@ def _extra_names(extra_files: Mapping[str, Any] | None, path: str) -> dict[str, 
                 "*.safetensors, *.index.json and config.json are the checkpoint's own files",
                 path=path,
             )
+        if not hasattr(out[name], "read"):  # a path: a regular file now, or refused before writing
+            os.close(open_regular(os.fspath(out[name]), f"extra file {name!r}")[0])
     return out
 
 
