@@ -489,6 +489,7 @@ class _Staging:
         if os.path.lexists(self.path):  # left by an earlier save of this process that was interrupted
             self.discard()
         os.mkdir(self.path, 0o700)
+        os.chmod(self.path, 0o700)  # whatever the umask: we must write into it
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -677,7 +678,7 @@ def save(
     _check_not_source(path, [source, scales])
     _survey(path, overwrite)
 
-    # -- Write every file as a temporary, then put them in place (see _commit). --
+    # -- Write every file into the staging directory, then move them in (see _commit). --
     _make_directory(path)
     scale_source = _scale_lookup(scales)
     with _locked(path):
