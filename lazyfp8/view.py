@@ -120,7 +120,9 @@ def _reopen(path: str, kwargs: dict, pinned: dict) -> "LazyFP8View":
             how = "is a new shard in the index"
         elif now is None:
             how = "is no longer in the index"
-        elif now.identity != pinned[p]:
+        elif (now.identity.size, now.identity.mtime_ns) != (pinned[p].size, pinned[p].mtime_ns):
+            # Size and mtime only: device and inode numbers differ when the same shared file
+            # system is seen from another machine (a worker elsewhere unpickling the view).
             how = "was replaced or rewritten"
         else:
             continue
