@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import struct
 
 import pytest
@@ -165,8 +166,14 @@ def test_only_a_regular_file_is_read(tmp_path, kind):
     # A FIFO used to block the open forever; a directory or a looping link raised a bare OSError.
     p = tmp_path / "m.safetensors"
     {"fifo": os.mkfifo, "directory": os.mkdir, "loop": lambda q: os.symlink(q, q)}[kind](p)
-    with pytest.raises(UnsafePathError, match=r"m\.safetensors.*(not a regular file|loops)"):
-        read_header(p)
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked opening a FIFO"))
+    signal.alarm(10)
+    try:
+        with pytest.raises(UnsafePathError, match=r"m\.safetensors.*(not a regular file|loops)"):
+            read_header(p)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_an_absent_file_is_a_missing_shard(tmp_path):

@@ -269,9 +269,12 @@ def test_a_forked_child_reads_even_with_the_lru_lock_held_at_fork(tmp_path):
     held, release = threading.Event(), threading.Event()
 
     def hold_lock():
-        with _reader._DESCRIPTORS._lock:
+        try:
+            with _reader._DESCRIPTORS._lock:
+                held.set()
+                release.wait()
+        finally:
             held.set()
-            release.wait()
 
     t = threading.Thread(target=hold_lock)
     t.start()

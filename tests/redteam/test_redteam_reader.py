@@ -5,6 +5,7 @@ or another file's bytes."""
 import json
 import os
 import signal
+import threading
 import time
 import unicodedata
 
@@ -169,6 +170,23 @@ def test_json_nested_past_the_recursion_limit(tmp_path, body):
 # --- what happens while a view is open -----------------------------------------------------
 
 
+def _writer_after(fifo, seconds):
+    """Give a reader blocked opening ``fifo`` its writer after ``seconds``: a reader that opens a
+    FIFO blocking then fails the test instead of hanging it (an alarm cannot interrupt an open
+    made on a worker thread)."""
+
+    def unblock():
+        time.sleep(seconds)
+        try:
+            fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # never blocks, and is a writer
+        except OSError:
+            return
+        time.sleep(1)
+        os.close(fd)
+
+    threading.Thread(target=unblock, daemon=True).start()
+
+
 def _view(tmp_path):
     save({"w": torch.arange(64, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))
     return LazyFP8View(tmp_path), str(tmp_path / "model.safetensors")
@@ -206,6 +224,8 @@ def test_a_shard_changed_between_header_and_data(tmp_path, kind, opened):
         if kind in ("deleted", "fifo", "directory", "loop"):
             view.close()  # an open descriptor keeps reading the old inode, which is right
     _replace_with(kind)(path)
+    if kind == "fifo":
+        _writer_after(path, 10)
     with pytest.raises(ShardChangedError, match=r"model\.safetensors: reading 'w': the file changed since the view was opened") as e:
         view.get_tensor("w")
     assert e.value.file == path and e.value.key == "w"
