@@ -14,6 +14,7 @@ from .errors import (
     LazyFP8Error,
     MissingScaleError,
     MissingShardError,
+    SaveError,
     ScaleShapeError,
     ShardChangedError,
     TensorNotFoundError,
@@ -68,5 +69,6 @@ __all__ = [
     "KeyMappingError",
     "TensorNotFoundError",
     "NonFiniteError",
+    "SaveError",
     "__version__",
 ]

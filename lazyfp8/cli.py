@@ -256,11 +256,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
     from . import LazyFP8View
+    from .inspection import inspect_checkpoint
 
+    # What the headers alone say is wrong (an index beside model.safetensors, an empty weight_map
+    # beside shards, orphan scales) fails verify even where the view can read every tensor.
+    problems = list(inspect_checkpoint(args.src, key_mapping=args.key_mapping, scheme=args.scheme).problems)
     view = LazyFP8View(args.src, key_mapping=args.key_mapping, scheme=args.scheme)
     other = None if args.against is None else LazyFP8View(args.against, key_mapping=args.against_key_mapping)
     worst: list[tuple[float, str]] = []
-    problems = []
     total = 0
     for key in view:
         t = view.get_tensor(key)
@@ -286,7 +289,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if other is not None:
         problems += [f"{key!r} is only in {args.against}" for key in other if key not in view]
     if not args.quiet:
-        print(f"read {len(view)} tensors ({_mib(total)}) from {args.src}: every scale and shape is sound")
+        sound = "every scale and shape is sound" if not problems else f"{len(problems)} problem(s)"
+        print(f"read {len(view)} tensors ({_mib(total)}) from {args.src}: {sound}")
         if other is not None and worst:
             worst.sort(reverse=True)
             print(f"max abs error against {args.against}: {worst[0][0]:.6g} ({worst[0][1]})")
@@ -356,6 +360,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # File and tensor names in messages may hold bytes that are not text (a non-UTF-8 file
+        # name decodes to lone surrogates): print them escaped rather than die on printing.
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

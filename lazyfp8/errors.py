@@ -19,6 +19,7 @@ __all__ = [
     "UnsupportedSchemeError",
     "KeyMappingError",
     "TensorNotFoundError",
+    "SaveError",
 ]
 
 
@@ -96,3 +97,19 @@ class TensorNotFoundError(LazyFP8Error, KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ shows repr(args[0]); a message reads better unquoted.
         return str(self.args[0]) if self.args else ""
+
+
+class SaveError(LazyFP8Error, ValueError):
+    """``save`` refuses what it was asked to write, or where, before touching the destination:
+    the destination is the source, is not a directory, or holds files ``save`` would not own; a
+    key safetensors cannot store; a value that is not a tensor with data.
+
+    Attributes:
+        path: the destination.
+        key: the tensor concerned, or ``None``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.key = key

@@ -36,7 +36,7 @@ from ._checkpoint import CONFIG_NAME, INDEX_NAME
 from ._dtypes import by_torch
 from ._files import check_name, open_regular
 from ._progress import ProgressSpec, make_progress
-from .errors import LazyFP8Error
+from .errors import SaveError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .quantize import fp8_max
@@ -64,22 +64,6 @@ _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
 _STAGING = "lazyfp8"
 
 Selector = Union[Callable[[str], bool], Iterable[str], None]
-
-
-class SaveError(LazyFP8Error, ValueError):
-    """``save`` refuses what it was asked to write, or where, before touching the destination:
-    the destination is the source, is not a directory, or holds files ``save`` would not own; a
-    key safetensors cannot store; a value that is not a tensor with data.
-
-    Attributes:
-        path: the destination.
-        key: the tensor concerned, or ``None``.
-    """
-
-    def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
-        super().__init__(message)
-        self.path = path
-        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)

@@ -263,3 +263,29 @@ def test_combinations_save_refuses_write_nothing(fp8_ckpt, tmp_path, capsys):
     dst = tmp_path / "out"
     assert main(["quantize", str(fp8_ckpt), str(dst), "--scheme", "per-channel", "--format", "fp8"]) == 1
     assert "per-channel" in capsys.readouterr().err and not dst.exists()
+
+
+def test_verify_fails_on_what_only_the_headers_show(fp8_ckpt, tmp_path, capsys):
+    """A directory holding both model.safetensors and an index reads (model.safetensors wins, as in
+    transformers), but verify must not call it sound: it exits 1 and names the problem."""
+    assert main(["verify", str(fp8_ckpt)]) == 0
+    assert "every scale and shape is sound" in capsys.readouterr().out
+    single = tmp_path / "single"
+    save({"w": torch.ones(4, 4)}, single, scheme=None)
+    both = tmp_path / "both"
+    both.mkdir()
+    for f in os.listdir(fp8_ckpt):
+        os.link(fp8_ckpt / f, both / f)
+    os.link(single / "model.safetensors", both / "model.safetensors")
+    assert main(["verify", str(both)]) == 1
+    out = capsys.readouterr().out
+    assert "every scale and shape is sound" not in out
+    assert "model.safetensors" in out and "index" in out
+
+
+def test_non_utf8_names_in_messages_are_printed_escaped(tmp_path, capsys):
+    bad = os.fsdecode(b"ckpt-\xff")
+    (tmp_path / bad).mkdir()
+    assert main(["inspect", str(tmp_path / bad)]) != 0
+    err = capsys.readouterr().err
+    assert "ckpt-" in err

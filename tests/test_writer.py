@@ -332,7 +332,7 @@ def test_save_refuses_to_overwrite_its_own_source(tmp_path, how):
     elif how == "as scales":
         kwargs = {"scales": view}
         view = {"a.weight": torch.randn(64, 64)}
-    with pytest.raises(lazyfp8.writer.SaveError, match=re.escape(str(src))) as e:
+    with pytest.raises(lazyfp8.SaveError, match=re.escape(str(src))) as e:
         save(view, dst, overwrite=True, **kwargs)
     assert isinstance(e.value, (LazyFP8Error, ValueError)) and str(dst).rstrip("/") in str(e.value)
     assert {f: (src / f).read_bytes() for f in os.listdir(src)} == before
@@ -393,9 +393,9 @@ def test_other_destinations_refused_before_anything_is_written(tmp_path):
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     os.mkfifo(tmp_path / "fifo")
     for name, match in [("file", "not a directory"), ("dangling", "link to nothing"), ("fifo", "not a directory")]:
-        with pytest.raises(lazyfp8.writer.SaveError, match=match):
+        with pytest.raises(lazyfp8.SaveError, match=match):
             save(sd, tmp_path / name, overwrite=True)
-    with pytest.raises(lazyfp8.writer.SaveError, match="Not a directory"):
+    with pytest.raises(lazyfp8.SaveError, match="Not a directory"):
         save(sd, tmp_path / "file" / "sub")
     assert (tmp_path / "file").read_text() == "x"
 

@@ -19,9 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lazyfp8
-from lazyfp8 import LazyFP8Error, LazyFP8View, UnsafePathError, save
+from lazyfp8 import LazyFP8Error, LazyFP8View, SaveError, UnsafePathError, save
 from lazyfp8.cli import main
-from lazyfp8.writer import SaveError
 
 INDEX = "model.safetensors.index.json"
 
