@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import struct
 
 import torch
@@ -50,3 +52,35 @@ def raw_file(path: str, header: object, data: bytes = b"", *, header_bytes: byte
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)) + hb + data)
     return path
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str = "the call hung"):
+    """Raise TimeoutError in the main thread after ``seconds``: a hang fails the test instead of
+    stalling the suite."""
+
+    def expired(*_):
+        raise TimeoutError(what)
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Item ``i``: the name and values of the ``i``-th key of a view (sorted), read in whichever
+    process asks (a DataLoader worker, forked or spawned)."""
+
+    def __init__(self, view):
+        self.view = view
+        self.keys = sorted(view)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.keys[i], self.view.get_tensor(self.keys[i])

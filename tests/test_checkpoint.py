@@ -1,6 +1,5 @@
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch
 from lazyfp8 import CheckpointError, CorruptCheckpointError, LazyFP8Error, MissingShardError, UnsafePathError
 from lazyfp8._checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from lazyfp8.inspection import inspect_checkpoint
+from tests import helpers
 from tests.helpers import save, write_index, write_sharded
 
 T = {"a": torch.ones(2), "b": torch.zeros(3)}
@@ -131,15 +131,8 @@ def test_index_json_path_is_accepted(tmp_path):
 @pytest.fixture
 def deadline():
     """Fail instead of hanging: a FIFO opened blocking waits forever for a writer."""
-
-    def expired(*_):
-        raise TimeoutError("blocked on a special file")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with helpers.deadline(10, "blocked on a special file"):
+        yield
 
 
 @pytest.mark.parametrize("where", ["shard", SINGLE_NAME, INDEX_NAME, "config.json"])

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lazyfp8 import LazyFP8View, PerBlock, init_empty_weights, load_into, save
-from tests.helpers import bits
+from tests.helpers import ViewDataset, bits
 
 WORKERS = 6  # each reads every (view, key, mode) once, in its own shuffled order
 CHUNKS = (1000, 8192, 50_000, None)  # None: the default; 1000 cuts 520-wide rows at 384 (block 128)
@@ -367,24 +367,10 @@ def test_fork_while_a_thread_holds_the_pool_lock(checkpoint):
         t.join()
 
 
-class KeyDataset(torch.utils.data.Dataset):
-    """Item ``i``: the ``i``-th tensor of a view, read in whichever process asks."""
-
-    def __init__(self, view):
-        self.view = view
-        self.keys = sorted(view)
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        return self.keys[i], self.view.get_tensor(self.keys[i])
-
-
 def test_dataloader_fork_workers(checkpoint):
     ref = serial(checkpoint)
     loader = torch.utils.data.DataLoader(
-        KeyDataset(busy_view(checkpoint)), batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60
+        ViewDataset(busy_view(checkpoint)), batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60
     )
     got = dict(loader)  # a hung worker raises "DataLoader timed out" instead of hanging
     assert sorted(got) == sorted(ref)

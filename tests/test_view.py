@@ -26,7 +26,7 @@ from lazyfp8 import (
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
-from tests.helpers import bits, reference, save, write_sharded
+from tests.helpers import ViewDataset, bits, reference, save, write_sharded
 from tests.strategies import FLOAT_DTYPES, PASSTHROUGH_DTYPES, fp8_codes, random_tensor, scales, shapes
 
 E4 = torch.float8_e4m3fn
@@ -510,18 +510,6 @@ def test_spawn_pool_reads_through_pickled_views(mixed):
         got = pool.map_async(view.get_tensor, keys).get(timeout=300)
     for k, t in zip(keys, got):
         assert torch.equal(bits(t), bits(view.get_tensor(k))), k
-
-
-class ViewDataset(torch.utils.data.Dataset):
-    def __init__(self, view):
-        self.view = view
-        self.keys = list(view)
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        return self.keys[i], self.view.get_tensor(self.keys[i])
 
 
 def test_spawn_dataloader_workers(mixed):

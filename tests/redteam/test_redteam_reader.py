@@ -4,7 +4,6 @@ or another file's bytes."""
 
 import json
 import os
-import signal
 import threading
 import time
 import unicodedata
@@ -24,23 +23,16 @@ from lazyfp8 import (
 )
 from lazyfp8._checkpoint import INDEX_NAME, open_checkpoint
 from lazyfp8.inspection import inspect_checkpoint
-from tests.helpers import raw_file, save, write_index, write_sharded
+from tests.helpers import deadline, raw_file, save, write_index, write_sharded
 
 T = {"a": torch.arange(4, dtype=torch.float32), "b": torch.zeros(3)}
 
 
 @pytest.fixture(autouse=True)
-def deadline():
+def _deadline():
     """Every attack here must end: a hang is a failure, not a stuck suite."""
-
-    def expired(*_):
-        raise TimeoutError("the reader hung")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    with deadline(120, "the reader hung"):
+        yield
 
 
 def _loop(path):
