@@ -9,7 +9,7 @@ What a user may rely on (see ``docs/writing.md`` for how it is tested):
 * Everything that can be refused (arguments, keys, values, the destination) is refused before the
   destination is touched.
 * Every file is written under a temporary name in the destination and put in place by
-  :func:`_commit`, so that at every instant the destination loads as the old checkpoint, as the
+  :func:`~lazyfp8._destination.commit`, so that at every instant the destination loads as the old checkpoint, as the
   new one, or not at all, whichever file a reader looks at first.
 * The only files ever removed or replaced are the ones ``save`` itself writes
   (``model.safetensors``, ``model-XXXXX-of-YYYYY.safetensors``, the index, ``config.json``, the
@@ -24,15 +24,24 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Union
 
 import torch
 from torch import nn
 
 from ._checkpoint import CONFIG_NAME, INDEX_NAME
+from ._destination import (
+    Staging,
+    commit,
+    locked,
+    make_directory,
+    ours,
+    remove_dead_temporaries,
+    survey,
+    umask,
+)
 from ._dtypes import by_torch
 from ._files import check_name, open_regular
 from ._progress import ProgressSpec, make_progress
@@ -44,24 +53,12 @@ from .quantize import quantize as _quantize
 from .schemes import Granularity, PerBlock, PerChannel, PerTensor, make_scheme
 from .view import LazyFP8View
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX
-    fcntl = None  # type: ignore[assignment]
-
 __all__ = ["save", "SaveResult", "SaveError", "DEFAULT_EXCLUDE"]
 
 #: Weights left unquantized unless ``exclude`` says otherwise: the output head and embeddings.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|\.)lm_head\.", r"(^|\.)embed")
 
 _FORMATS = {"fp8": "_scale_inv", "compressed-tensors": "_scale"}
-
-#: The file names save writes (besides INDEX_NAME and CONFIG_NAME): huggingface_hub's planner
-#: names one shard ``model.safetensors`` and several ``model-00001-of-00003.safetensors``.
-SINGLE_NAME = "model.safetensors"
-_SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
-_STAGING = "lazyfp8"
 
 Selector = Union[Callable[[str], bool], Iterable[str], None]
 
@@ -87,11 +84,6 @@ class SaveResult:
     quantized: list[str]
     tied: list[str]
     key_map: dict[str, str]
-
-
-def _ours(name: str) -> bool:
-    """Whether ``name`` is a checkpoint file save writes (and so may remove when overwriting)."""
-    return name in (SINGLE_NAME, INDEX_NAME, CONFIG_NAME) or _SHARD_NAME.fullmatch(name) is not None
 
 
 def _selector(spec: Selector) -> Callable[[str], bool] | None:
@@ -277,7 +269,7 @@ def _extra_names(extra_files: Mapping[str, Any] | None, path: str) -> dict[str, 
     for name in out:
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name or "\x00" in name:
             raise SaveError(f"{path}: extra file name {name!r} is not a plain file name", path=path)
-        if name.startswith(".") or name.endswith(".safetensors") or _ours(name) or name.endswith(".index.json"):
+        if name.startswith(".") or name.endswith(".safetensors") or ours(name) or name.endswith(".index.json"):
             raise SaveError(
                 f"{path}: extra file name {name!r} is reserved: hidden names are save's temporaries, and "
                 "*.safetensors, *.index.json and config.json are the checkpoint's own files",
@@ -341,195 +333,6 @@ def _check_not_source(path: str, sources: Iterable[Any]) -> None:
                     "would destroy the source: write to another directory",
                     path=path,
                 )
-
-
-def _survey(path: str, overwrite: bool) -> tuple[set[str], bool]:
-    """(checkpoint files of ours in ``path`` but config.json, whether config.json is there),
-    refusing a destination that cannot be overwritten safely."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise SaveError(f"{path} is a link to nothing; remove it or point it at a directory", path=path) from None
-        return set(), False
-    except OSError as e:
-        raise SaveError(f"{path}: cannot use it as the destination: {e.strerror}", path=path) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise SaveError(f"{path} exists and is not a directory ({stat.filemode(st.st_mode)}); save writes a "
-                        "directory: pass another path", path=path)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SaveError(f"{path}: the directory is not writable", path=path)
-    ours, foreign = set(), []
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        if _ours(name):
-            if stat.S_ISDIR(os.lstat(p).st_mode):
-                raise SaveError(f"{p} is a directory where save writes a file; remove it", path=path)
-            ours.add(name)
-        elif name.endswith(".safetensors"):
-            foreign.append(name)
-    config = CONFIG_NAME in ours
-    ours.discard(CONFIG_NAME)
-    if (ours or foreign) and not overwrite:
-        shown = ", ".join(sorted(ours | set(foreign))[:3])
-        raise FileExistsError(f"{path} already holds a checkpoint ({shown}); pass overwrite=True")
-    if foreign:
-        # A reader takes a lone *.safetensors file for a checkpoint: once the old files are gone
-        # and before the new ones are in, the destination would load as that file.
-        raise SaveError(
-            f"{path} holds {', '.join(sorted(foreign)[:3])}, which save did not write and will not "
-            "remove; with it there the destination cannot be replaced atomically: move it away or "
-            "write to another directory",
-            path=path,
-        )
-    return ours, config
-
-
-def _make_directory(path: str) -> None:
-    if os.path.isdir(path):
-        return
-    try:
-        os.makedirs(path)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise SaveError(f"{path} exists and is not a directory", path=path) from None
-        return
-    except OSError as e:
-        raise SaveError(f"{path}: cannot create the destination directory: {e.strerror}", path=path) from None
-    # A umask that leaves the owner no write access would make the directory just created
-    # unusable to the save that created it (mkdir -p gives its parents u+wx for the same reason).
-    mode = os.stat(path).st_mode
-    if mode & 0o700 != 0o700:
-        os.chmod(path, stat.S_IMODE(mode) | 0o700)
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """Hold an exclusive lock on the destination directory: two saves into one directory
-    would interleave their renames into a mix. Where the file system has no locks (some network
-    file systems), saves are not serialized."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SaveError(f"{path}: another save is writing there; wait for it to finish", path=path) from None
-            except OSError:
-                pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _remove_dead_temporaries(path: str) -> None:
-    """Remove what writers that were killed (their process is gone) left in ``path``: their
-    staging directories ``.lazyfp8.tmp-<pid>``, and the ``.<name>.tmp-<pid>`` files that earlier
-    versions wrote for our own file names. Anything else that merely looks like a temporary is a
-    user's and stays."""
-    for entry in os.listdir(path):
-        m = _TEMPORARY.fullmatch(entry)
-        if m is None or not (m["name"] == _STAGING or _ours(m["name"])):
-            continue
-        pid = int(m["pid"])
-        if pid != os.getpid() and _alive(pid):
-            continue  # another writer is at work here
-        p = os.path.join(path, entry)
-        if m["name"] == _STAGING and stat.S_ISDIR(os.lstat(p).st_mode):
-            shutil.rmtree(p, ignore_errors=True)  # removes links inside, never follows them
-        else:
-            _remove(p)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False  # no process has that pid
-    return True
-
-
-def _remove(p: str) -> None:
-    """Remove a file or a link (never what it points to); a directory is left alone."""
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-        os.remove(p)
-
-
-class _Staging:
-    """A private directory ``.lazyfp8.tmp-<pid>`` in the destination where every new file is
-    written under its final name, to be moved into the destination by :func:`_commit`.
-
-    A directory rather than ``.<name>.tmp-<pid>`` files beside the checkpoint: safetensors
-    itself writes through a randomly named temporary in the directory of the target, which a
-    killed writer would leave behind with no name to tell whose it is. Inside the staging
-    directory it goes with everything else."""
-
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, f".{_STAGING}.tmp-{os.getpid()}")
-        if os.path.lexists(self.path):  # left by an earlier save of this process that was interrupted
-            self.discard()
-        os.mkdir(self.path, 0o700)
-        os.chmod(self.path, 0o700)  # whatever the umask: we must write into it
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def write(self, name: str, data: str | IO[bytes]) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        with os.fdopen(os.open(self.file(name), flags, 0o600), "wb") as f:
-            if isinstance(data, str):
-                f.write(data.encode("utf-8"))
-            else:
-                shutil.copyfileobj(data, f)
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-
-    def discard(self) -> None:
-        if os.path.islink(self.path):
-            _remove(self.path)
-        else:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _commit(path: str, staging: _Staging, new: list[str], old: set[str], drop_config: bool) -> None:
-    """Replace the old checkpoint in ``path`` by the new files ``new``, already written in
-    ``staging``; the last of ``new`` is the file that makes ``path`` loadable.
-
-    Claim: at every instant between two of these calls, ``path`` loads as the old checkpoint,
-    the new one, or not at all, whether a reader prefers ``model.safetensors`` over the index
-    (transformers) or the index over ``model.safetensors``. A reader loads ``path`` through
-    exactly one of: ``model.safetensors``; the index; a lone ``*.safetensors`` file that is not
-    shard i of n > 1 (``_survey`` refused every name but ours, so this is ``model.safetensors``
-    again). config.json is read with whichever loads, and decides how its shards are read.
-
-    1. Disable the old checkpoint, entry points first. The index goes first: a reader that
-       prefers the index then falls to model.safetensors, which is still the old one; then
-       model.safetensors: with both entry points gone, what is left is old shards, two or more or
-       one that is i-of-n > 1, which every reader refuses; then the old shards one by one (still
-       refused); then the old config.json, if no new one replaces it. Up to here the old
-       checkpoint loads whole (old shards + old config) or nothing does.
-    2. Put in place everything that does not make ``path`` loadable: config.json (a new config
-       beside no loadable shards loads nothing), the extra files, then every shard but
-       ``loadable`` (new shards with no index: refused, as above).
-    3. Last, ``loadable``: the index of the new shards or the single model.safetensors. The
-       moment it appears, everything it reads is new.
-
-    ``os.replace`` and ``os.remove`` are atomic on one file system; a process killed between
-    them leaves the staging directory (removed by the next save) and one of the three states.
-    """
-    entry_first = sorted(old, key=lambda n: (n != INDEX_NAME, n != SINGLE_NAME, n))
-    for name in entry_first:
-        _remove(os.path.join(path, name))
-    if drop_config:
-        _remove(os.path.join(path, CONFIG_NAME))
-    for name in new:
-        os.replace(staging.file(name), os.path.join(path, name))
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def save(
@@ -660,15 +463,15 @@ def save(
                     weight_map[disk_of[k] + suffix] = fname
         index_text = _json_text({"metadata": metadata, "weight_map": weight_map}, "the index", path)
     _check_not_source(path, [source, scales])
-    _survey(path, overwrite)
+    survey(path, overwrite)
 
-    # -- Write every file into the staging directory, then move them in (see _commit). --
-    _make_directory(path)
+    # -- Write every file into the staging directory, then move them in (see _destination.commit). --
+    make_directory(path)
     scale_source = _scale_lookup(scales)
-    with _locked(path):
-        _remove_dead_temporaries(path)
-        old, old_config = _survey(path, overwrite)  # again: the directory may have changed
-        staging = _Staging(path)
+    with locked(path):
+        remove_dead_temporaries(path)
+        old, old_config = survey(path, overwrite)  # again: the directory may have changed
+        staging = Staging(path)
         bar = make_progress(progress, sum(sizes.values()), "writing")
         try:
             for fname, keys in files.items():
@@ -697,7 +500,7 @@ def save(
             new = ([CONFIG_NAME] if cfg_text is not None else []) + list(extras) + list(files)
             if index_text is not None:
                 new.append(INDEX_NAME)
-            _commit(path, staging, new, old, drop_config=old_config and cfg_text is None and bool(old))
+            commit(path, staging, new, old, drop_config=old_config and cfg_text is None and bool(old))
         finally:
             bar.close()
             staging.discard()
@@ -712,7 +515,7 @@ def save(
     )
 
 
-def _copy_extra(staging: _Staging, name: str, value: Any) -> None:
+def _copy_extra(staging: Staging, name: str, value: Any) -> None:
     if hasattr(value, "read"):
         staging.write(name, value)
         return
@@ -737,19 +540,4 @@ def _save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
     # safetensors creates its files 0600; a checkpoint in a shared directory must be readable
     # like any other file the user creates.
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    # /proc tells without changing it; os.umask() can only be read by setting it, which would
-    # race with other threads creating files.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~umask())
