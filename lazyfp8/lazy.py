@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import operator
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch.utils._pytree import tree_map
 
+from ._dtypes import by_torch
 from .distributed import copy_into_dtensor, is_dtensor
 
 __all__ = ["LazyTensor"]
@@ -30,7 +31,18 @@ class _Source(Protocol):
 
     def read_into(self, dst: torch.Tensor) -> None: ...
 
+    def read_box_into(self, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> None: ...
+
     def to_tensor(self) -> torch.Tensor: ...
+
+
+# What the header knows, asked of a meta tensor of the same shape, dtype and (contiguous)
+# strides: answering these by reading and dequantizing the whole tensor would cost its size.
+_FROM_HEADER = frozenset({
+    "stride", "is_contiguous", "layout", "itemsize", "is_floating_point", "is_complex", "is_signed",
+    "storage_offset", "dim_order", "is_sparse", "is_sparse_csr", "is_quantized", "is_mkldnn",
+    "is_nested", "nelement", "ndimension", "names", "is_inference", "grad", "grad_fn", "is_leaf",
+})
 
 
 class LazyTensor:
@@ -152,18 +164,84 @@ class LazyTensor:
             )
         return (operator.getitem, (self._view, self.key))
 
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def get_device(self) -> int:
+        return -1 if self.device.type == "cpu" else (self.device.index or 0)
+
+    def get_shape(self) -> list[int]:
+        """The shape as a list, as safetensors' ``get_slice(...).get_shape()``."""
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        """The safetensors code of the dtype indexing returns (``"BF16"``...), as safetensors'
+        ``get_slice(...).get_dtype()``."""
+        return by_torch(self.dtype).code  # type: ignore[union-attr]
+
     def __getattr__(self, name: str) -> Any:
+        if name in _FROM_HEADER:
+            return getattr(torch.empty(self.shape, dtype=self.dtype, device="meta"), name)
         # Any other Tensor method or attribute: on a temporary that lives for this call only.
         if not name.startswith("_") and hasattr(torch.Tensor, name):
             return getattr(self.materialize(), name)
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.materialize()[index]
+        """``lazy[index]``: basic indexing (ints, slices of step 1, ``...``) reads only the box it
+        selects; any other index reads the whole tensor and indexes it."""
+        box = _basic_box(index, tuple(self.shape))
+        if box is None:
+            return self.materialize()[index]
+        offsets, lengths, picked = box
+        out = torch.empty(lengths, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            self._source.read_box_into(out, offsets, lengths)
+        return out[tuple(0 if d in picked else slice(None) for d in range(len(lengths)))]
 
     def __array__(self, dtype: Any = None) -> Any:
         arr = self.materialize().numpy()
         return arr if dtype is None else arr.astype(dtype)
+
+
+def _basic_box(index: Any, shape: tuple[int, ...]) -> tuple[list[int], list[int], set[int]] | None:
+    """``(offsets, lengths, dims indexed by an int)`` of the box a basic index selects, or
+    ``None`` for an index that is not one (steps, ``None``, tensors, lists, booleans).
+
+    Raises:
+        IndexError: an int out of range, or more indices than dimensions, as torch would.
+    """
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in items) > 1:
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + (slice(None),) * (len(shape) - len(items) + 1) + items[at + 1 :]
+    if len(items) > len(shape):
+        raise IndexError(f"too many indices for tensor of dimension {len(shape)}")
+    offsets, lengths, picked = [], [], set()
+    for d, size in enumerate(shape):
+        item = items[d] if d < len(items) else slice(None)
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not -size <= item < size:
+                raise IndexError(f"index {item} is out of bounds for dimension {d} with size {size}")
+            offsets.append(item % size)
+            lengths.append(1)
+            picked.add(d)
+        elif isinstance(item, slice) and item.step in (None, 1) and all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (item.start, item.stop)
+        ):
+            start, stop, _ = item.indices(size)
+            offsets.append(start)
+            lengths.append(max(stop - start, 0))
+        else:
+            return None
+    return offsets, lengths, picked
 
 
 def _pickled_by_torch_save() -> bool:

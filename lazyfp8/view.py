@@ -308,6 +308,12 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         on ``device``. Reads the file each call."""
         return self[key].materialize()
 
+    def get_slice(self, key: str) -> LazyTensor:
+        """``key``'s value for partial reads, as safetensors' ``safe_open(...).get_slice(key)``:
+        ``get_shape()``, ``get_dtype()`` and ``[index]``, where basic indexing (ints, slices of
+        step 1, ``...``) reads and dequantizes only the box it selects."""
+        return self[key]
+
     def read_box(self, key: str, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
         """Read the box ``[offsets, offsets + lengths)`` of ``key`` into ``dst`` (shape
         ``lengths``, any dtype or device), reading only that box's bytes. Returns ``dst``."""

@@ -135,3 +135,79 @@ def test_torch_save_stores_the_values(view, tmp_path):
     assert torch.equal(bits(sd["w"]), bits(view.get_tensor("lin.weight")))
     assert torch.equal(bits(w), bits(view.get_tensor("lin.weight")))
     assert torch.equal(bits(sd["b"]), bits(view.get_tensor("lin.bias")))
+
+
+# --- what the header answers, and partial reads ---------------------------------------------
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def test_metadata_is_answered_from_the_header(view):
+    """Everything the header knows costs no read (it used to dequantize the whole tensor)."""
+    v, ref = view["lin.weight"], view.get_tensor("lin.weight")
+    before = view.bytes_read
+    assert v.is_floating_point() and not v.is_complex() and v.is_signed()
+    assert v.layout == torch.strided and v.stride() == ref.stride() and v.stride(0) == 32
+    assert v.is_contiguous() and v.storage_offset() == 0 and v.itemsize == 2
+    assert not v.is_cuda and v.is_cpu and v.get_device() == -1
+    assert not v.is_sparse and not v.is_quantized and v.nelement() == 2048 and v.ndimension() == 2
+    assert v.get_shape() == [64, 32] and v.get_dtype() == "BF16"
+    assert view["lin.bias"].get_dtype() == "BF16" and view.bytes_read == before
+
+
+@st.composite
+def basic_index(draw, shape):
+    """A random basic index: ints (negative too), slices of step 1 (open, clamped, empty), one
+    Ellipsis at most, possibly fewer items than dimensions."""
+    items = []
+    for size in shape:
+        kind = draw(st.sampled_from(["int", "slice", "full"]))
+        if kind == "int":
+            items.append(draw(st.integers(-size, size - 1)))
+        elif kind == "slice":
+            a = draw(st.none() | st.integers(-size - 2, size + 2))
+            b = draw(st.none() | st.integers(-size - 2, size + 2))
+            items.append(slice(a, b, draw(st.sampled_from([None, 1]))))
+        else:
+            items.append(slice(None))
+    cut = draw(st.integers(0, len(items)))
+    items = items[:cut]
+    if items and draw(st.booleans()):
+        at = draw(st.integers(0, len(items) - 1))
+        items[at:at + 1] = [Ellipsis]
+    return tuple(items) if len(items) != 1 or draw(st.booleans()) else items[0]
+
+
+@given(data=st.data())
+def test_basic_indexing_reads_only_its_box_and_equals_indexing_the_tensor(view, data):
+    key = data.draw(st.sampled_from(["lin.weight", "lin.bias"]))
+    v, full = view[key], view.get_tensor(key)
+    index = data.draw(basic_index(tuple(full.shape)))
+    before = view.bytes_read
+    got = v[index]
+    want = full[index]
+    assert got.shape == want.shape and torch.equal(bits(got), bits(want))
+    scale = 0 if view.info(key).scale_key is None else 4
+    assert view.bytes_read - before <= want.numel() * view.info(key).disk_dtype.itemsize + scale
+
+
+def test_a_row_slice_reads_that_row_only(view):
+    full = view.get_tensor("lin.weight")
+    before = view.bytes_read
+    row = view["lin.weight"][3]
+    assert view.bytes_read - before == 32 + 4  # 32 FP8 codes and the 0-d scale
+    assert torch.equal(bits(row), bits(full[3]))
+    before = view.bytes_read
+    col = view.get_slice("lin.weight")[..., 5:7]
+    assert view.bytes_read - before == 64 * 2 + 4
+    assert torch.equal(bits(col), bits(full[:, 5:7]))
+
+
+def test_other_indexes_fall_back_and_errors_match_torch(view):
+    v, full = view["lin.weight"], view.get_tensor("lin.weight")
+    for index in ([0, 2], torch.tensor([1, 3]), slice(None, None, 2), (None, 0), full[:, 0] > 0):
+        assert torch.equal(bits(v[index]), bits(full[index]))
+    for index in (64, -65, (0, 0, 0), (..., 32)):
+        with pytest.raises(IndexError):
+            v[index]
