@@ -7,12 +7,11 @@ import os
 from collections import Counter
 from typing import Any
 
+from ._catalogue import build_catalogue
 from ._checkpoint import CONFIG_NAME, open_checkpoint
-from ._pairing import pair_scales
-from ._quant_config import scheme_from_config
 from .errors import CheckpointError, LazyFP8Error
 from .keymap import KeyMapping, KeyMappingSpec
-from .schemes import Granularity, PerBlock, auto_scheme, make_scheme
+from .schemes import Granularity, PerBlock
 
 __all__ = ["Report", "inspect_checkpoint"]
 
@@ -100,14 +99,9 @@ def inspect_checkpoint(
     """
     problems: list[CheckpointError] = []
     ckpt = open_checkpoint(path, problems)
-    config_path = os.path.join(ckpt.root, CONFIG_NAME)
     lines: list[str] = []
-    try:
-        sch = make_scheme(scheme, block_size) or scheme_from_config(ckpt.config, config_path) or auto_scheme(block_size)
-    except (CheckpointError, ValueError) as e:
-        lines.append(str(e))
-        sch = auto_scheme(block_size)
-    pairing = pair_scales(ckpt.tensors, sch, problems)
+    catalogue = build_catalogue(ckpt, scheme=scheme, block_size=block_size, problems=problems)
+    sch, pairing, exposed = catalogue.scheme, catalogue.pairing, catalogue.exposed
 
     files = []
     for shard, header in ckpt.shards.items():
@@ -122,8 +116,6 @@ def inspect_checkpoint(
         fp8.append({"key": key, "dtype": w.dtype.code, "shape": list(w.shape), "scale_key": entry.name,
                     "scale_dtype": entry.dtype.code, "granularity": _gran_name(g)})
         summary[(w.dtype.code, _gran_name(g), suffix, entry.dtype.code)] += 1
-    hidden = pairing.scale_keys | pairing.quant_params
-    exposed = [k for k in ckpt.tensors if k not in hidden]
     rules: list[str] = []
     runtime: dict[str, str] = {}
     if key_mapping is not None:

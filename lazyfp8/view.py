@@ -10,16 +10,16 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from ._checkpoint import CONFIG_NAME, open_checkpoint
-from ._pairing import QUANT_SIBLINGS, pair_scales
+from ._catalogue import build_catalogue
+from ._checkpoint import open_checkpoint
+from ._pairing import QUANT_SIBLINGS
 from ._parallel import default_threads
-from ._quant_config import scheme_from_config
 from ._reader import ShardFile
 from ._source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
 from .errors import ShardChangedError, TensorNotFoundError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
-from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
+from .schemes import Granularity, Scheme
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
 
@@ -51,26 +51,6 @@ class TensorInfo:
     scale_key: str | None = None
     scale_file: str | None = None
     granularity: Granularity | None = None
-
-
-def _resolve_scheme(
-    scheme: Scheme | Granularity | str | None,
-    block_size: tuple[int, int] | None,
-    config: dict | None,
-    config_path: str,
-) -> Scheme:
-    """An explicit ``scheme=`` wins; else the config's quantization_config; else ``auto``.
-    ``block_size=`` replaces the block of every block granularity."""
-    explicit = make_scheme(scheme, block_size)
-    if explicit is not None:
-        return explicit
-    declared = scheme_from_config(config, config_path)
-    if declared is None:
-        return auto_scheme(block_size)
-    if block_size is None:
-        return declared
-    gs = tuple(g for g in declared.granularities if not isinstance(g, PerBlock))
-    return dataclasses.replace(declared, granularities=gs + (PerBlock(tuple(block_size)),))
 
 
 class _Hints:
@@ -210,16 +190,16 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self.key_mapping = KeyMapping.from_spec(key_mapping)
         ckpt = open_checkpoint(self.path)
         self._checkpoint = ckpt
-        self.scheme = _resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
+        catalogue = build_catalogue(ckpt, scheme=scheme, block_size=block_size, include_quant_params=include_quant_params)
+        self.scheme = catalogue.scheme
         self._files = {p: ShardFile(p, h.identity) for p, h in ckpt.shards.items()}
         self._chunk = chunk_elements
         self._threads = default_threads() if threads is None else max(int(threads), 1)
-        pairing = pair_scales(ckpt.tensors, self.scheme)
         self._scales = {
-            k: ScaleRef(self._files[file], entry, granularity) for k, (file, entry, granularity) in pairing.scales.items()
+            k: ScaleRef(self._files[file], entry, granularity)
+            for k, (file, entry, granularity) in catalogue.pairing.scales.items()
         }
-        hidden = pairing.scale_keys | (set() if include_quant_params else pairing.quant_params)
-        self._exposed = [k for k in ckpt.tensors if k not in hidden]
+        self._exposed = catalogue.exposed
         self._apply_mapping()
 
     def _apply_mapping(self) -> None:

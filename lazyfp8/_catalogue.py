@@ -1,0 +1,92 @@
+"""The catalogue: one picture of a checkpoint that every reader shares.
+
+From the located files (``_checkpoint``) it settles how FP8 weights are scaled (the scheme: an
+explicit argument, else ``config.json``'s ``quantization_config``, else ``auto``), which scale
+belongs to which weight (``_pairing``), and which on-disk keys are tensors a user sees. The view,
+``inspect_checkpoint`` and everything built on them (the writer's view sources, the DCP reader)
+see a checkpoint through this one function, so they cannot disagree about it. No tensor data is
+read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ._checkpoint import CONFIG_NAME, Checkpoint
+from ._pairing import Pairing, pair_scales
+from ._quant_config import scheme_from_config
+from .errors import CheckpointError
+from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
+
+__all__ = ["Catalogue", "build_catalogue", "resolve_scheme"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalogue:
+    """What a checkpoint holds, as every reader sees it.
+
+    Attributes:
+        checkpoint: the located files and their headers.
+        scheme: how FP8 weights are scaled.
+        pairing: each FP8 weight's scale, the quantization parameters, orphan scales.
+        exposed: the on-disk keys that are tensors of the model (scales, and unless asked for,
+            quantization parameters, hidden), in checkpoint order.
+    """
+
+    checkpoint: Checkpoint
+    scheme: Scheme
+    pairing: Pairing
+    exposed: list[str]
+
+
+def resolve_scheme(
+    scheme: Scheme | Granularity | str | None,
+    block_size: tuple[int, int] | None,
+    config: dict | None,
+    config_path: str,
+) -> Scheme:
+    """An explicit ``scheme=`` wins; else the config's quantization_config; else ``auto``.
+    ``block_size=`` replaces the block of every block granularity.
+
+    Raises:
+        UnsupportedSchemeError: a quantization_config that is not an FP8 scheme read here.
+        ValueError: an unknown ``scheme`` name.
+    """
+    explicit = make_scheme(scheme, block_size)
+    if explicit is not None:
+        return explicit
+    declared = scheme_from_config(config, config_path)
+    if declared is None:
+        return auto_scheme(block_size)
+    if block_size is None:
+        return declared
+    gs = tuple(g for g in declared.granularities if not isinstance(g, PerBlock))
+    return dataclasses.replace(declared, granularities=gs + (PerBlock(tuple(block_size)),))
+
+
+def build_catalogue(
+    ckpt: Checkpoint,
+    *,
+    scheme: Scheme | Granularity | str | None = None,
+    block_size: tuple[int, int] | None = None,
+    include_quant_params: bool = False,
+    problems: list[CheckpointError] | None = None,
+) -> Catalogue:
+    """The catalogue of ``ckpt``.
+
+    With ``problems`` given (``inspect``), errors are appended there instead of raised: a scheme
+    that cannot be resolved falls back to ``auto`` and is reported, and each weight whose scale
+    cannot be paired is left unpaired and reported.
+    """
+    try:
+        sch = resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
+    except (CheckpointError, ValueError) as e:
+        if problems is None:
+            raise
+        problems.append(e)  # type: ignore[arg-type]
+        sch = auto_scheme(block_size)
+    pairing = pair_scales(ckpt.tensors, sch, problems)
+    hidden = pairing.scale_keys | (set() if include_quant_params else pairing.quant_params)
+    exposed = [k for k in ckpt.tensors if k not in hidden]
+    return Catalogue(checkpoint=ckpt, scheme=sch, pairing=pairing, exposed=exposed)
