@@ -26,7 +26,7 @@ from lazyfp8 import (
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
-from tests.helpers import ViewDataset, bits, reference, save, write_sharded
+from tests.helpers import ViewDataset, bits, raw_file, reference, save, write_sharded
 from tests.strategies import FLOAT_DTYPES, PASSTHROUGH_DTYPES, fp8_codes, random_tensor, scales, shapes
 
 E4 = torch.float8_e4m3fn
@@ -329,12 +329,17 @@ def test_file_truncated_after_the_view_was_built(tmp_path):
 
 def test_e4m3fnuz_same_bits_mean_half_and_0x80_is_nan(tmp_path):
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    save(
-        {
-            "fn.weight": codes.view(torch.float8_e4m3fn), "fn.weight_scale_inv": torch.tensor(1.0),
-            "uz.weight": codes.clone().view(torch.float8_e4m3fnuz), "uz.weight_scale_inv": torch.tensor(1.0),
-        },
+    # Written by hand: safetensors writes F8_E4M3FNUZ only from 0.8 on, and our floor is older.
+    one = torch.tensor(1.0).numpy().tobytes()
+    raw_file(
         str(tmp_path / "m.safetensors"),
+        {
+            "fn.weight": {"dtype": "F8_E4M3", "shape": [256], "data_offsets": [0, 256]},
+            "fn.weight_scale_inv": {"dtype": "F32", "shape": [], "data_offsets": [256, 260]},
+            "uz.weight": {"dtype": "F8_E4M3FNUZ", "shape": [256], "data_offsets": [260, 516]},
+            "uz.weight_scale_inv": {"dtype": "F32", "shape": [], "data_offsets": [516, 520]},
+        },
+        codes.numpy().tobytes() + one + codes.numpy().tobytes() + one,
     )
     view = LazyFP8View(tmp_path, dtype=torch.float32)
     fn, uz = view.get_tensor("fn.weight"), view.get_tensor("uz.weight")
