@@ -9,21 +9,20 @@ buffers. Device memory besides the destination: two chunks of codes plus the ker
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ._dequant import Workspace
-
-if TYPE_CHECKING:
-    from ._source import Plan, TensorSource
+from ._plan import Plan
 
 __all__ = ["read_into_cuda"]
 
 
-def read_into_cuda(source: "TensorSource", dst: torch.Tensor, plan: "Plan") -> None:
+def read_into_cuda(source: Any, dst: torch.Tensor, plan: Plan) -> None:
     """Fill contiguous CUDA tensor ``dst`` (the box ``plan`` covers) with ``source``'s values,
-    bit-exact to the CPU path."""
+    bit-exact to the CPU path. ``source`` is a ``_source.TensorSource`` (its ``entry``, ``shard``,
+    ``dtype``, ``kernel(device)`` and ``read_rect``), passed down by it."""
     e = source.entry
     device = dst.device
     flat = dst.view(-1)

@@ -10,14 +10,14 @@ allocated besides the destination.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ._dequant import GridKernel, PerTensorKernel, thread_workspace
 from ._header import TensorEntry
 from ._parallel import run_split
+from ._plan import Plan, Rect, plan_box
 from ._reader import ShardFile
 from .errors import InvalidScaleError
 from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
@@ -172,7 +172,7 @@ class TensorSource:
 
         run_split(plan.chunks, self.threads, work_on)
 
-    def read_rect(self, buf: torch.Tensor, rect: "Rect") -> None:
+    def read_rect(self, buf: torch.Tensor, rect: Rect) -> None:
         """The stored bytes of ``rect`` (row-major) into contiguous CPU tensor ``buf``: one read
         for whole rows, one per row for a column range."""
         e = self.entry
@@ -185,24 +185,17 @@ class TensorSource:
         for i, r in enumerate(range(rect.r0, rect.r1)):
             self.shard.read_into(buf[i * w : (i + 1) * w], e.offset + (r * cols + rect.c0) * isz, e.name)
 
-    def plan(self, offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> "Plan":
+    def plan(self, offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> Plan:
         """The rectangles of the ``[rows, cols]`` view that cover the box (default: the whole
         tensor), each at most one chunk, with where each lands in the destination."""
         shape = self.entry.shape
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
         lengths = tuple(lengths) if lengths is not None else shape
-        rows, cols = matrix_shape(shape)
         grid = self.scale is not None and not isinstance(self.scale.granularity, PerTensor)
         # A scale grid needs float32 products besides the codes and indices: half the chunk keeps
         # each worker's buffers near those of the per-tensor path.
         budget = max(self.chunk // 2, 1) if grid else self.chunk
-        chunks: list[Rect] = []
-        spans: list[tuple[int, int]] = []
-        isz = self.entry.dtype.itemsize
-        for r0, r1, c0, c1, local in _box_rects(shape, offsets, lengths, rows, cols):
-            spans.append((self.entry.offset + (r0 * cols + c0) * isz, self.entry.offset + ((r1 - 1) * cols + c1) * isz))
-            chunks.extend(_split(r0, r1, c0, c1, local, budget))
-        return Plan(chunks, spans)
+        return plan_box(shape, offsets, lengths, budget, self.entry.offset, self.entry.dtype.itemsize)
 
     def kernel(self, device: torch.device) -> "Kernel | None":
         """``kernel(codes, out, rows, col_start, work, final=False)`` dequantizing one chunk on
@@ -224,73 +217,3 @@ class TensorSource:
 
 
 Kernel = Callable[..., None]  # (codes, out, rows, col_start, work, final=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rect:
-    """Rows ``r0:r1`` x columns ``c0:c1`` of the ``[rows, cols]`` view; ``local`` is where its
-    first element lands in the (flat, row-major) destination box."""
-
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-    local: int
-
-    @property
-    def numel(self) -> int:
-        return (self.r1 - self.r0) * (self.c1 - self.c0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    chunks: list[Rect]
-    spans: list[tuple[int, int]]  # byte ranges of the file the box touches
-
-    @property
-    def largest(self) -> int:
-        return max((r.numel for r in self.chunks), default=0)
-
-
-def _box_rects(
-    shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...], rows: int, cols: int
-) -> Iterator[tuple[int, int, int, int, int]]:
-    """The box as rectangles ``(r0, r1, c0, c1, local)`` of the ``[rows, cols]`` view.
-
-    With the last partial dim ``k`` before the last dim, every dim after ``k`` is whole: each
-    rectangle is a band of whole rows. With the last dim partial, each is a column range over
-    the consecutive rows of dim ``n - 2``. One rectangle per index of the dims before the band.
-    """
-    n = len(shape)
-    if n <= 1:
-        o, m = (offsets[0], lengths[0]) if n == 1 else (0, 1)
-        yield 0, 1, o, o + m, 0
-        return
-    partial = [d for d in range(n) if offsets[d] != 0 or lengths[d] != shape[d]]
-    k = partial[-1] if partial else 0
-    strides = [1] * (n - 1)  # rows of the view spanned by one step of each dim before the last
-    for d in range(n - 3, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    if k == n - 1:
-        band_dim, c0, c1 = n - 2, offsets[-1], offsets[-1] + lengths[-1]
-    else:
-        band_dim, c0, c1 = k, 0, cols
-    band = lengths[band_dim] * strides[band_dim]
-    ranges = [range(offsets[d], offsets[d] + lengths[d]) for d in range(band_dim)]
-    for i, idx in enumerate(itertools.product(*ranges)):
-        row = sum(j * strides[d] for d, j in enumerate(idx)) + offsets[band_dim] * strides[band_dim]
-        yield row, row + band, c0, c1, i * band * (c1 - c0)
-
-
-def _split(r0: int, r1: int, c0: int, c1: int, local: int, budget: int) -> Iterator[Rect]:
-    """Cut a rectangle into rectangles of at most ``budget`` elements: bands of rows, or, when one
-    row is wider than the budget, row segments."""
-    w = c1 - c0
-    if w <= budget:
-        step = max(budget // max(w, 1), 1)
-        for r in range(r0, r1, step):
-            yield Rect(r, min(r + step, r1), c0, c1, local + (r - r0) * w)
-        return
-    for r in range(r0, r1):
-        for c in range(c0, c1, budget):
-            yield Rect(r, r + 1, c, min(c + budget, c1), local + (r - r0) * w + (c - c0))

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils._pytree import tree_map
 
+from ._dtensor import copy_into_dtensor, is_dtensor
 from ._dtypes import by_torch
-from .distributed import copy_into_dtensor, is_dtensor
 
 __all__ = ["LazyTensor"]
 

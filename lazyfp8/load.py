@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from ._dtensor import is_dtensor
 from ._progress import ProgressSpec, make_progress
-from .distributed import is_dtensor
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .view import LazyFP8View

@@ -58,7 +58,7 @@ def test_smallest_positive_subnormal_e4m3():
 
 def grid(codes, scale, block, dtype, rows, cols, budget, fp8=torch.float8_e4m3fn):
     """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
-    from lazyfp8._source import _split
+    from lazyfp8._plan import _split
 
     k = GridKernel(fp8, scale, block, rows)
     out = torch.empty(rows * cols, dtype=dtype)
