@@ -10,8 +10,8 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from ._dtypes import SCALE_CODES
 from ._header import TensorEntry
-from ._source import SCALE_DTYPES
 from .errors import CheckpointError, MissingScaleError, UnsupportedDtypeError, raise_or_collect
 from .schemes import Granularity, Scheme
 
@@ -80,7 +80,7 @@ def pair_scales(
             ))
             continue
         scale_file, scale_entry = tensors[found[0]]
-        if scale_entry.dtype.code not in SCALE_DTYPES:
+        if scale_entry.dtype.code not in SCALE_CODES:
             raise_or_collect(problems, UnsupportedDtypeError(
                 f"{os.path.basename(scale_file)}: scale {found[0]!r} of the FP8 tensor {key!r} has dtype "
                 f"{scale_entry.dtype.code}; scales must be F32, BF16, F16, F64, U8 (ue8m0) or F8_E8M0",

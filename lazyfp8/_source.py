@@ -22,14 +22,12 @@ from ._reader import ShardFile
 from .errors import InvalidScaleError
 from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
 
-__all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS", "SCALE_DTYPES"]
+__all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS"]
 
 # 2M elements per step and worker: 2 MiB of codes and 4 MiB of pair indices for a per-tensor scale;
 # a scale grid works on 1M at a time (1 + 4 + 4 MiB of codes, indices and float32 products).
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
-# Scale dtypes and how a stored scale becomes float32 multipliers.
-SCALE_DTYPES = frozenset({"F32", "BF16", "F16", "F64", "U8", "F8_E8M0"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +41,7 @@ class ScaleRef:
 
 def read_scale(ref: ScaleRef, weight_key: str) -> torch.Tensor:
     """The scale as float32 multipliers, validated (finite and positive). Its dtype was checked
-    against ``SCALE_DTYPES`` when the scale was paired with its weight."""
+    against ``_dtypes.SCALE_CODES`` when the scale was paired with its weight."""
     e = ref.entry
     raw = torch.empty(e.shape, dtype=e.dtype.torch)
     ref.shard.check(e.name)

@@ -12,16 +12,11 @@ from collections.abc import Iterator
 
 import torch
 
+from ._dtypes import FP8_MAX
 from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["quantize", "fp8_max", "NonFiniteError"]
 
-_FP8_MAX = {
-    torch.float8_e4m3fn: 448.0,
-    torch.float8_e5m2: 57344.0,
-    torch.float8_e4m3fnuz: 240.0,
-    torch.float8_e5m2fnuz: 57344.0,
-}
 
 # Rows are processed this many elements at a time, so no float32 copy of a whole tensor (and no
 # temporary of its size) is ever made.
@@ -35,9 +30,9 @@ class NonFiniteError(ValueError):
 def fp8_max(dtype: torch.dtype) -> float:
     """The largest finite value of an FP8 dtype."""
     try:
-        return _FP8_MAX[dtype]
+        return FP8_MAX[dtype]
     except KeyError:
-        raise ValueError(f"{dtype} is not an FP8 weight dtype; use one of {list(_FP8_MAX)}") from None
+        raise ValueError(f"{dtype} is not an FP8 weight dtype; use one of {list(FP8_MAX)}") from None
 
 
 def quantize(

@@ -12,6 +12,7 @@ import torch
 
 from ._catalogue import build_catalogue
 from ._checkpoint import open_checkpoint
+from ._dtypes import TARGETS
 from ._pairing import QUANT_SIBLINGS
 from ._parallel import default_threads
 from ._reader import ShardFile
@@ -23,7 +24,6 @@ from .schemes import Granularity, Scheme
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
 
-_FLOAT_TARGETS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +171,8 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         threads: int | None = None,
     ):
-        if dtype not in _FLOAT_TARGETS:
-            raise ValueError(f"dtype must be one of {', '.join(map(str, _FLOAT_TARGETS))}; got {dtype}")
+        if dtype not in TARGETS:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, TARGETS))}; got {dtype}")
         self.path = os.fspath(path)
         # What a pickle carries to reopen this view elsewhere (the key mapping is added then, as
         # remap() may have changed it).
