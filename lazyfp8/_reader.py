@@ -38,6 +38,44 @@ __all__ = ["ShardFile", "default_capacity", "writable_bytes"]
 _FADV_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
+# Positional reads straight into the destination: os.preadv where the platform has it (Linux,
+# the BSDs, macOS 11+). Elsewhere os.pread (bytes, then one copy into the destination, at most
+# _FALLBACK_STEP at a time), and where even that is missing (Windows), a seek and a read under a
+# lock per descriptor table, as positions are shared.
+_FALLBACK_STEP = 1 << 24
+_seek_lock = threading.Lock()
+
+
+def _preadv(fd: int, buf: memoryview, offset: int) -> int:
+    return os.preadv(fd, [buf], offset)
+
+
+def _pread(fd: int, buf: memoryview, offset: int) -> int:
+    data = os.pread(fd, min(len(buf), _FALLBACK_STEP), offset)
+    buf[: len(data)] = data
+    return len(data)
+
+
+def _seek_read(fd: int, buf: memoryview, offset: int) -> int:
+    with _seek_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, min(len(buf), _FALLBACK_STEP))
+    buf[: len(data)] = data
+    return len(data)
+
+
+def choose_read_at(module: object = os):
+    """The best positional read ``module`` (``os``) offers: ``read_at(fd, buf, offset) -> n``."""
+    if hasattr(module, "preadv"):
+        return _preadv
+    if hasattr(module, "pread"):
+        return _pread
+    return _seek_read
+
+
+_read_at = choose_read_at()
+
+
 def writable_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory. Keep ``t`` alive while it is used."""
     if t.device.type != "cpu" or not t.is_contiguous():
@@ -257,7 +295,7 @@ class ShardFile:
         try:
             while done < total:
                 # preadv may return short counts (Linux caps one call near 2 GiB); loop until done.
-                n = os.preadv(slot.fd, [view[done:]], offset + done)
+                n = _read_at(slot.fd, view[done:], offset + done)
                 if n == 0:
                     raise self._changed(
                         key,
