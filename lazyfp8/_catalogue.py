@@ -61,7 +61,7 @@ def resolve_scheme(
         return auto_scheme(block_size)
     if block_size is None:
         return declared
-    gs = tuple(g for g in declared.granularities if not isinstance(g, PerBlock))
+    gs = tuple(g for g in declared.granularities if g.weight_block_size is None)
     return dataclasses.replace(declared, granularities=gs + (PerBlock(tuple(block_size)),))
 
 

@@ -20,7 +20,7 @@ from ._parallel import run_split
 from ._plan import Plan, Rect, plan_box
 from ._reader import ShardFile
 from .errors import InvalidScaleError
-from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
+from .schemes import Granularity, grid_shape, matrix_shape
 
 __all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS"]
 
@@ -189,7 +189,7 @@ class TensorSource:
         shape = self.entry.shape
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
         lengths = tuple(lengths) if lengths is not None else shape
-        grid = self.scale is not None and not isinstance(self.scale.granularity, PerTensor)
+        grid = self.scale is not None and self.scale.granularity.grid
         # A scale grid needs float32 products besides the codes and indices: half the chunk keeps
         # each worker's buffers near those of the per-tensor path.
         budget = max(self.chunk // 2, 1) if grid else self.chunk
@@ -205,12 +205,12 @@ class TensorSource:
         e = self.entry
         fp8 = e.dtype.torch
         g = self.scale.granularity
-        if isinstance(g, PerTensor):
+        if not g.grid:
             k = PerTensorKernel(fp8, scale, self.dtype, self.numel, device=device)
             return lambda codes, out, rows, c0, work, final=False: k(codes, out, work, final)
         rows, cols = matrix_shape(e.shape)
         block = g.block_size(e.shape)
-        period = g.period(e.shape) if isinstance(g, PerBlock) else rows
+        period = g.period(e.shape)
         return GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
 
 

@@ -11,13 +11,8 @@ from ._catalogue import build_catalogue
 from ._checkpoint import CONFIG_NAME, open_checkpoint
 from .errors import CheckpointError, LazyFP8Error
 from .keymap import KeyMapping, KeyMappingSpec
-from .schemes import Granularity, PerBlock
 
 __all__ = ["Report", "inspect_checkpoint"]
-
-
-def _gran_name(g: Granularity) -> str:
-    return f"block{list(g.block)}" if isinstance(g, PerBlock) else type(g).__name__
 
 
 @dataclasses.dataclass
@@ -114,8 +109,8 @@ def inspect_checkpoint(
         w = ckpt.tensors[key][1]
         suffix = entry.name[len(key):]
         fp8.append({"key": key, "dtype": w.dtype.code, "shape": list(w.shape), "scale_key": entry.name,
-                    "scale_dtype": entry.dtype.code, "granularity": _gran_name(g)})
-        summary[(w.dtype.code, _gran_name(g), suffix, entry.dtype.code)] += 1
+                    "scale_dtype": entry.dtype.code, "granularity": g.name})
+        summary[(w.dtype.code, g.name, suffix, entry.dtype.code)] += 1
     rules: list[str] = []
     runtime: dict[str, str] = {}
     if key_mapping is not None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from ._dtypes import FP8_MAX
-from .schemes import Granularity, PerBlock, PerTensor, grid_shape, matrix_shape
+from .schemes import Granularity, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["quantize", "fp8_max", "NonFiniteError"]
 
@@ -65,7 +65,7 @@ def quantize(
         NonFiniteError: ``w`` holds NaN or an infinity (naming ``name``).
     """
     fmax = fp8_max(fp8_dtype)
-    if isinstance(granularity, PerBlock) and w.dim() >= 3:
+    if granularity.stacked and w.dim() >= 3:
         # A stack of matrices (fused experts) is tiled matrix by matrix.
         mats = w.detach().reshape(-1, *w.shape[-2:])
         given_mats = None if scale is None else scale.reshape(mats.shape[0], -1)

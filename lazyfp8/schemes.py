@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, ClassVar
 
 from .errors import ScaleShapeError
 
@@ -42,9 +42,68 @@ def grid_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
     return -(-rows // block[0]), -(-cols // block[1])
 
 
+class Granularity:
+    """How one scale tensor covers one weight: a grid of multipliers over the weight's
+    ``[rows, cols]`` view, one per ``block_size`` tile. Each subclass carries every fact that
+    depends on which granularity it is (shapes, how a scale shape is recognised, its description
+    and its form in a ``quantization_config``), so no caller asks which one it holds.
+    """
+
+    #: ``False`` only when one multiplier covers the whole tensor (one lookup table per tensor).
+    grid: ClassVar[bool] = True
+    #: A weight of 3 or more dims is a stack of matrices, each tiled on its own.
+    stacked: ClassVar[bool] = False
+    #: Its scale has one entry per row, which only a weight of 2 or more dims has.
+    needs_rows: ClassVar[bool] = False
+
+    def block_size(self, weight_shape: Sequence[int]) -> tuple[int, int]:
+        """The tile one multiplier covers, for a weight of this shape."""
+        raise NotImplementedError
+
+    def scale_shape(self, weight_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the scale tensor this granularity gives a weight of this shape."""
+        raise NotImplementedError
+
+    def period(self, weight_shape: Sequence[int]) -> int:
+        """Rows of the ``[rows, cols]`` view after which the scale grid starts again."""
+        return max(matrix_shape(weight_shape)[0], 1)
+
+    def matches(self, weight_shape: Sequence[int], scale_shape: Sequence[int]) -> bool:
+        """Whether a stored scale of ``scale_shape`` is this granularity for this weight. One
+        scale (``()``, ``[1]``, ``[1, 1]``) fits any granularity whose grid here is one cell."""
+        scale_shape = tuple(scale_shape)
+        if math.prod(scale_shape) == 1 and len(scale_shape) <= 2:
+            return math.prod(self.scale_shape(weight_shape)) == 1
+        return self._matches_grid(weight_shape, scale_shape)
+
+    def _matches_grid(self, weight_shape: Sequence[int], scale_shape: tuple[int, ...]) -> bool:
+        return scale_shape == tuple(self.scale_shape(weight_shape))
+
+    def describe(self, weight_shape: Sequence[int]) -> str:
+        """The scale shape expected for this weight, in words (for error messages)."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """A short name for reports (``PerTensor``, ``PerChannel``, ``block[128, 128]``)."""
+        return type(self).__name__
+
+    @property
+    def weight_block_size(self) -> list[int] | None:
+        """The HF ``fp8`` quantization_config's ``weight_block_size``: the block, or ``None``
+        for a granularity that is not a block tiling."""
+        return None
+
+    def compressed_tensors_strategy(self) -> dict[str, Any]:
+        """The ``strategy`` fields of a compressed-tensors weights config describing it."""
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class PerTensor:
+class PerTensor(Granularity):
     """One scale for the whole weight. Scale shape ``()`` (also accepted: ``[1]``, ``[1, 1]``)."""
+
+    grid: ClassVar[bool] = False
 
     def block_size(self, weight_shape: Sequence[int]) -> tuple[int, int]:
         rows, cols = matrix_shape(weight_shape)
@@ -53,10 +112,21 @@ class PerTensor:
     def scale_shape(self, weight_shape: Sequence[int]) -> tuple[int, ...]:
         return ()
 
+    def _matches_grid(self, weight_shape: Sequence[int], scale_shape: tuple[int, ...]) -> bool:
+        return False
+
+    def describe(self, weight_shape: Sequence[int]) -> str:
+        return "() per-tensor"
+
+    def compressed_tensors_strategy(self) -> dict[str, Any]:
+        return {"strategy": "tensor"}
+
 
 @dataclasses.dataclass(frozen=True)
-class PerChannel:
+class PerChannel(Granularity):
     """One scale per output row. Scale shape ``[rows, 1]`` (also accepted: ``[rows]``)."""
+
+    needs_rows: ClassVar[bool] = True
 
     def block_size(self, weight_shape: Sequence[int]) -> tuple[int, int]:
         return 1, max(matrix_shape(weight_shape)[1], 1)
@@ -64,9 +134,19 @@ class PerChannel:
     def scale_shape(self, weight_shape: Sequence[int]) -> tuple[int, ...]:
         return matrix_shape(weight_shape)[0], 1
 
+    def _matches_grid(self, weight_shape: Sequence[int], scale_shape: tuple[int, ...]) -> bool:
+        expected = self.scale_shape(weight_shape)
+        return len(weight_shape) >= 2 and scale_shape in (expected, expected[:1])
+
+    def describe(self, weight_shape: Sequence[int]) -> str:
+        return f"{list(self.scale_shape(weight_shape))} per-channel"
+
+    def compressed_tensors_strategy(self) -> dict[str, Any]:
+        return {"strategy": "channel"}
+
 
 @dataclasses.dataclass(frozen=True)
-class PerBlock:
+class PerBlock(Granularity):
     """One scale per ``block_size`` tile. For a ``[300, 200]`` weight and ``(128, 128)`` blocks the
     scale is ``[3, 2]`` and the last row and column of tiles are partial.
 
@@ -74,6 +154,7 @@ class PerBlock:
     tiled on its own: the scale is ``[E, ceil(R / b0), ceil(C / b1)]``."""
 
     block: tuple[int, int] = (128, 128)
+    stacked: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         b = tuple(self.block)
@@ -95,34 +176,28 @@ class PerBlock:
         the ``[rows, cols]`` view."""
         return weight_shape[-2] if len(weight_shape) >= 3 else max(matrix_shape(weight_shape)[0], 1)
 
+    def describe(self, weight_shape: Sequence[int]) -> str:
+        return f"{list(self.scale_shape(weight_shape))} for blocks of {list(self.block)}"
 
-Granularity = Union[PerTensor, PerChannel, PerBlock]
+    @property
+    def name(self) -> str:
+        return f"block{list(self.block)}"
+
+    @property
+    def weight_block_size(self) -> list[int] | None:
+        return list(self.block)
+
+    def compressed_tensors_strategy(self) -> dict[str, Any]:
+        if self.block[0] == 1:
+            return {"strategy": "group", "group_size": self.block[1]}
+        return {"strategy": "block", "block_structure": list(self.block)}
+
 
 #: The OCP MX block: 32 consecutive elements of a row share one power-of-two (ue8m0) scale.
 MX_BLOCK = (1, 32)
 
 #: Scale dtypes holding ue8m0 exponents rather than values.
 EXPONENT_SCALE_CODES = frozenset({"U8", "F8_E8M0"})
-
-
-def _matches(g: Granularity, weight_shape: Sequence[int], scale_shape: tuple[int, ...]) -> bool:
-    if math.prod(scale_shape) == 1 and len(scale_shape) <= 2:
-        # One scale: per-tensor, or any granularity whose grid for this weight is one cell.
-        return isinstance(g, PerTensor) or math.prod(g.scale_shape(weight_shape)) == 1
-    if isinstance(g, PerTensor):
-        return False
-    expected = g.scale_shape(weight_shape)
-    if isinstance(g, PerChannel):
-        return len(weight_shape) >= 2 and scale_shape in (expected, expected[:1])
-    return scale_shape == expected
-
-
-def _describe(g: Granularity, weight_shape: Sequence[int]) -> str:
-    if isinstance(g, PerTensor):
-        return "() per-tensor"
-    if isinstance(g, PerChannel):
-        return f"{list(g.scale_shape(weight_shape))} per-channel"
-    return f"{list(g.scale_shape(weight_shape))} for blocks of {list(g.block)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +245,11 @@ class Scheme:
         if self.name == "auto" and scale_code in EXPONENT_SCALE_CODES:
             candidates = (PerBlock(MX_BLOCK),) + candidates
         for g in candidates:
-            if _matches(g, weight_shape, scale_shape):
+            if g.matches(weight_shape, scale_shape):
                 return g
-        expected = " or ".join(dict.fromkeys(_describe(g, weight_shape) for g in candidates))
+        expected = " or ".join(dict.fromkeys(g.describe(weight_shape) for g in candidates))
         hint = ""
-        if not any(isinstance(g, PerBlock) for g in candidates):
+        if all(g.weight_block_size is None for g in candidates):
             hint = (
                 "; a block-scaled checkpoint needs quantization_config.weight_block_size in "
                 "config.json or an explicit block_size="
@@ -205,7 +280,7 @@ def make_scheme(spec: "Scheme | Granularity | str | None", block_size: tuple[int
     """A scheme from a user's ``scheme=`` argument, or ``None`` when it is ``None``."""
     if spec is None or isinstance(spec, Scheme):
         return spec
-    if isinstance(spec, (PerTensor, PerChannel, PerBlock)):
+    if isinstance(spec, Granularity):
         return Scheme(type(spec).__name__, (spec,))
     if spec == "auto":
         return auto_scheme(block_size)

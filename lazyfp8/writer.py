@@ -50,7 +50,7 @@ from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .quantize import fp8_max
 from .quantize import quantize as _quantize
-from .schemes import Granularity, PerBlock, PerChannel, PerTensor, make_scheme
+from .schemes import Granularity, make_scheme
 from .view import LazyFP8View
 
 __all__ = ["save", "SaveResult", "SaveError", "DEFAULT_EXCLUDE"]
@@ -199,17 +199,9 @@ def _quantization_config(g: Granularity, fmt: str, fp8_dtype: torch.dtype, ue8m0
     if fp8_dtype != torch.float8_e4m3fn and fmt == "fp8":
         raise ValueError("the HF 'fp8' quantization_config describes float8_e4m3fn only; pass config=None")
     if fmt == "fp8":
-        block = list(g.block) if isinstance(g, PerBlock) else None
-        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": block}
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": g.weight_block_size}
     weights: dict[str, Any] = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
-    if isinstance(g, PerTensor):
-        weights["strategy"] = "tensor"
-    elif isinstance(g, PerChannel):
-        weights["strategy"] = "channel"
-    elif g.block[0] == 1:
-        weights.update(strategy="group", group_size=g.block[1])
-    else:
-        weights.update(strategy="block", block_structure=list(g.block))
+    weights.update(g.compressed_tensors_strategy())
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
@@ -408,7 +400,7 @@ def save(
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
     gran = None if scheme is None else make_scheme(scheme, block_size).granularities[0]  # type: ignore[union-attr]
-    if format == "fp8" and isinstance(gran, PerChannel):
+    if format == "fp8" and gran is not None and gran.grid and gran.weight_block_size is None:
         raise ValueError("the HF 'fp8' format has no per-channel scales; use format='compressed-tensors'")
     if gran is not None:
         fp8_max(fp8_dtype)  # an FP8 dtype, or a ValueError naming the allowed ones
@@ -441,7 +433,7 @@ def save(
     for k in quantized:
         if suffix == "_scale" and not disk_of[k].endswith("weight"):
             raise ValueError(f"format='compressed-tensors' names scales '<module>.weight_scale'; {k!r} is not a weight")
-        if isinstance(gran, PerChannel) and len(items[k].shape) < 2:
+        if gran.needs_rows and len(items[k].shape) < 2:  # type: ignore[union-attr]
             raise ValueError(f"per-channel scales need a 2-D weight; {k!r} has shape {list(items[k].shape)}")
     _check_disk_names(disk_of, {k: disk_of[k] + suffix for k in quantized}, path)
 
