@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from typing import IO
 
-from ._checkpoint import CONFIG_NAME, INDEX_NAME
+from ._checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from .errors import SaveError
 
 try:
@@ -27,12 +27,12 @@ except ImportError:  # pragma: no cover - not on POSIX
 
 __all__ = ["SINGLE_NAME", "Staging", "commit", "locked", "make_directory", "ours", "remove_dead_temporaries", "survey", "umask"]
 
-#: The file names save writes (besides INDEX_NAME and CONFIG_NAME): huggingface_hub's planner
-#: names one shard ``model.safetensors`` and several ``model-00001-of-00003.safetensors``.
-SINGLE_NAME = "model.safetensors"
+# The file names save writes besides SINGLE_NAME, INDEX_NAME and CONFIG_NAME: huggingface_hub's
+# planner names several shards ``model-00001-of-00003.safetensors``.
 _SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
 _STAGING = "lazyfp8"
+
 
 def ours(name: str) -> bool:
     """Whether ``name`` is a checkpoint file save writes (and so may remove when overwriting)."""

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import _dtypes
 from ._files import FileIdentity, open_error, open_regular
@@ -118,10 +118,9 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
         fd, identity = open_regular(path, "shard")
     except OSError as e:
         raise open_error(e, path, "shard") from e
-    try:
-        raw = _read_header_bytes(fd, path, identity.size)
-    finally:
-        os.close(fd)
+    # A private descriptor, read front to back: a plain file object (no positional reads needed).
+    with os.fdopen(fd, "rb") as f:
+        raw = _read_header_bytes(f, path, identity.size)
     size = identity.size
     n = len(raw)
     header = parse_json(raw, path, "the header")
@@ -158,21 +157,10 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
     return ShardHeader(path=path, size=size, tensors=tensors, metadata=dict(metadata), identity=identity)
 
 
-def _pread_exactly(fd: int, n: int, offset: int) -> bytes:
-    """``n`` bytes at ``offset``, or fewer if the file ends first."""
-    parts, done = [], 0
-    while done < n:
-        part = os.pread(fd, n - done, offset + done)
-        if not part:
-            break
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
-
-
-def _read_header_bytes(fd: int, path: str, size: int) -> bytes:
-    """The JSON header of the open file ``fd`` of ``size`` bytes, its length checked."""
-    prefix = _pread_exactly(fd, 8, 0)
+def _read_header_bytes(f: BinaryIO, path: str, size: int) -> bytes:
+    """The JSON header of the file ``f`` (at its start) of ``size`` bytes, its length checked.
+    A buffered ``read(n)`` returns fewer than ``n`` bytes only at the end of the file."""
+    prefix = f.read(8)
     if len(prefix) < 8:
         raise CorruptCheckpointError(
             f"{path}: file is {size} bytes, too short to hold the 8-byte header length; "
@@ -191,7 +179,7 @@ def _read_header_bytes(fd: int, path: str, size: int) -> bytes:
             f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit of the format",
             file=path,
         )
-    raw = _pread_exactly(fd, n, 8)
+    raw = f.read(n)
     if len(raw) < n:  # the file shrank after fstat
         raise CorruptCheckpointError(f"{path}: file ended inside its {n}-byte header; the file is truncated", file=path)
     return raw
