@@ -150,7 +150,7 @@ def ensure_checkpoint(workdir: str, spec: Spec) -> dict[str, Any]:
 def _count_reads() -> list[int]:
     """Count the positional reads lazyfp8 issues (instrumentation only: the wrapped method is
     called unchanged)."""
-    from lazyfp8._reader import ShardFile
+    from lazyfp8.storage.reader import ShardFile
 
     counter = [0]
     original = ShardFile.read_into

@@ -22,11 +22,11 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedSchemeError,
 )
+from .formats.quantize import NonFiniteError, quantize
+from .formats.schemes import PerBlock, PerChannel, PerTensor, Scheme
 from .keymap import PRESETS, KeyMapping, Rule, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
-from .quantize import NonFiniteError, quantize
-from .schemes import PerBlock, PerChannel, PerTensor, Scheme
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save
 

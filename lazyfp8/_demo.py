@@ -47,7 +47,8 @@ def _status() -> dict[str, int]:
 
 def _load_child(path: str) -> None:
     """Runs in a fresh process so its peak memory is the load's alone."""
-    from lazyfp8 import LazyFP8View, _jit, init_empty_weights, load_into
+    from lazyfp8 import LazyFP8View, init_empty_weights, load_into
+    from lazyfp8.kernels import jit as _jit
 
     # The compiled kernels load once per process, like an import: timed apart from the load.
     t0 = time.perf_counter()

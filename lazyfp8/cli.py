@@ -40,7 +40,7 @@ def _fp8_dtype(name: str) -> Any:
 
 
 def _scheme(name: str) -> str:
-    from .schemes import NAMED_SCHEMES
+    from .formats.schemes import NAMED_SCHEMES
 
     if name not in NAMED_SCHEMES:
         raise argparse.ArgumentTypeError(f"unknown scheme {name!r}; use one of {', '.join(NAMED_SCHEMES)}")
@@ -171,8 +171,8 @@ def _open_side_files(src_root: str, stack: contextlib.ExitStack) -> dict[str, IO
         UnsafePathError: a side file that is a link out of the checkpoint directory.
         CheckpointError: a side file that is a link to nothing.
     """
-    from ._files import FileIdentity, allowed_roots, inside, open_regular
     from .errors import CheckpointError, UnsafePathError
+    from .storage.files import FileIdentity, allowed_roots, inside, open_regular
 
     roots = allowed_roots(src_root)
     files: dict[str, IO[bytes]] = {}

@@ -7,10 +7,10 @@ import os
 from collections import Counter
 from typing import Any
 
-from ._catalogue import build_catalogue
-from ._checkpoint import CONFIG_NAME, open_checkpoint
 from .errors import CheckpointError, LazyFP8Error
+from .formats.catalogue import build_catalogue
 from .keymap import KeyMapping, KeyMappingSpec
+from .storage.checkpoint import CONFIG_NAME, open_checkpoint
 
 __all__ = ["Report", "inspect_checkpoint"]
 

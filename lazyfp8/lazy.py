@@ -16,7 +16,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ._dtensor import copy_into_dtensor, is_dtensor
-from ._dtypes import by_torch
+from .storage.dtypes import by_torch
 
 __all__ = ["LazyTensor"]
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 import torch
 from safetensors.torch import save_file
 
-from .quantize import quantize
-from .schemes import PerTensor
+from .formats.quantize import quantize
+from .formats.schemes import PerTensor
 
 __all__ = ["reference", "quantize_per_tensor", "write_checkpoint", "DAWN_RIDGE_TO_DISK", "dawn_ridge_fp8"]
 

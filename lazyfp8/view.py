@@ -10,17 +10,17 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from ._catalogue import build_catalogue
-from ._checkpoint import open_checkpoint
-from ._dtypes import TARGETS
-from ._pairing import QUANT_SIBLINGS
-from ._parallel import default_threads
-from ._reader import ShardFile
-from ._source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
 from .errors import ShardChangedError, TensorNotFoundError
+from .formats.catalogue import build_catalogue
+from .formats.pairing import QUANT_SIBLINGS
+from .formats.schemes import Granularity, Scheme
+from .kernels.parallel import default_threads
+from .kernels.source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
-from .schemes import Granularity, Scheme
+from .storage.checkpoint import open_checkpoint
+from .storage.dtypes import TARGETS
+from .storage.reader import ShardFile
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
 

@@ -9,7 +9,7 @@ What a user may rely on (see ``docs/writing.md`` for how it is tested):
 * Everything that can be refused (arguments, keys, values, the destination) is refused before the
   destination is touched.
 * Every file is written under a temporary name in the destination and put in place by
-  :func:`~lazyfp8._destination.commit`, so that at every instant the destination loads as the old checkpoint, as the
+  :func:`~lazyfp8.storage.destination.commit`, so that at every instant the destination loads as the old checkpoint, as the
   new one, or not at all, whichever file a reader looks at first.
 * The only files ever removed or replaced are the ones ``save`` itself writes
   (``model.safetensors``, ``model-XXXXX-of-YYYYY.safetensors``, the index, ``config.json``, the
@@ -31,8 +31,15 @@ from typing import IO, Any, Union
 import torch
 from torch import nn
 
-from ._checkpoint import CONFIG_NAME, INDEX_NAME
-from ._destination import (
+from ._progress import ProgressSpec, make_progress
+from .errors import SaveError
+from .formats.quantize import fp8_max
+from .formats.quantize import quantize as _quantize
+from .formats.schemes import Granularity, make_scheme
+from .keymap import KeyMapping, KeyMappingSpec
+from .lazy import LazyTensor
+from .storage.checkpoint import CONFIG_NAME, INDEX_NAME
+from .storage.destination import (
     Staging,
     commit,
     locked,
@@ -42,15 +49,8 @@ from ._destination import (
     survey,
     umask,
 )
-from ._dtypes import by_torch
-from ._files import check_name, open_regular
-from ._progress import ProgressSpec, make_progress
-from .errors import SaveError
-from .keymap import KeyMapping, KeyMappingSpec
-from .lazy import LazyTensor
-from .quantize import fp8_max
-from .quantize import quantize as _quantize
-from .schemes import Granularity, make_scheme
+from .storage.dtypes import by_torch
+from .storage.files import check_name, open_regular
 from .view import LazyFP8View
 
 __all__ = ["save", "SaveResult", "SaveError", "DEFAULT_EXCLUDE"]

@@ -1,6 +1,6 @@
 """Build FP8 checkpoints the way released ones are laid out, for the parity and model tests.
 
-Quantization is ``lazyfp8.quantize.quantize`` and writing is safetensors' ``save_file`` (through
+Quantization is ``lazyfp8.formats.quantize.quantize`` and writing is safetensors' ``save_file`` (through
 ``tests.helpers.write_sharded``); nothing here reads a checkpoint back. Every builder returns what
 a test needs to compute the expected values independently of the reader under test: for each FP8
 weight its codes and the scale exactly as written.
@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from lazyfp8.quantize import quantize
-from lazyfp8.schemes import Granularity
+from lazyfp8.formats.quantize import quantize
+from lazyfp8.formats.schemes import Granularity
 from tests.helpers import reference, write_sharded
 
 #: ``{weight key: (codes, scale as written)}`` for every FP8 weight of a built checkpoint.
@@ -236,7 +236,7 @@ def deepseek_v3_checkpoint(
 
     Returns the on-disk tensors and the FP8 weights' codes and scales.
     """
-    from lazyfp8.schemes import PerBlock
+    from lazyfp8.formats.schemes import PerBlock
 
     per_expert = unfuse_experts(runtime_state_dict)
     disk, quantized = quantize_state_dict(

@@ -25,7 +25,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def backend(request, monkeypatch):
     """Run a kernel test with the pure-torch kernels, the best compiled ones, and the portable
     compiled ones (what CPUs without AVX-512 VBMI run)."""
-    from lazyfp8 import _jit
+    from lazyfp8.kernels import jit as _jit
 
     monkeypatch.setenv("LAZYFP8_JIT", {"torch": "0", "jit": "1", "jit-scalar": "scalar"}[request.param])
     if request.param != "torch" and _jit.kernels() is None:

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazyfp8 import LazyFP8Error, LazyFP8View, PerBlock
-from lazyfp8._catalogue import build_catalogue
-from lazyfp8._checkpoint import open_checkpoint
+from lazyfp8.formats.catalogue import build_catalogue
+from lazyfp8.formats.quantize import quantize
 from lazyfp8.inspection import inspect_checkpoint
-from lazyfp8.quantize import quantize
+from lazyfp8.storage.checkpoint import open_checkpoint
 from tests.helpers import write_sharded
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lazyfp8 import CheckpointError, CorruptCheckpointError, LazyFP8Error, MissingShardError, UnsafePathError
-from lazyfp8._checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from lazyfp8.inspection import inspect_checkpoint
+from lazyfp8.storage.checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from tests import helpers
 from tests.helpers import save, write_index, write_sharded
 

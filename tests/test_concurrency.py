@@ -346,7 +346,7 @@ def test_fork_while_other_threads_read(checkpoint):
 def test_fork_while_a_thread_holds_the_pool_lock(checkpoint):
     """The deterministic case: the pool's lock is held by another thread at the moment of the
     fork (a thread inside ``_get_pool``); the child must not wait for it."""
-    from lazyfp8 import _parallel
+    from lazyfp8.kernels import parallel as _parallel
 
     ref = serial(checkpoint)
     view = LazyFP8View(checkpoint, chunk_elements=1000, threads=4)

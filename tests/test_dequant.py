@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8._dequant import GridKernel, PerTensorKernel, Workspace, code_values
+from lazyfp8.kernels.dequant import GridKernel, PerTensorKernel, Workspace, code_values
 from tests.helpers import bits, reference
 from tests.strategies import FLOAT_DTYPES, fp8_codes, scales
 
@@ -58,7 +58,7 @@ def test_smallest_positive_subnormal_e4m3():
 
 def grid(codes, scale, block, dtype, rows, cols, budget, fp8=torch.float8_e4m3fn):
     """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
-    from lazyfp8._plan import _split
+    from lazyfp8.kernels.plan import _split
 
     k = GridKernel(fp8, scale, block, rows)
     out = torch.empty(rows * cols, dtype=dtype)

@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import _TYPES as SAFETENSORS_CODES  # code -> torch dtype, as safetensors writes
 
-from lazyfp8 import _dtypes
+from lazyfp8.storage import dtypes as _dtypes
 
 
 def test_codes_and_sizes_agree_with_torch_and_safetensors():

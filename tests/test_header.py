@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from lazyfp8 import CorruptCheckpointError, MissingShardError, UnsafePathError, UnsupportedDtypeError
-from lazyfp8._header import read_header
+from lazyfp8.storage.header import read_header
 from tests.helpers import raw_file, save
 from tests.strategies import PASSTHROUGH_DTYPES, random_tensor, shapes
 

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8 import _jit
-from lazyfp8._dequant import GridKernel, PerTensorKernel, Workspace, code_values
+from lazyfp8.kernels import jit as _jit
+from lazyfp8.kernels.dequant import GridKernel, PerTensorKernel, Workspace, code_values
 from tests.helpers import bits, reference
 from tests.strategies import fp8_codes
 
@@ -138,7 +138,8 @@ def test_without_llvmlite_falls_back_to_torch(tmp_path):
 import sys
 sys.modules["llvmlite"] = None
 import torch
-from lazyfp8 import _jit, LazyFP8View
+from lazyfp8 import LazyFP8View
+from lazyfp8.kernels import jit as _jit
 from lazyfp8.testing import quantize_per_tensor, reference
 from safetensors.torch import save_file
 assert _jit.kernels() is None
@@ -155,7 +156,7 @@ print("ok")
 
 def test_nan_table_is_torchs_conversion():
     # NaN payloads are torch's choice; the compiled grid writes whatever torch writes.
-    from lazyfp8._dequant import _nan_bf16
+    from lazyfp8.kernels.dequant import _nan_bf16
 
     for fp8 in FP8:
         assert torch.equal(_nan_bf16(fp8), code_values(fp8).to(torch.bfloat16).view(torch.int16))

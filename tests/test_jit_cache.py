@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from lazyfp8 import _jit
+from lazyfp8.kernels import jit as _jit
 
 needs_jit = pytest.mark.skipif(_jit.kernels() is None, reason="compiled kernels unavailable (llvmlite not installed)")
 
 
 _CACHE_PROBE = """
 import json, torch
-from lazyfp8 import _jit
+from lazyfp8.kernels import jit as _jit
 k = _jit.kernels()
 codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
 table = torch.arange(256, dtype=torch.int16) * 7

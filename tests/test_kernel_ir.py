@@ -2,7 +2,7 @@
 
 import pytest
 
-from lazyfp8._kernel_ir import assemble
+from lazyfp8.kernels.ir import assemble
 
 llvm = pytest.importorskip("llvmlite.binding")
 

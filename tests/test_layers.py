@@ -63,3 +63,31 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert "lazyfp8.view" in graph and "lazyfp8.lazy" in graph["lazyfp8.view"]
     assert find_cycles(graph) == []
+
+
+# The data's path, bottom to top: a module imports only from its own layer or those below it.
+LAYERS = ["lazyfp8.errors", "lazyfp8.storage", "lazyfp8.formats", "lazyfp8.kernels"]
+
+
+def layer(module: str) -> int:
+    for rank, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    return len(LAYERS)  # the top: view, lazy values, loading, writing, key mapping, CLI
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in graph.items() for t in targets if layer(t) > layer(m))
+
+
+def test_the_layer_checker_finds_an_upward_import():
+    assert upward_imports({"lazyfp8.storage.reader": {"lazyfp8.formats.schemes"}}) == [
+        ("lazyfp8.storage.reader", "lazyfp8.formats.schemes")
+    ]
+    assert upward_imports({"lazyfp8.view": {"lazyfp8.kernels.source", "lazyfp8.storage.reader"}}) == []
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    graph = import_graph()
+    assert {"lazyfp8.storage.reader", "lazyfp8.formats.schemes", "lazyfp8.kernels.jit"} <= set(graph)
+    assert upward_imports(graph) == []

@@ -36,8 +36,8 @@ def test_is_tensor_like_and_metadata(view):
 
 def test_getitem_does_not_read_until_copy(view, monkeypatch):
     reads = []
-    real = lazyfp8._reader.ShardFile.read_into
-    monkeypatch.setattr(lazyfp8._reader.ShardFile, "read_into", lambda self, dst, off, key: (reads.append(key), real(self, dst, off, key)))
+    real = lazyfp8.storage.reader.ShardFile.read_into
+    monkeypatch.setattr(lazyfp8.storage.reader.ShardFile, "read_into", lambda self, dst, off, key: (reads.append(key), real(self, dst, off, key)))
     sd = OrderedDict(view)  # what load_state_dict does first
     assert reads == []
     m = nn.Linear(32, 64).to(torch.bfloat16)
@@ -48,7 +48,7 @@ def test_getitem_does_not_read_until_copy(view, monkeypatch):
 def test_copy_writes_straight_into_the_destination(view, monkeypatch):
     dst = torch.empty(64, 32, dtype=torch.bfloat16)
     ptrs = []
-    from lazyfp8 import _dequant
+    from lazyfp8.kernels import dequant as _dequant
 
     real = _dequant.PerTensorKernel.__call__
     monkeypatch.setattr(_dequant.PerTensorKernel, "__call__", lambda self, c, out, *a: (ptrs.append(out.data_ptr()), real(self, c, out, *a)))
@@ -90,7 +90,7 @@ def test_swap_module_params_on_conversion(view):
 
 
 def test_load_state_dict_error_for_shape_mismatch_reads_nothing(view, monkeypatch):
-    monkeypatch.setattr(lazyfp8._reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
+    monkeypatch.setattr(lazyfp8.storage.reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
     m = nn.Linear(16, 64).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="size mismatch for weight"):
         m.load_state_dict({"weight": view["lin.weight"]}, strict=False)

@@ -67,7 +67,7 @@ def test_requires_grad_is_kept(ckpt):
 
 
 def test_strict_reports_missing_and_unexpected_before_reading(ckpt, monkeypatch):
-    monkeypatch.setattr(lazyfp8._reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
+    monkeypatch.setattr(lazyfp8.storage.reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
     model = Tiny(tie=False).to(torch.bfloat16)
     model.extra = nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "head.weight", "extra.weight"'):

@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazyfp8 import PerBlock, PerChannel, PerTensor, UnsupportedSchemeError
-from lazyfp8._quant_config import scheme_from_config
+from lazyfp8.formats.config import scheme_from_config
 
 
 def qc(**kw):

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazyfp8 import PerBlock, PerChannel, PerTensor
-from lazyfp8.quantize import NonFiniteError, fp8_max, quantize
+from lazyfp8.formats.quantize import NonFiniteError, fp8_max, quantize
 from tests.helpers import bits, reference
 from tests.strategies import random_tensor
 
@@ -84,7 +84,7 @@ def test_the_input_is_never_modified(g):
 
 def test_tall_blocks_accumulate_amax_across_bands(monkeypatch):
     # a block row taller than one band (per-tensor on a big matrix) still gets its true amax
-    monkeypatch.setattr(sys.modules["lazyfp8.quantize"], "_BAND_ELEMENTS", 64)
+    monkeypatch.setattr(sys.modules["lazyfp8.formats.quantize"], "_BAND_ELEMENTS", 64)
     w = torch.randn(40, 16)
     w[37, 3] = 100.0
     codes, scale = quantize(w, PerTensor())

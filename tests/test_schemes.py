@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lazyfp8 import PerBlock, PerChannel, PerTensor, ScaleShapeError
-from lazyfp8.schemes import MX_BLOCK, Scheme, auto_scheme, grid_shape, make_scheme, matrix_shape
+from lazyfp8.formats.schemes import MX_BLOCK, Scheme, auto_scheme, grid_shape, make_scheme, matrix_shape
 
 
 def test_matrix_view():
@@ -101,7 +101,7 @@ def test_scale_dtype_table_is_torch_exact_for_ue8m0():
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8.schemes import Granularity
+from lazyfp8.formats.schemes import Granularity
 
 
 @given(
@@ -117,7 +117,7 @@ def test_every_granularity_recognises_its_own_scale_shape(rows, cols, g):
     assert math.prod(grid) == -(-rows // b0) * -(-cols // b1)
     assert g.describe(shape) and g.name
     # the config forms round-trip through the config reader
-    from lazyfp8._quant_config import scheme_from_config
+    from lazyfp8.formats.config import scheme_from_config
 
     cfg = {"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 8, "type": "float", **g.compressed_tensors_strategy()}}}}

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor, ShardChangedError, _reader, save
+from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor, ShardChangedError, save
+from lazyfp8.storage import reader as _reader
 from tests.helpers import bits, write_sharded
 from tests.helpers import save as save_file
 

@@ -91,7 +91,7 @@ def test_keys_hide_scales_and_activation_scales(mixed):
 def test_metadata_from_header_only(mixed, monkeypatch):
     path, t = mixed
     view = LazyFP8View(path, block_size=(128, 128), dtype=torch.float16)
-    monkeypatch.setattr(lazyfp8._reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
+    monkeypatch.setattr(lazyfp8.storage.reader.ShardFile, "read_into", lambda *a: pytest.fail("read data"))
     v = view["layers.0.mlp.weight"]
     assert isinstance(v, LazyTensor)
     assert v.shape == torch.Size([300, 200]) and v.dtype == torch.float16 and v.device == torch.device("cpu")

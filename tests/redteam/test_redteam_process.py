@@ -24,8 +24,8 @@ from lazyfp8 import (
     MissingShardError,
     ShardChangedError,
     TensorNotFoundError,
-    _jit,
 )
+from lazyfp8.kernels import jit as _jit
 from tests.helpers import bits
 from tests.test_concurrency import run_forked, wrong_keys
 
@@ -214,7 +214,7 @@ def test_fork_while_a_compile_is_in_progress(ckpt, monkeypatch):
 
 FORK_UNDER_THE_COMPILE_LOCK = r"""
 import os, sys, torch
-from lazyfp8 import _jit
+from lazyfp8.kernels import jit as _jit
 with _jit._compile_lock:  # e.g. a signal handler that forks, run while this thread compiles
     pid = os.fork()
     if pid == 0:

@@ -21,8 +21,8 @@ from lazyfp8 import (
     ShardChangedError,
     UnsafePathError,
 )
-from lazyfp8._checkpoint import INDEX_NAME, open_checkpoint
 from lazyfp8.inspection import inspect_checkpoint
+from lazyfp8.storage.checkpoint import INDEX_NAME, open_checkpoint
 from tests.helpers import deadline, raw_file, save, write_index, write_sharded
 
 T = {"a": torch.arange(4, dtype=torch.float32), "b": torch.zeros(3)}
@@ -232,7 +232,7 @@ def test_a_shard_deleted_under_an_open_descriptor_still_reads_its_bytes(tmp_path
 
 def test_a_shard_shrinking_during_a_read_is_not_a_short_read(tmp_path, monkeypatch):
     # Truncated after the per-read fstat, before the bytes: preadv returns 0 at the old offsets.
-    from lazyfp8 import _reader
+    from lazyfp8.storage import reader as _reader
 
     view, path = _view(tmp_path)
     real = _reader.ShardFile.check

@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
-from .schemes import matrix_shape
+from ..formats.schemes import matrix_shape
 
 __all__ = ["Rect", "Plan", "plan_box"]
 

@@ -1,4 +1,4 @@
-"""Turn ``config.json``'s ``quantization_config`` into a :class:`~lazyfp8.schemes.Scheme`.
+"""Turn ``config.json``'s ``quantization_config`` into a :class:`~lazyfp8.formats.schemes.Scheme`.
 
 Any JSON may sit in a config: every field is type-checked before use, and whatever does not fit
 is an :class:`~lazyfp8.errors.UnsupportedSchemeError` naming the file and the key.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import UnsupportedSchemeError
+from ..errors import UnsupportedSchemeError
 from .schemes import Granularity, PerBlock, PerChannel, PerTensor, Scheme
 
 __all__ = ["scheme_from_config", "SUPPORTED_METHODS"]

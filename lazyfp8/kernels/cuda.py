@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ._dequant import Workspace
-from ._plan import Plan
+from .dequant import Workspace
+from .plan import Plan
 
 __all__ = ["read_into_cuda"]
 

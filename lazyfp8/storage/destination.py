@@ -17,8 +17,8 @@ import stat
 from collections.abc import Iterator
 from typing import IO
 
-from ._checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
-from .errors import SaveError
+from ..errors import SaveError
+from .checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 
 try:
     import fcntl

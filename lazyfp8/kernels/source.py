@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._dequant import GridKernel, PerTensorKernel, thread_workspace
-from ._header import TensorEntry
-from ._parallel import run_split
-from ._plan import Plan, Rect, plan_box
-from ._reader import ShardFile
-from .errors import InvalidScaleError
-from .schemes import Granularity, grid_shape, matrix_shape
+from ..errors import InvalidScaleError
+from ..formats.schemes import Granularity, grid_shape, matrix_shape
+from ..storage.header import TensorEntry
+from ..storage.reader import ShardFile
+from .dequant import GridKernel, PerTensorKernel, thread_workspace
+from .parallel import run_split
+from .plan import Plan, Rect, plan_box
 
 __all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS"]
 
@@ -144,7 +144,7 @@ class TensorSource:
         self.shard.check(self.entry.name)
         plan = self.plan(offsets, lengths)
         if dst.device.type == "cuda":
-            from ._cuda import read_into_cuda
+            from .cuda import read_into_cuda
 
             read_into_cuda(self, dst, plan)
             return

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ._checkpoint import CONFIG_NAME, Checkpoint
-from ._pairing import Pairing, pair_scales
-from ._quant_config import scheme_from_config
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..storage.checkpoint import CONFIG_NAME, Checkpoint
+from .config import scheme_from_config
+from .pairing import Pairing, pair_scales
 from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
 
 __all__ = ["Catalogue", "build_catalogue", "resolve_scheme"]

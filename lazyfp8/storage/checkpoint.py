@@ -2,7 +2,7 @@
 
 Accepts a directory with ``model.safetensors.index.json`` and its shards, a directory with one
 ``*.safetensors`` file, or the path of one file. Shard names from an index are resolved only
-inside the checkpoint directory. Every file is opened through :mod:`lazyfp8._files`: regular
+inside the checkpoint directory. Every file is opened through :mod:`lazyfp8.storage.files`: regular
 files only, so a FIFO or device where a file should be is an error, never a hang.
 
 Which files a directory means follows transformers (``modeling_utils.
@@ -20,15 +20,15 @@ import re
 import unicodedata
 from typing import Any
 
-from ._files import allowed_roots, check_name, inside, open_error, read_regular
-from ._header import ShardHeader, TensorEntry, parse_json, read_header
-from .errors import (
+from ..errors import (
     CheckpointError,
     CorruptCheckpointError,
     MissingShardError,
     UnsafePathError,
     raise_or_collect,
 )
+from .files import allowed_roots, check_name, inside, open_error, read_regular
+from .header import ShardHeader, TensorEntry, parse_json, read_header
 
 __all__ = ["Checkpoint", "INDEX_NAME", "SINGLE_NAME", "open_checkpoint"]
 

@@ -15,9 +15,9 @@ import os
 import struct
 from typing import Any, BinaryIO
 
-from . import _dtypes
-from ._files import FileIdentity, open_error, open_regular
-from .errors import CorruptCheckpointError, UnsupportedDtypeError
+from ..errors import CorruptCheckpointError, UnsupportedDtypeError
+from . import dtypes as _dtypes
+from .files import FileIdentity, open_error, open_regular
 
 __all__ = ["TensorEntry", "ShardHeader", "read_header", "parse_json", "MAX_HEADER_BYTES"]
 

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from . import _jit
+from . import jit as _jit
 
 __all__ = ["PerTensorKernel", "GridKernel", "Workspace"]
 

@@ -30,8 +30,8 @@ import threading
 
 import torch
 
-from ._files import FileIdentity, open_regular
-from .errors import CheckpointError, ShardChangedError
+from ..errors import CheckpointError, ShardChangedError
+from .files import FileIdentity, open_regular
 
 __all__ = ["ShardFile", "default_capacity", "writable_bytes"]
 

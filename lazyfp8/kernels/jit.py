@@ -32,8 +32,8 @@ import threading
 
 import torch
 
-from ._jit_cache import ObjectCache, cache_dir
-from ._kernel_ir import TABLE_BYTES, assemble
+from .ir import TABLE_BYTES, assemble
+from .jit_cache import ObjectCache, cache_dir
 
 __all__ = ["JitKernels", "kernels", "TABLE_BYTES"]
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from .errors import ScaleShapeError
+from ..errors import ScaleShapeError
 
 __all__ = [
     "PerTensor",

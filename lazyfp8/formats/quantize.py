@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._dtypes import FP8_MAX
+from ..storage.dtypes import FP8_MAX
 from .schemes import Granularity, PerTensor, grid_shape, matrix_shape
 
 __all__ = ["quantize", "fp8_max", "NonFiniteError"]

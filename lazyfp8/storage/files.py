@@ -16,7 +16,7 @@ import errno
 import os
 import stat
 
-from .errors import CheckpointError, MissingShardError, UnsafePathError
+from ..errors import CheckpointError, MissingShardError, UnsafePathError
 
 __all__ = [
     "FileIdentity",

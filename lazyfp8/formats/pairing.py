@@ -10,9 +10,9 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from ._dtypes import SCALE_CODES
-from ._header import TensorEntry
-from .errors import CheckpointError, MissingScaleError, UnsupportedDtypeError, raise_or_collect
+from ..errors import CheckpointError, MissingScaleError, UnsupportedDtypeError, raise_or_collect
+from ..storage.dtypes import SCALE_CODES
+from ..storage.header import TensorEntry
 from .schemes import Granularity, Scheme
 
 __all__ = ["Pairing", "pair_scales", "QUANT_SIBLINGS"]
