@@ -7,6 +7,7 @@ dequantized straight into its parameter, so the load streams.
 
 from __future__ import annotations
 
+import functools
 import operator
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,10 @@ _FROM_HEADER = frozenset({
     "storage_offset", "dim_order", "is_sparse", "is_sparse_csr", "is_quantized", "is_mkldnn",
     "is_nested", "nelement", "ndimension", "names", "is_inference", "grad", "grad_fn", "is_leaf",
 })
+
+# A lazy value has no memory of its own until it is read: asking where its bytes live would
+# otherwise read and dequantize the whole tensor to answer about a temporary that is then freed.
+_NO_STORAGE = frozenset({"untyped_storage", "storage", "data_ptr"})
 
 
 class LazyTensor:
@@ -187,6 +192,8 @@ class LazyTensor:
     def __getattr__(self, name: str) -> Any:
         if name in _FROM_HEADER:
             return getattr(torch.empty(self.shape, dtype=self.dtype, device="meta"), name)
+        if name in _NO_STORAGE:
+            return functools.partial(_no_storage, self, name)
         # Any other Tensor method or attribute: on a temporary that lives for this call only.
         if not name.startswith("_") and hasattr(torch.Tensor, name):
             return getattr(self.materialize(), name)
@@ -207,6 +214,13 @@ class LazyTensor:
     def __array__(self, dtype: Any = None) -> Any:
         arr = self.materialize().numpy()
         return arr if dtype is None else arr.astype(dtype)
+
+
+def _no_storage(lazy: LazyTensor, name: str, *args: Any, **kwargs: Any) -> Any:
+    raise TypeError(
+        f"{lazy!r}.{name}(): a lazy value has no storage; its bytes are read when it is copied "
+        "into a tensor. Use lazy.materialize() for a tensor that has one"
+    )
 
 
 def _basic_box(index: Any, shape: tuple[int, ...]) -> tuple[list[int], list[int], set[int]] | None:

@@ -156,6 +156,19 @@ def test_metadata_is_answered_from_the_header(view):
     assert view["lin.bias"].get_dtype() == "BF16" and view.bytes_read == before
 
 
+def test_asking_for_storage_reads_nothing_and_says_why(view):
+    """``untyped_storage()``/``data_ptr()`` used to read and dequantize the whole tensor to answer
+    about a temporary; a lazy value has no storage, and says so without reading."""
+    v = view["lin.weight"]
+    before = view.bytes_read
+    for name in ("untyped_storage", "storage", "data_ptr"):
+        assert hasattr(v, name)
+        with pytest.raises(TypeError, match=rf"lin\.weight.*{name}\(\).*materialize"):
+            getattr(v, name)()
+    assert view.bytes_read == before
+    assert v.materialize().untyped_storage().nbytes() == 64 * 32 * 2
+
+
 @st.composite
 def basic_index(draw, shape):
     """A random basic index: ints (negative too), slices of step 1 (open, clamped, empty), one
