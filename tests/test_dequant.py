@@ -3,7 +3,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8.kernels.dequant import GridKernel, PerTensorKernel, Workspace, code_values
+from lazyfp8.kernels.dequant import GridKernel, PerTensorKernel, Workspace, choose_backend, code_values
+from lazyfp8.kernels.plan import Rect
 from tests.helpers import bits, reference
 from tests.strategies import FLOAT_DTYPES, fp8_codes, scales
 
@@ -14,8 +15,8 @@ SCALES = [1e-38, 2.0**-126, 1e-10, 0.0123, 1.0, 3.5, 1e10, 3e38]
 
 def run_per_tensor(codes_u8, fp8, scale, dtype):
     out = torch.empty(codes_u8.numel(), dtype=dtype)
-    k = PerTensorKernel(fp8, torch.tensor(scale, dtype=torch.float32), dtype, codes_u8.numel())
-    k(codes_u8, out, Workspace())
+    k = PerTensorKernel(fp8, torch.tensor(scale, dtype=torch.float32), dtype, codes_u8.numel(), backend=choose_backend())
+    k(codes_u8, out, Rect(0, 1, 0, codes_u8.numel(), 0), Workspace())
     return out, k
 
 
@@ -42,10 +43,10 @@ def test_pair_table_path_bit_exact(dtype, n, monkeypatch):
 def test_misaligned_output_falls_back_exactly(backend):
     n = 1 << 17
     codes = ALL_CODES.repeat(n // 256)
-    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(2.0), torch.bfloat16, n)
+    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(2.0), torch.bfloat16, n, backend=choose_backend())
     big = torch.empty(n + 1, dtype=torch.bfloat16)
     out = big[1:]  # 2-byte aligned, not 4
-    k(codes, out, Workspace())
+    k(codes, out, Rect(0, 1, 0, n, 0), Workspace())
     assert torch.equal(bits(out), bits(reference(codes.view(torch.float8_e4m3fn), torch.tensor(2.0), torch.bfloat16)))
 
 
@@ -60,7 +61,7 @@ def grid(codes, scale, block, dtype, rows, cols, budget, fp8=torch.float8_e4m3fn
     """Dequantize [rows, cols] in rectangles as the source does, return the whole output."""
     from lazyfp8.kernels.plan import _split
 
-    k = GridKernel(fp8, scale, block, rows)
+    k = GridKernel(fp8, scale, block, rows, backend=choose_backend())
     out = torch.empty(rows * cols, dtype=dtype)
     flat = codes.reshape(-1)
     work = Workspace()
@@ -68,7 +69,7 @@ def grid(codes, scale, block, dtype, rows, cols, budget, fp8=torch.float8_e4m3fn
     for rect in _split(0, rows, 0, cols, 0, budget):
         a, b = rect.local, rect.local + rect.numel
         assert rect.numel <= max(budget, cols if budget >= cols else budget)
-        k(flat[a:b], out[a:b], (rect.r0, rect.r1), rect.c0, work)
+        k(flat[a:b], out[a:b], rect, work)
         covered += b - a
     assert covered == rows * cols
     return out.reshape(rows, cols)
@@ -107,3 +108,21 @@ def test_per_tensor_any_scale(scale, seed, backend):
     codes = fp8_codes((300,), torch.float8_e4m3fn, seed)
     out, _ = run_per_tensor(codes.view(torch.uint8), torch.float8_e4m3fn, scale, torch.bfloat16)
     assert torch.equal(bits(out), bits(reference(codes, torch.tensor(scale, dtype=torch.float32), torch.bfloat16)))
+
+
+def test_workspace_buffers_are_named_and_never_overlap():
+    # Each job has its own buffer (a kernel's scratch never lands on the codes it reads); asking
+    # again for one reuses it, grown when needed.
+    work = Workspace()
+    bufs = [work.codes(100), work.indices(100), work.products(100), work.tables(1024), work.staging(100, torch.bfloat16)]
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in bufs)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert [b.dtype for b in bufs] == [torch.uint8, torch.int32, torch.float32, torch.uint8, torch.bfloat16]
+    assert work.codes(50).data_ptr() == bufs[0].data_ptr() and work.codes(1000).numel() == 1000
+    assert work.staging(10, torch.float32).dtype == torch.float32  # one staging buffer, any dtype
+
+
+def test_grid_kernel_refuses_codes_that_do_not_fill_the_rectangle():
+    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128, backend=choose_backend())
+    with pytest.raises(ValueError, match="99 codes for a rectangle of 10 x 10"):
+        k(torch.zeros(99, dtype=torch.uint8), torch.empty(99, dtype=torch.bfloat16), Rect(0, 10, 0, 10, 0), Workspace())

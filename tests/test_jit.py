@@ -1,5 +1,6 @@
 """The compiled kernels against the reference formula and against the pure-torch kernels."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lazyfp8.kernels import jit as _jit
-from lazyfp8.kernels.dequant import GridKernel, PerTensorKernel, Workspace, code_values
+from lazyfp8.kernels.dequant import TORCH, GridKernel, PerTensorKernel, Workspace, choose_backend, code_values
+from lazyfp8.kernels.plan import Rect
 from tests.helpers import bits, reference
 from tests.strategies import fp8_codes
 
@@ -21,11 +23,20 @@ jit = _jit.kernels()
 needs_jit = pytest.mark.skipif(jit is None, reason="compiled kernels unavailable (llvmlite not installed)")
 
 
-@pytest.fixture(params=["best", "scalar"])
+@pytest.fixture(params=["best", "scalar", "neon"])
 def compiled(request, monkeypatch):
-    """The compiled kernels: the best this CPU runs, and the portable ones."""
-    monkeypatch.setenv("LAZYFP8_JIT", {"best": "1", "scalar": "scalar"}[request.param])
-    return _jit.kernels()
+    """The compiled kernels: the best this CPU runs, the portable ones, and the NEON ones (their
+    ``tbl`` lookups emulated in generic code where the CPU is not AArch64)."""
+    monkeypatch.setenv("LAZYFP8_JIT", {"best": "1", "scalar": "scalar", "neon": "neon"}[request.param])
+    k = _jit.kernels()
+    if request.param == "neon":
+        assert k.variant in ("neon", "neon-emulated")
+    return k
+
+
+def whole(rows: int, cols: int) -> Rect:
+    """Rectangle ``[0, rows) x [0, cols)``."""
+    return Rect(0, rows, 0, cols, 0)
 
 
 @needs_jit
@@ -60,9 +71,10 @@ def test_grid_every_code_every_scale(fp8, scale, compiled):
     # the edges give subnormal and overflowing (inf) products, and e5m2 has inf codes.
     codes = ALL_CODES.view(1, 256).repeat(4, 1)
     s = torch.tensor([[scale]], dtype=torch.float32)
-    k = GridKernel(fp8, s, (4, 256), 4)
+    k = GridKernel(fp8, s, (4, 256), 4, backend=choose_backend())
+    assert k.compiled is compiled
     out = torch.empty(4 * 256, dtype=torch.bfloat16)
-    k(codes.reshape(-1), out, (0, 4), 0, Workspace())
+    k(codes.reshape(-1), out, whole(4, 256), Workspace())
     assert torch.equal(bits(out), bits(reference(codes.view(fp8), torch.tensor(scale), torch.bfloat16).reshape(-1)))
 
 
@@ -93,13 +105,13 @@ def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed
     mode = os.environ["LAZYFP8_JIT"]
     for flag, stream in ((mode, False), (mode, True), ("0", False)):
         monkeypatch.setenv("LAZYFP8_JIT", flag)
-        k = GridKernel(fp8, scale, block, period)
+        k = GridKernel(fp8, scale, block, period, backend=choose_backend())
         out = torch.empty(rect.numel() + 1, dtype=torch.bfloat16)[seed % 2 :][: rect.numel()]  # any alignment
         if flag != "0":
-            tables = torch.empty(-(-(c1 - 1) // block[1]) * _jit.TABLE_BYTES + 2 * _jit.TABLE_BYTES, dtype=torch.uint8)
+            tables = torch.empty(-(-(c1 - 1) // block[1]) * compiled.table_bytes + 2 * compiled.table_bytes, dtype=torch.uint8)
             compiled.grid_bf16(rect, out, (r0, r1), c0, k.scale, block, period, k.values, k.nan, tables, stream)
         else:
-            k(rect, out, (r0, r1), c0, Workspace())
+            k(rect, out, Rect(r0, r1, c0, c1, 0), Workspace())
         outs.append(out)
     assert torch.equal(bits(outs[0]), bits(outs[2]))
     assert torch.equal(bits(outs[1]), bits(outs[2]))
@@ -109,27 +121,68 @@ def test_grid_rectangles_match_torch_kernel(rows, cols, block, period, fp8, seed
 def test_grid_takes_the_compiled_path_for_large_blocks(monkeypatch):
     calls = []
     monkeypatch.setattr(type(jit), "grid_bf16", lambda self, *a: calls.append(a))
-    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128)
-    k(torch.zeros(128 * 128, dtype=torch.uint8), torch.empty(128 * 128, dtype=torch.bfloat16), (0, 128), 0, Workspace())
+    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128, backend=choose_backend())
+    k(torch.zeros(128 * 128, dtype=torch.uint8), torch.empty(128 * 128, dtype=torch.bfloat16), whole(128, 128), Workspace())
     assert len(calls) == 1
 
 
 @needs_jit
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_per_tensor_kernel_uses_compiled_lookup(dtype, compiled):
-    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), dtype, 10)
-    assert k.jit is compiled
+    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), dtype, 10, backend=choose_backend())
+    assert k.compiled is compiled
     out = torch.empty(256, dtype=dtype)
-    k(ALL_CODES, out, Workspace())
+    k(ALL_CODES, out, whole(1, 256), Workspace())
     assert torch.equal(bits(out), bits(reference(ALL_CODES.view(torch.float8_e4m3fn), torch.tensor(0.5), dtype)))
 
 
 def test_environment_selects_the_kernels(monkeypatch):
     monkeypatch.setenv("LAZYFP8_JIT", "scalar")
-    assert jit is None or not _jit.kernels().vector
+    assert jit is None or (_jit.kernels().variant == "portable" and not _jit.kernels().vector)
+    assert choose_backend().name == ("torch" if jit is None else "portable")
     monkeypatch.setenv("LAZYFP8_JIT", "0")
-    assert _jit.kernels() is None
-    assert PerTensorKernel(torch.float8_e4m3fn, torch.tensor(1.0), torch.bfloat16, 10).jit is None
+    assert _jit.kernels() is None and choose_backend() == TORCH
+    assert PerTensorKernel(torch.float8_e4m3fn, torch.tensor(1.0), torch.bfloat16, 10, backend=choose_backend()).compiled is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "machine", "features", "variant"),
+    [
+        ("best", "x86_64", "+avx2,+avx512vbmi,+avx512f", "vbmi"),
+        ("best", "AMD64", "+avx2,-avx512vbmi", "portable"),
+        ("scalar", "x86_64", "+avx512vbmi", "portable"),
+        ("neon", "x86_64", "+avx2", "neon-emulated"),  # the test-only mode off AArch64
+        ("best", "aarch64", "+neon,+fp-armv8", "neon"),
+        ("best", "arm64", "", "neon"),  # macOS: Advanced SIMD is part of the architecture
+        ("best", "aarch64", "-neon", "portable"),
+        ("scalar", "aarch64", "+neon", "portable"),
+        ("neon", "aarch64", "+neon", "neon"),
+        ("best", "riscv64", "+v", "portable"),
+    ],
+)
+def test_the_variant_each_cpu_gets(mode, machine, features, variant):
+    assert _jit._variant(mode, machine, features) == variant
+
+
+def test_compiled_kernels_on_other_devices_are_refused():
+    fake = type(TORCH)("portable", compiled=object())
+    with pytest.raises(ValueError, match="run on the CPU"):
+        PerTensorKernel(torch.float8_e4m3fn, torch.tensor(1.0), torch.bfloat16, 10, backend=fake, device=torch.device("meta"))
+
+
+@needs_jit
+def test_call_types_come_from_the_signatures(compiled):
+    # One declaration in ir.SIGNATURES: the ctypes argument types and the call's argument names
+    # are derived from it.
+    from lazyfp8.kernels import ir as _ir
+
+    kinds = {"in": ctypes.c_void_p, "out": ctypes.c_void_p, "i64": ctypes.c_int64, "f32": ctypes.c_float}
+    for entry in (compiled._lut16, compiled._stream16, compiled._lut32, compiled._grid, compiled._grid_stream):
+        params = _ir.SIGNATURES[entry.name]
+        assert entry._fn.argtypes == tuple(kinds[p.kind] for p in params)
+        assert entry._names == tuple(p.name for p in params)
+    with pytest.raises(TypeError, match="takes src, n, table, dst"):
+        compiled._lut32(src=0, n=0, table=0)  # a missing argument is refused before the call
 
 
 def test_without_llvmlite_falls_back_to_torch(tmp_path):
@@ -181,11 +234,11 @@ def test_per_tensor_streams_only_into_large_final_destinations(monkeypatch):
     seen = []
     real = type(jit).lut16
     monkeypatch.setattr(type(jit), "lut16", lambda self, c, b, o, stream=False: (seen.append(stream), real(self, c, b, o, stream)))
-    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), torch.bfloat16, 1 << 20)
+    k = PerTensorKernel(torch.float8_e4m3fn, torch.tensor(0.5), torch.bfloat16, 1 << 20, backend=choose_backend())
     codes = ALL_CODES.repeat(1 << 12)
     for final in (True, False):
-        k(codes, torch.empty(codes.numel(), dtype=torch.bfloat16), Workspace(), final)
-    k(codes[:1000], torch.empty(1000, dtype=torch.bfloat16), Workspace(), True)
+        k(codes, torch.empty(codes.numel(), dtype=torch.bfloat16), whole(1, codes.numel()), Workspace(), final)
+    k(codes[:1000], torch.empty(1000, dtype=torch.bfloat16), whole(1, 1000), Workspace(), True)
     assert seen == [True, False, False]
 
 
@@ -201,8 +254,8 @@ def test_wrong_sizes_are_refused_before_any_write():
         jit.lut16(codes, block, torch.empty(200, dtype=torch.bfloat16)[::2])
     with pytest.raises(ValueError, match="sizes"):
         jit.lut32(codes, torch.zeros(255, dtype=torch.int32), torch.empty(100, dtype=torch.float32))
-    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128)
-    tables = torch.empty(4 * _jit.TABLE_BYTES, dtype=torch.uint8)
+    k = GridKernel(torch.float8_e4m3fn, torch.ones(1, 1), (128, 128), 128, backend=choose_backend())
+    tables = torch.empty(4 * jit.table_bytes, dtype=torch.uint8)
     with pytest.raises(ValueError, match="scale grid"):  # row 128 has no scale row
         jit.grid_bf16(codes[:100], torch.empty(100, dtype=torch.bfloat16), (128, 129), 0, k.scale, (128, 128), 256, k.values, k.nan, tables)
     with pytest.raises(ValueError, match="fill"):

@@ -66,8 +66,8 @@ def read_into_cuda(source: Any, dst: torch.Tensor, plan: Plan) -> None:
             compute.wait_event(copied[j])
             dest = flat[rect.local : rect.local + m]
             if kernel is not None:
-                out = dest if direct else work.get(m, source.dtype)
-                kernel(on_device[j][:m], out, (rect.r0, rect.r1), rect.c0, work)
+                out = dest if direct else work.staging(m, source.dtype)
+                kernel(on_device[j][:m], out, rect, work)
                 if not direct:
                     dest.copy_(out)
             else:

@@ -5,22 +5,28 @@ The reference is ``(w.to(float32) * s.to(float32)).to(dtype)``. Its result depen
 codes and look codes up; with a scale grid we look up the exact float32 of each code, multiply by
 the expanded scale in float32 and round once. Both are the reference formula, evaluated in a
 different order of elements. torch's CPU fp8 conversion is ~20x below memory bandwidth; table
-lookups through ``index_select`` are not, and the compiled lookups of ``_jit`` (when llvmlite is
-installed) run the same tables faster than a memcpy of the output.
+lookups through ``index_select`` are not, and the compiled lookups of ``jit`` run the same
+tables faster than a memcpy of the output.
+
+Every kernel is called the same way, ``kernel(codes, out, rect, work, final)`` (``Kernel``), and
+runs on the ``Backend`` it was given: the process's choice, made once by ``choose_backend``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
 import threading
+from typing import Protocol
 
 import torch
 
 from . import jit as _jit
+from .plan import Rect
 
-__all__ = ["PerTensorKernel", "GridKernel", "Workspace"]
+__all__ = ["Backend", "TORCH", "choose_backend", "backend_for", "Kernel", "PerTensorKernel", "GridKernel", "Workspace"]
 
 # Below this many elements building the 65,536-entry pair table costs more than it saves.
 _PAIR_TABLE_MIN_ELEMENTS = 1 << 17
@@ -37,20 +43,76 @@ _STREAM_MIN_ELEMENTS = 1 << 19
 
 
 class Workspace:
-    """Reusable buffers for one worker, grown on demand: each holds one chunk at most, so a
-    worker's memory is bounded by the chunk size whatever the tensor size."""
+    """Reusable buffers for one worker, one per job, grown on demand: each holds one chunk at
+    most, so a worker's memory is bounded by the chunk size whatever the tensor size. Two
+    buffers of different names never share memory; asking again for a buffer of the same name
+    reuses it (its previous contents are gone)."""
 
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.device = device
-        self._buffers: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, n: int, dtype: torch.dtype, slot: str = "") -> torch.Tensor:
-        """A tensor of ``n`` elements of ``dtype`` (contents undefined). Buffers of one dtype
-        share memory unless their ``slot`` names differ."""
-        buf = self._buffers.get((dtype, slot))
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[(dtype, slot)] = torch.empty(n, dtype=dtype, device=self.device)
+    def _get(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n]
+
+    def codes(self, n: int) -> torch.Tensor:
+        """``n`` bytes: a chunk's FP8 codes as read from the file."""
+        return self._get("codes", n, torch.uint8)
+
+    def indices(self, n: int) -> torch.Tensor:
+        """``n`` int32 lookup indices (the torch kernels' ``index_select``)."""
+        return self._get("indices", n, torch.int32)
+
+    def products(self, n: int) -> torch.Tensor:
+        """``n`` float32 values before rounding (the torch grid kernel's code values x scales)."""
+        return self._get("products", n, torch.float32)
+
+    def tables(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of lookup tables (the compiled grid kernel's, one block per scale column)."""
+        return self._get("tables", nbytes, torch.uint8)
+
+    def staging(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """``n`` results of ``dtype``, for a destination that cannot be written in place."""
+        return self._get("staging", n * dtype.itemsize, torch.uint8).view(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The kernels that dequantize on the CPU: compiled ones (``compiled``, a ``jit.JitKernels``
+    named by its ``variant``: ``vbmi``, ``neon``, ``portable``...) or the pure-torch ones."""
+
+    name: str
+    compiled: _jit.JitKernels | None = None
+
+
+#: The pure-torch kernels: any device, any dtype, always available.
+TORCH = Backend("torch")
+
+
+def choose_backend() -> Backend:
+    """The CPU backend of this process: the best compiled kernels this CPU runs, else torch's.
+    ``LAZYFP8_JIT`` decides (``0``: torch; ``scalar``: the portable compiled kernels; ``neon``:
+    the NEON ones, emulated off AArch64; see ``jit``). The compilation behind it happens once
+    per process and setting; the setting is read at each call, so a test may change it."""
+    compiled = _jit.kernels()
+    return TORCH if compiled is None else Backend(compiled.variant, compiled)
+
+
+def backend_for(device: torch.device) -> Backend:
+    """``choose_backend()`` for the CPU, ``TORCH`` for any other device."""
+    return choose_backend() if device.type == "cpu" else TORCH
+
+
+class Kernel(Protocol):
+    """What every kernel is: ``kernel(codes, out, rect, work, final)`` dequantizes the flat,
+    row-major FP8 ``codes`` (uint8) of rectangle ``rect`` of the weight's ``[rows, cols]`` view
+    into ``out`` (as many elements), with scratch from ``work``. ``final``: ``out`` is the
+    destination itself, not a buffer read again right away."""
+
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None: ...
 
 
 _local = threading.local()
@@ -113,7 +175,8 @@ def _u16_pairs_to_index(codes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 class PerTensorKernel:
     """One float32 scale for every element: a 256-entry table of the reference results, and for
-    large 2-byte outputs a 65,536-entry table over code pairs (one lookup writes two outputs)."""
+    large 2-byte outputs a 65,536-entry table over code pairs (one lookup writes two outputs).
+    ``backend``'s compiled lookups serve 2- and 4-byte outputs on the CPU."""
 
     def __init__(
         self,
@@ -121,15 +184,18 @@ class PerTensorKernel:
         scale: torch.Tensor,
         out_dtype: torch.dtype,
         numel: int,
+        *,
+        backend: Backend,
         device: torch.device = torch.device("cpu"),
     ):
+        _check_backend(backend, device)
         s = scale.reshape(()).to(device=device, dtype=torch.float32)
         self.out_dtype = out_dtype
         self.table = (code_values(fp8_dtype).to(device) * s).to(out_dtype)
         self.pairs: torch.Tensor | None = None
-        self.jit = _jit.kernels() if device.type == "cpu" and out_dtype.itemsize in (2, 4) else None
-        if self.jit is not None:
-            self.jit_table = self.jit.table16(self.table) if out_dtype.itemsize == 2 else self.table
+        self.compiled = backend.compiled if out_dtype.itemsize in (2, 4) else None
+        if self.compiled is not None:
+            self.compiled_table = self.compiled.table16(self.table) if out_dtype.itemsize == 2 else self.table
         elif (
             device.type == "cpu"
             and out_dtype.itemsize == 2
@@ -140,28 +206,32 @@ class PerTensorKernel:
             bits = self.table.view(torch.int16).to(torch.int32) & 0xFFFF
             self.pairs = (bits.view(1, 256) | (bits.view(256, 1) << 16)).reshape(-1)
 
-    def __call__(self, codes: torch.Tensor, out: torch.Tensor, work: Workspace, final: bool = False) -> None:
-        """``out[i] = reference(codes[i])`` for a flat chunk. ``final``: ``out`` is the
-        destination itself, not a buffer read again right away."""
-        if self.jit is not None:
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None:
+        """``out[i] = reference(codes[i])`` (``rect`` does not matter: one scale)."""
+        if self.compiled is not None:
             if out.element_size() == 2:
                 stream = final and out.numel() >= _STREAM_MIN_ELEMENTS
-                self.jit.lut16(codes, self.jit_table, out, stream=stream)
+                self.compiled.lut16(codes, self.compiled_table, out, stream=stream)
             else:
-                self.jit.lut32(codes, self.jit_table, out)
+                self.compiled.lut32(codes, self.compiled_table, out)
             return
         n = codes.numel()
         if self.pairs is not None and n >= 2 and out.data_ptr() % 4 == 0 and codes.data_ptr() % 2 == 0:
             m = n - (n & 1)
-            idx = _u16_pairs_to_index(codes[:m], work.get(m // 2, torch.int32))
+            idx = _u16_pairs_to_index(codes[:m], work.indices(m // 2))
             torch.index_select(self.pairs, 0, idx, out=out[:m].view(torch.int32))
             if m == n:
                 return
             codes, out = codes[m:], out[m:]
             n = 1
-        idx = work.get(n, torch.int32)
+        idx = work.indices(n)
         idx.copy_(codes)
         torch.index_select(self.table, 0, idx, out=out)
+
+
+def _check_backend(backend: Backend, device: torch.device) -> None:
+    if backend.compiled is not None and device.type != "cpu":
+        raise ValueError(f"the {backend.name} kernels run on the CPU, not on {device}: pass backend_for(device)")
 
 
 class GridKernel:
@@ -176,52 +246,49 @@ class GridKernel:
         scale_grid: torch.Tensor,
         block: tuple[int, int],
         period: int,
+        *,
+        backend: Backend,
         device: torch.device = torch.device("cpu"),
     ):
+        _check_backend(backend, device)
         self.values = code_values(fp8_dtype).to(device)
         self.pairs = _value_pairs(fp8_dtype) if device.type == "cpu" and sys.byteorder == "little" else None
         self.scale = scale_grid.to(device=device, dtype=torch.float32).reshape(-1, scale_grid.shape[-1])
         self.block = block
         self.period = period
         self.device = device
-        self.jit = _jit.kernels() if device.type == "cpu" else None
-        if self.jit is not None:
+        self.compiled = backend.compiled
+        if self.compiled is not None:
             self.scale = self.scale.contiguous()
             self.nan = _nan_bf16(fp8_dtype)
 
-    def __call__(
-        self,
-        codes: torch.Tensor,
-        out: torch.Tensor,
-        rows: tuple[int, int],
-        col_start: int,
-        work: Workspace,
-        final: bool = False,
-    ) -> None:
-        """Dequantize the rectangle rows ``rows[0]:rows[1]`` x columns
-        ``col_start:col_start + codes.numel() // (rows[1] - rows[0])``, given as flat row-major
-        ``codes`` into flat ``out``."""
-        r0, r1 = rows
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None:
+        """Dequantize rectangle ``rect`` (rows ``r0:r1`` x columns ``c0:c1``), given as flat
+        row-major ``codes`` into flat ``out``. The compiled kernels serve bfloat16 outputs whose
+        tables each cover enough elements to pay for building them."""
+        r0, r1, col_start = rect.r0, rect.r1, rect.c0
         nr = r1 - r0
         n = codes.numel()
-        w = n // nr
+        w = rect.c1 - col_start
         b0, b1 = self.block
-        if self.jit is not None and out.dtype == torch.bfloat16 and min(nr, b0) * min(w, b1) >= _JIT_MIN_ELEMENTS_PER_TABLE:
+        if n != nr * w:
+            raise ValueError(f"{n} codes for a rectangle of {nr} x {w}")
+        if self.compiled is not None and out.dtype == torch.bfloat16 and min(nr, b0) * min(w, b1) >= _JIT_MIN_ELEMENTS_PER_TABLE:
             blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
-            tables = work.get(blocks * _jit.TABLE_BYTES, torch.uint8, slot="tables")  # codes use the plain slot
+            tables = work.tables(blocks * self.compiled.table_bytes)
             stream = final and n >= _STREAM_MIN_ELEMENTS
-            self.jit.grid_bf16(
-                codes, out, rows, col_start, self.scale, self.block, self.period, self.values, self.nan, tables, stream
+            self.compiled.grid_bf16(
+                codes, out, (r0, r1), col_start, self.scale, self.block, self.period, self.values, self.nan, tables, stream
             )
             return
-        f32 = work.get(n, torch.float32)
+        f32 = work.products(n)
         m = n - (n & 1) if self.pairs is not None and codes.data_ptr() % 2 == 0 and f32.data_ptr() % 8 == 0 else 0
         if m:
             # Two codes per lookup: their exact float32 values side by side.
-            idx = _u16_pairs_to_index(codes[:m], work.get(m // 2, torch.int32))
+            idx = _u16_pairs_to_index(codes[:m], work.indices(m // 2))
             torch.index_select(self.pairs, 0, idx, out=f32[:m].view(torch.int64))
         if m < n:
-            idx = work.get(n - m, torch.int32)
+            idx = work.indices(n - m)
             idx.copy_(codes[m:])
             torch.index_select(self.values, 0, idx, out=f32[m:])
         vals = f32.view(nr, w)

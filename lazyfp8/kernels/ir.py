@@ -1,339 +1,527 @@
-"""The LLVM IR of the compiled dequantization kernels (compiled by ``_jit``).
+"""The compiled dequantization kernels, written with llvmlite's IR builder (compiled by ``jit``).
 
-Written by hand, with one job per function: ``lut16``/``lut32`` (scalar table lookups),
-``table_bf16`` (one scale's 256-entry bf16 table), the AVX-512 VBMI lookups (64 codes per step,
-ordinary or streaming stores), and ``grid_bf16`` (a scale grid: bands of rows, one table per
-block). ``assemble(vector)`` returns the module for a CPU with or without AVX-512 VBMI; every
-exported function has the C signature ``_jit`` declares for it.
+Read each kernel as the C in its docstring. Every Python statement writes one or a few LLVM
+instructions where the builder stands, in the order they run:
+
+- ``Int`` values are integers of the kernel (unsigned, like C's ``size_t``): ``+ - * // % & >> <<``,
+  ``<`` and ``.min()`` write the matching instructions, so index arithmetic reads as it would in C;
+- ``with loop(b, n) as i:`` is ``for (i = 0; i < n; i += i.step)``;
+- ``at(b, p, i, T)`` is ``&((T *)p)[i]``, ``load``/``store`` read and write through it;
+- a Python function that takes the builder (``_rows``, ``_lookup_row``) writes its code inline
+  where it is called, like a C macro.
+
+The exported functions and their parameters are declared once, in ``SIGNATURES``; ``jit``
+derives the ctypes call types from that table and calls each function by parameter name:
+
+- ``lut16`` / ``lut32``: ``dst[i] = table[src[i]]`` for 2- and 4-byte outputs, a scalar loop.
+- ``table_bf16``: the table block of ``bf16(values[c] * scale)`` for the 256 codes ``c``.
+- ``grid_bf16``: a rectangle of a weight with a grid of scales: bands of rows that share a scale
+  row, one table per block column, codes looked up a group of rows at a time.
+- ``lut16_vbmi`` (AVX-512 VBMI, 64 codes per step), ``lut16_stream`` and ``grid_bf16_stream``
+  (the same with streaming stores), ``lut16_neon`` (AArch64 NEON, 16 codes per step): vector
+  lookups over the table block's low and high byte planes.
+
+A 16-bit table block (``TABLE_BYTES``) holds the results' low bytes at 0, their high bytes at 256
+and the 16-bit results themselves at 512: the vector loops look the two byte planes up and
+interleave them, the scalar loop reads the words.
+
+``assemble(variant)`` writes the module of one variant (``VARIANTS``): ``portable`` (generic IR
+only, any CPU), ``vbmi``, ``neon``, and ``neon-emulated`` (the NEON kernels with ``tbl`` written
+in generic IR, so that their algorithm runs and is tested on any CPU).
 """
 
 from __future__ import annotations
 
-__all__ = ["assemble", "TABLE_BYTES"]
+import contextlib
+import dataclasses
+import types
+from collections.abc import Iterator, Sequence
 
-#: Bytes of one 2-byte-output table block: low bytes [256], high bytes [256], then the 256
-#: little-endian 16-bit values (the scalar loop and the vector loop's tail read those).
+from llvmlite import ir
+
+__all__ = ["Param", "SIGNATURES", "VARIANTS", "Variant", "TABLE_BYTES", "assemble"]
+
+#: Bytes of one 16-bit table block: low bytes [256], high bytes [256], 16-bit words [256].
 TABLE_BYTES = 1024
+_LOW, _HIGH, _WORDS = 0, 256, 512
 
-# dst[i] = table[src[i]] for one output width: @lut16 reads the 16-bit words at byte 512 of its
-# table block (TABLE_BYTES), @lut32 a plain table of 256 32-bit values.
-_LUT_IR = r"""
-define void @NAME(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                  ptr noalias nocapture %dst) nounwind {
-entry:
-  %words = getelementptr inbounds i8, ptr %tab, i64 OFFSET
-  %empty = icmp eq i64 %n, 0
-  br i1 %empty, label %done, label %loop
-loop:
-  %i = phi i64 [0, %entry], [%next, %loop]
-  %sp = getelementptr inbounds i8, ptr %src, i64 %i
-  %c = load i8, ptr %sp, align 1
-  %ci = zext i8 %c to i64
-  %tp = getelementptr inbounds WORD, ptr %words, i64 %ci
-  %v = load WORD, ptr %tp, align ALIGN
-  %dp = getelementptr inbounds WORD, ptr %dst, i64 %i
-  store WORD %v, ptr %dp, align ALIGN
-  %next = add nuw i64 %i, 1
-  %more = icmp ult i64 %next, %n
-  br i1 %more, label %loop, label %done
-done:
-  ret void
-}
-"""
+I8, I16, I32, I64 = (ir.IntType(n) for n in (8, 16, 32, 64))
+F32 = ir.FloatType()
+PTR = ir.PointerType()  # opaque: the element type is given where memory is read or written
 
 
-def _lut(name: str, word: str, align: int, offset: int) -> str:
-    return (
-        _LUT_IR.replace("@NAME", name).replace("WORD", word).replace("ALIGN", str(align)).replace("OFFSET", str(offset))
-    )
+# --- the exported functions' signatures: declared once --------------------------------------
 
 
-_SCALAR_IR = _lut("@lut16", "i16", 2, 512) + _lut("@lut32", "i32", 4, 0) + r"""
-; The 1024-byte table block of bf16(vals[c] * s) for all 256 codes: round to nearest even as
-; torch does, NaN results taken from nan[c] (what torch writes for that NaN code).
-define void @table_bf16(ptr noalias nocapture readonly %vals, ptr noalias nocapture readonly %nan,
-                        float %s, ptr noalias nocapture %tab) nounwind {
-entry:
-  %words = getelementptr inbounds i8, ptr %tab, i64 512
-  br label %loop
-loop:
-  %c = phi i64 [0, %entry], [%cn, %loop]
-  %vp = getelementptr inbounds float, ptr %vals, i64 %c
-  %v = load float, ptr %vp, align 4
-  %y = fmul float %v, %s
-  %b = bitcast float %y to i32
-  %sh = lshr i32 %b, 16
-  %odd = and i32 %sh, 1
-  %t1 = add i32 %b, 32767
-  %t2 = add i32 %t1, %odd
-  %r32 = lshr i32 %t2, 16
-  %r = trunc i32 %r32 to i16
-  %isnan = fcmp uno float %y, 0.0
-  %np = getelementptr inbounds i16, ptr %nan, i64 %c
-  %nv = load i16, ptr %np, align 2
-  %o = select i1 %isnan, i16 %nv, i16 %r
-  %lo = trunc i16 %o to i8
-  %hs = lshr i16 %o, 8
-  %hi = trunc i16 %hs to i8
-  %lp = getelementptr inbounds i8, ptr %tab, i64 %c
-  store i8 %lo, ptr %lp, align 1
-  %hidx = add nuw i64 %c, 256
-  %hp = getelementptr inbounds i8, ptr %tab, i64 %hidx
-  store i8 %hi, ptr %hp, align 1
-  %wp = getelementptr inbounds i16, ptr %words, i64 %c
-  store i16 %o, ptr %wp, align 2
-  %cn = add nuw i64 %c, 1
-  %more = icmp ult i64 %cn, 256
-  br i1 %more, label %loop, label %done
-done:
-  ret void
-}
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter: ``kind`` is ``"in"`` (pointer to memory the kernel only reads), ``"out"``
+    (pointer to memory it writes; no two pointers of a call overlap), ``"i64"`` or ``"f32"``."""
 
-"""
+    name: str
+    kind: str
 
-# Rows r0 .. r0+nr x columns c0 .. c0+w of a [rows, cols] weight, flat row-major in src and dst.
-# Scale row of weight row r: (r / period) * ceil(period / b0) + (r % period) / b0; scale column
-# of column c: c / b1. The rectangle is walked in bands of rows that share a scale row: each
-# band first builds the tables of its block columns (1024 bytes each, in tables), then takes
-# groups of `group` rows, and in each group block column by block column looks the codes up
-# (@BAND: one table's registers across the group's rows).
-# Instantiated as @grid_bf16 (ordinary stores) and, with AVX-512 VBMI, @grid_bf16_stream.
-_GRID_IR = r"""
-define void @GRID(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nr, i64 %w,
-                  i64 %r0, i64 %c0, ptr noalias nocapture readonly %scale, i64 %scols, i64 %b0,
-                  i64 %b1, i64 %period, ptr noalias nocapture readonly %vals,
-                  ptr noalias nocapture readonly %nan, ptr noalias nocapture %tables, i64 %group) nounwind {
-entry:
-  %pm0 = add i64 %period, %b0
-  %pm1 = sub i64 %pm0, 1
-  %per_matrix = udiv i64 %pm1, %b0
-  %g0 = udiv i64 %c0, %b1
-  %cend = add i64 %c0, %w
-  %clast = sub i64 %cend, 1
-  %glast = udiv i64 %clast, %b1
-  %nbm1 = sub i64 %glast, %g0
-  %nb = add i64 %nbm1, 1
-  br label %bandhead
-bandhead:
-  %i = phi i64 [0, %entry], [%inext, %bandend]
-  %rowsleft = icmp ult i64 %i, %nr
-  br i1 %rowsleft, label %bandbody, label %exit
-bandbody:
-  %r = add i64 %r0, %i
-  %mat = udiv i64 %r, %period
-  %rin = urem i64 %r, %period
-  %rb = udiv i64 %rin, %b0
-  %mbase = mul i64 %mat, %per_matrix
-  %srow = add i64 %mbase, %rb
-  ; the band ends with the scale block, the matrix or the rectangle, whichever comes first
-  %inblk = urem i64 %rin, %b0
-  %toblk = sub i64 %b0, %inblk
-  %tomat = sub i64 %period, %rin
-  %torect = sub i64 %nr, %i
-  %lt1 = icmp ult i64 %toblk, %tomat
-  %m1 = select i1 %lt1, i64 %toblk, i64 %tomat
-  %lt2 = icmp ult i64 %m1, %torect
-  %band = select i1 %lt2, i64 %m1, i64 %torect
-  %sbase = mul i64 %srow, %scols
-  br label %build
-build:
-  %g = phi i64 [0, %bandbody], [%gn, %build]
-  %gabs = add i64 %g0, %g
-  %sidx = add i64 %sbase, %gabs
-  %sp = getelementptr inbounds float, ptr %scale, i64 %sidx
-  %s = load float, ptr %sp, align 4
-  %toff = mul i64 %g, 1024
-  %tp = getelementptr inbounds i8, ptr %tables, i64 %toff
-  call void @table_bf16(ptr %vals, ptr %nan, float %s, ptr %tp)
-  %gn = add nuw i64 %g, 1
-  %bmore = icmp ult i64 %gn, %nb
-  br i1 %bmore, label %build, label %grouphead
-grouphead:
-  %q = phi i64 [0, %build], [%qn, %groupend]
-  %qleft = icmp ult i64 %q, %band
-  br i1 %qleft, label %groupbody, label %bandend
-groupbody:
-  %qrest = sub i64 %band, %q
-  %glt = icmp ult i64 %group, %qrest
-  %grows = select i1 %glt, i64 %group, i64 %qrest
-  %iq = add i64 %i, %q
-  %rowoff = mul i64 %iq, %w
-  br label %segloop
-segloop:
-  %k = phi i64 [0, %groupbody], [%kn, %segloop]
-  %kabs = add i64 %g0, %k
-  %bstart = mul i64 %kabs, %b1
-  %kabs1 = add i64 %kabs, 1
-  %bend = mul i64 %kabs1, %b1
-  %startlt = icmp ult i64 %bstart, %c0
-  %start = select i1 %startlt, i64 %c0, i64 %bstart
-  %endgt = icmp ugt i64 %bend, %cend
-  %end = select i1 %endgt, i64 %cend, i64 %bend
-  %len = sub i64 %end, %start
-  %rel = sub i64 %start, %c0
-  %off = add i64 %rowoff, %rel
-  %ssp = getelementptr inbounds i8, ptr %src, i64 %off
-  %dsp = getelementptr inbounds i16, ptr %dst, i64 %off
-  %koff = mul i64 %k, 1024
-  %ktp = getelementptr inbounds i8, ptr %tables, i64 %koff
-  call void @BAND(ptr %ssp, ptr %dsp, i64 %grows, i64 %w, i64 %len, ptr %ktp)
-  %kn = add nuw i64 %k, 1
-  %kmore = icmp ult i64 %kn, %nb
-  br i1 %kmore, label %segloop, label %groupend
-groupend:
-  %qn = add nuw i64 %q, %grows
-  br label %grouphead
-bandend:
-  %inext = add nuw i64 %i, %band
-  br label %bandhead
-exit:
-  FENCE
-  ret void
-}
-"""
 
-# nrows row segments of len codes, row stride w (in elements), one table: @ROW on each row with
-# the table's 8 vectors loaded once (@band_scalar takes no vectors: ROWARGS is empty there).
-_BAND_IR = r"""
-define internal void @BAND(ptr noalias nocapture readonly %src, ptr noalias nocapture %dst, i64 %nrows, i64 %w,
-                           i64 %len, ptr noalias nocapture readonly %tab) nounwind {
-entry:
-  LOADS
-  br label %head
-head:
-  %r = phi i64 [0, %entry], [%rn, %row]
-  %more = icmp ult i64 %r, %nrows
-  br i1 %more, label %row, label %done
-row:
-  %roff = mul i64 %r, %w
-  %rs = getelementptr inbounds i8, ptr %src, i64 %roff
-  %rd = getelementptr inbounds i16, ptr %dst, i64 %roff
-  call void @ROW(ptr %rs, i64 %len, ptr %tab, ptr %rd ROWARGS)
-  %rn = add nuw i64 %r, 1
-  br label %head
-done:
-  ret void
-}
-"""
+#: The LLVM type of each parameter kind (``jit`` maps the same kinds to ctypes).
+KIND_TYPES = {"in": PTR, "out": PTR, "i64": I64, "f32": F32}
 
-# 64 codes per step: vpermi2b picks from 128 table bytes by the low 7 bits of each code, so two
-# lookups (codes below and above 0x80) and a select by the sign bit give the low output bytes,
-# two more the high bytes; interleaving them gives 64 little-endian 16-bit outputs. The table
-# comes in registers (lo0..hi3) so a caller looping over rows loads it once.
-_VPERM_DECLARATION = "declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)"
-_TABLE_VECTORS = ("lo0", "lo1", "lo2", "lo3", "hi0", "hi1", "hi2", "hi3")
-# The table's vectors as extra parameters of a function, and as the matching call arguments.
-_VECTOR_PARAMS = "".join(f", <64 x i8> %{v}" for v in _TABLE_VECTORS)
-_LOAD_VECTORS = "\n  ".join(
-    f"%{v}.p = getelementptr inbounds i8, ptr %tab, i64 {64 * i}\n  %{v} = load <64 x i8>, ptr %{v}.p, align 1"
-    for i, v in enumerate(_TABLE_VECTORS)
+_LUT = (Param("src", "in"), Param("n", "i64"), Param("table", "in"), Param("dst", "out"))
+_GRID = (
+    Param("src", "in"),  # codes of the rectangle, row-major, nr x w
+    Param("dst", "out"),  # bf16 results, same layout
+    Param("nr", "i64"),  # rows of the rectangle
+    Param("w", "i64"),  # columns of the rectangle
+    Param("r0", "i64"),  # its first row in the weight's [rows, cols] view
+    Param("c0", "i64"),  # its first column
+    Param("scale", "in"),  # float32 scale grid, row-major
+    Param("scols", "i64"),  # columns of the scale grid
+    Param("b0", "i64"),  # block rows
+    Param("b1", "i64"),  # block columns
+    Param("period", "i64"),  # rows of one matrix of a stack (the tiling restarts there)
+    Param("values", "in"),  # float32 value of each of the 256 codes
+    Param("nan", "in"),  # bf16 bits torch writes for each code (read for NaN results)
+    Param("tables", "out"),  # scratch: TABLE_BYTES per block column of the rectangle
+    Param("group", "i64"),  # rows looked up together per block column
 )
-_VBMI_IR = r"""
-define internal void @NAME_regs(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                                ptr noalias nocapture %dst VECTOR_PARAMS) alwaysinline nounwind {
-entry:
-  %nv = lshr i64 %n, 6
-  %none = icmp eq i64 %nv, 0
-  br i1 %none, label %tail, label %vloop
-vloop:
-  %j = phi i64 [0, %entry], [%jn, %vloop]
-  %off = shl i64 %j, 6
-  %sp = getelementptr inbounds i8, ptr %src, i64 %off
-  %c = load <64 x i8>, ptr %sp, align 1
-  %a0 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %lo0, <64 x i8> %c, <64 x i8> %lo1)
-  %a1 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %lo2, <64 x i8> %c, <64 x i8> %lo3)
-  %h0 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %hi0, <64 x i8> %c, <64 x i8> %hi1)
-  %h1 = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %hi2, <64 x i8> %c, <64 x i8> %hi3)
-  %upper = icmp slt <64 x i8> %c, zeroinitializer
-  %lo = select <64 x i1> %upper, <64 x i8> %a1, <64 x i8> %a0
-  %hi = select <64 x i1> %upper, <64 x i8> %h1, <64 x i8> %h0
-  %pairs = shufflevector <64 x i8> %lo, <64 x i8> %hi, <128 x i32> <INTERLEAVE>
-  %dp = getelementptr inbounds i16, ptr %dst, i64 %off
-  store <128 x i8> %pairs, ptr %dp, STORE
-  %jn = add nuw i64 %j, 1
-  %more = icmp ult i64 %jn, %nv
-  br i1 %more, label %vloop, label %tail
-tail:
-  %head = shl i64 %nv, 6
-  %rest = sub i64 %n, %head
-  %sp2 = getelementptr inbounds i8, ptr %src, i64 %head
-  %dp2 = getelementptr inbounds i16, ptr %dst, i64 %head
-  call void @lut16(ptr %sp2, i64 %rest, ptr %tab, ptr %dp2)
-  ret void
-}
-"""
 
-# With streaming (non-temporal) stores, for large outputs written once into their final place:
-# the output's cache lines are not read first (half the memory traffic of ordinary stores).
-# Codes up to dst's first 64-byte boundary go through the scalar loop, so every vector store is
-# aligned. Streaming stores are weakly ordered: the entry points end with a fence, so the output
-# is visible to every thread once the call returns.
-_STREAM_IR = r"""
-define internal void @lut16_stream_regs(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                                        ptr noalias nocapture %dst VECTOR_PARAMS) alwaysinline nounwind {
-entry:
-  %addr = ptrtoint ptr %dst to i64
-  %mis = and i64 %addr, 63
-  %gap = sub i64 64, %mis
-  %gapm = and i64 %gap, 63
-  %headn = lshr i64 %gapm, 1
-  %short = icmp ult i64 %n, %headn
-  %head = select i1 %short, i64 %n, i64 %headn
-  call void @lut16(ptr %src, i64 %head, ptr %tab, ptr %dst)
-  %rest = sub i64 %n, %head
-  %sp = getelementptr inbounds i8, ptr %src, i64 %head
-  %dp = getelementptr inbounds i16, ptr %dst, i64 %head
-  call void @lut16_vbmi_nt_regs(ptr %sp, i64 %rest, ptr %tab, ptr %dp VECTOR_ARGS)
-  ret void
+SIGNATURES: dict[str, tuple[Param, ...]] = {
+    "lut16": _LUT,  # dst: uint16_t[n]; table: a TABLE_BYTES block
+    "lut32": _LUT,  # dst: uint32_t[n]; table: uint32_t[256]
+    "table_bf16": (Param("values", "in"), Param("nan", "in"), Param("scale", "f32"), Param("table", "out")),
+    "grid_bf16": _GRID,
+    "lut16_vbmi": _LUT,
+    "lut16_stream": _LUT,
+    "grid_bf16_stream": _GRID,
+    "lut16_neon": _LUT,
 }
 
-define void @lut16_vbmi(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                        ptr noalias nocapture %dst) nounwind {
-entry:
-  LOADS
-  call void @lut16_vbmi_regs(ptr %src, i64 %n, ptr %tab, ptr %dst VECTOR_ARGS)
-  ret void
+
+# --- the writing kit: integers with operators, loops, pointers -------------------------------
+
+
+class Int:
+    """An integer value of the kernel, unsigned. Python's operators write LLVM instructions
+    (``//`` is ``udiv``, ``%`` ``urem``, ``>>`` ``lshr``, ``<`` ``icmp ult``); a Python int on
+    either side becomes a constant of the same width."""
+
+    __slots__ = ("b", "value")
+
+    def __init__(self, b: ir.IRBuilder, value: ir.Value):
+        self.b = b
+        self.value = value
+
+    def _v(self, other: Int | int) -> ir.Value:
+        return other.value if isinstance(other, Int) else ir.Constant(self.value.type, other)
+
+    def _op(self, op: str, other: Int | int, swap: bool = False) -> Int:
+        lhs, rhs = (self._v(other), self.value) if swap else (self.value, self._v(other))
+        return Int(self.b, getattr(self.b, op)(lhs, rhs))
+
+    def __add__(self, o):
+        return self._op("add", o)
+
+    def __radd__(self, o):
+        return self._op("add", o, swap=True)
+
+    def __sub__(self, o):
+        return self._op("sub", o)
+
+    def __rsub__(self, o):
+        return self._op("sub", o, swap=True)
+
+    def __mul__(self, o):
+        return self._op("mul", o)
+
+    def __rmul__(self, o):
+        return self._op("mul", o, swap=True)
+
+    def __floordiv__(self, o):
+        return self._op("udiv", o)
+
+    def __mod__(self, o):
+        return self._op("urem", o)
+
+    def __and__(self, o):
+        return self._op("and_", o)
+
+    def __rshift__(self, o):
+        return self._op("lshr", o)
+
+    def __lshift__(self, o):
+        return self._op("shl", o)
+
+    def __lt__(self, o) -> ir.Value:
+        return self.b.icmp_unsigned("<", self.value, self._v(o))
+
+    def __gt__(self, o) -> ir.Value:
+        return self.b.icmp_unsigned(">", self.value, self._v(o))
+
+    def min(self, o: Int | int) -> Int:
+        return Int(self.b, self.b.select(self < o, self.value, self._v(o)))
+
+    def max(self, o: Int | int) -> Int:
+        return Int(self.b, self.b.select(self > o, self.value, self._v(o)))
+
+    def trunc(self, ty: ir.IntType) -> Int:
+        return Int(self.b, self.b.trunc(self.value, ty))
+
+
+def value(x: Int | ir.Value | int, ty: ir.Type = I64) -> ir.Value:
+    """The LLVM value of ``x`` (a Python int becomes a constant of ``ty``)."""
+    if isinstance(x, Int):
+        return x.value
+    return ir.Constant(ty, x) if isinstance(x, int) else x
+
+
+@dataclasses.dataclass
+class Loop:
+    index: Int
+    step: Int | int = 1  #: what the index grows by after this iteration (the body may set it)
+
+
+@contextlib.contextmanager
+def loop(b: ir.IRBuilder, stop: Int | int, start: Int | int = 0) -> Iterator[Loop]:
+    """``for (i = start; i < stop; i += step)``, 64-bit unsigned; the ``with`` block is the
+    body, and may set ``loop.step`` to a value it computed (a step of 0 never ends)."""
+    before = b.block
+    head = b.append_basic_block("loop")
+    body = b.append_basic_block("body")
+    done = b.append_basic_block("done")
+    b.branch(head)
+    b.position_at_end(head)
+    index = b.phi(I64, "i")
+    index.add_incoming(value(start), before)
+    this = Loop(Int(b, index))
+    b.cbranch(this.index < stop, body, done)
+    b.position_at_end(body)
+    yield this
+    index.add_incoming(b.add(index, value(this.step), flags=["nuw"]), b.block)
+    b.branch(head)
+    b.position_at_end(done)
+
+
+def at(b: ir.IRBuilder, ptr: ir.Value, index: Int | int, ty: ir.Type = I8) -> ir.Value:
+    """``&((ty *)ptr)[index]``."""
+    return b.gep(ptr, [value(index)], inbounds=True, source_etype=ty)
+
+
+def load(b: ir.IRBuilder, ptr: ir.Value, index: Int | int, ty: ir.Type, align: int) -> ir.Value:
+    """``((ty *)ptr)[index]``, from an address that is a multiple of ``align``."""
+    return b.load(at(b, ptr, index, ty), typ=ty, align=align)
+
+
+def store(b: ir.IRBuilder, x: ir.Value, ptr: ir.Value, index: Int | int, align: int) -> ir.Instruction:
+    """``((typeof x *)ptr)[index] = x``."""
+    return b.store(x, at(b, ptr, index, x.type), align=align)
+
+
+def _intrinsic(module: ir.Module, name: str, ret: ir.Type, args: Sequence[ir.Type]) -> ir.Function:
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _define(module: ir.Module, name: str, params: Sequence[Param]):
+    """Start function ``name``: returns its builder (at the entry) and its parameters by name
+    (``i64`` ones as ``Int``)."""
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [KIND_TYPES[p.kind] for p in params]), name)
+    fn.attributes.add("nounwind")
+    for arg, p in zip(fn.args, params):
+        arg.name = p.name
+        if p.kind in ("in", "out"):
+            # llvmlite's list of parameter attributes lags LLVM's (no ``readonly``, and
+            # ``nocapture`` only under one of its two spellings): add them to the set directly.
+            for attr in ("noalias", "nocapture", "readonly")[: 3 if p.kind == "in" else 2]:
+                set.add(arg.attributes, attr)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    args = types.SimpleNamespace(**{p.name: Int(b, a) if p.kind == "i64" else a for p, a in zip(params, fn.args)})
+    return fn, b, args
+
+
+# --- scalar kernels ------------------------------------------------------------------------
+
+
+def _lut(module: ir.Module, name: str, word: ir.IntType, offset: int) -> ir.Function:
+    """``void NAME(const uint8_t *src, int64_t n, const uint8_t *table, WORD *dst)``::
+
+        const WORD *words = (const WORD *)(table + OFFSET);
+        for (i = 0; i < n; i++) dst[i] = words[src[i]];
+    """
+    fn, b, a = _define(module, name, SIGNATURES[name])
+    align = word.width // 8
+    words = at(b, a.table, offset)
+    with loop(b, a.n) as i:
+        code = b.zext(load(b, a.src, i.index, I8, 1), I64)
+        store(b, load(b, words, code, word, align), a.dst, i.index, align)
+    b.ret_void()
+    return fn
+
+
+def _table_bf16(module: ir.Module) -> ir.Function:
+    """``void table_bf16(const float *values, const uint16_t *nan, float scale, uint8_t *table)``:
+    the table block of ``bf16(values[c] * scale)``, rounded to nearest even as torch rounds, a NaN
+    result taken from ``nan[c]`` (what torch writes for that code)::
+
+        for (c = 0; c < 256; c++) {
+            float y = values[c] * scale;
+            uint32_t bits = bit_cast<uint32_t>(y);
+            uint16_t r = isnan(y) ? nan[c] : (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+            table[c] = r & 0xFF; table[256 + c] = r >> 8; ((uint16_t *)(table + 512))[c] = r;
+        }
+    """
+    fn, b, a = _define(module, "table_bf16", SIGNATURES["table_bf16"])
+    words = at(b, a.table, _WORDS)
+    with loop(b, 256) as c:
+        y = b.fmul(load(b, a.values, c.index, F32, 4), a.scale)
+        bits = Int(b, b.bitcast(y, I32))
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).trunc(I16)
+        is_nan = b.fcmp_unordered("uno", y, ir.Constant(F32, 0.0))
+        r = b.select(is_nan, load(b, a.nan, c.index, I16, 2), rounded.value)
+        store(b, b.trunc(r, I8), a.table, c.index + _LOW, 1)
+        store(b, b.trunc(b.lshr(r, ir.Constant(I16, 8)), I8), a.table, c.index + _HIGH, 1)
+        store(b, r, words, c.index, 2)
+    b.ret_void()
+    return fn
+
+
+# --- vector lookups: one table block as registers, L codes per step -------------------------
+
+
+class _Vbmi:
+    """AVX-512 VBMI: ``vpermi2b`` picks bytes from 128 table bytes (two registers) by the low 7
+    bits of each of 64 codes. Per byte plane: one lookup for codes below 0x80, one for the rest,
+    a select on the code's sign bit."""
+
+    lanes = 64
+    _PERMUTE = "llvm.x86.avx512.vpermi2var.qi.512"
+
+    def __init__(self):
+        self.vec = ir.VectorType(I8, self.lanes)
+
+    def load_table(self, b: ir.IRBuilder, table: ir.Value) -> list[ir.Value]:
+        """The block's 512 plane bytes: low bytes in registers 0-3, high bytes in 4-7."""
+        return [load(b, table, k, self.vec, 1) for k in range(8)]
+
+    def lookup(self, b: ir.IRBuilder, regs: Sequence[ir.Value], codes: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """The low and high result bytes of 64 codes."""
+        permute = _intrinsic(b.module, self._PERMUTE, self.vec, [self.vec] * 3)
+        upper = b.icmp_signed("<", codes, ir.Constant(self.vec, None))  # code >= 0x80
+
+        def plane(r: Sequence[ir.Value]) -> ir.Value:
+            below = b.call(permute, [r[0], codes, r[1]])
+            above = b.call(permute, [r[2], codes, r[3]])
+            return b.select(upper, above, below)
+
+        return plane(regs[0:4]), plane(regs[4:8])
+
+
+class _Neon:
+    """AArch64 NEON: ``tbl`` with four registers picks bytes from 64 table bytes by 16 codes,
+    and gives 0 for an index of 64 or more. Per byte plane: four lookups, the k-th over plane
+    bytes 64k..64k+63 with the codes minus 64k (codes outside that range wrap to 64 or more and
+    give 0), OR-ed together. ``emulate``: ``tbl`` written in generic IR with the same result, so
+    the algorithm runs on any CPU (slowly; for tests)."""
+
+    lanes = 16
+    _TBL4 = "llvm.aarch64.neon.tbl4.v16i8"
+
+    def __init__(self, emulate: bool):
+        self.emulate = emulate
+        self.vec = ir.VectorType(I8, self.lanes)
+
+    def load_table(self, b: ir.IRBuilder, table: ir.Value) -> list[ir.Value]:
+        """The block's 512 plane bytes: low bytes in registers 0-15, high bytes in 16-31."""
+        return [load(b, table, k, self.vec, 1) for k in range(32)]
+
+    def tbl4(self, b: ir.IRBuilder, tables: Sequence[ir.Value], index: ir.Value) -> ir.Value:
+        """``result[j] = index[j] < 64 ? (64 bytes of tables)[index[j]] : 0`` for 16 lanes."""
+        if not self.emulate:
+            fn = _intrinsic(b.module, self._TBL4, self.vec, [self.vec] * 5)
+            return b.call(fn, [*tables, index])
+        ramp = ir.VectorType(I32, 2 * self.lanes)
+        pair = [b.shuffle_vector(tables[k], tables[k + 1], ir.Constant(ramp, list(range(32)))) for k in (0, 2)]
+        whole = b.shuffle_vector(pair[0], pair[1], ir.Constant(ir.VectorType(I32, 64), list(range(64))))
+        result = ir.Constant(self.vec, None)
+        for j in range(self.lanes):
+            k = b.extract_element(index, ir.Constant(I32, j))
+            byte = b.extract_element(whole, b.and_(k, ir.Constant(I8, 63)))
+            byte = b.select(b.icmp_unsigned("<", k, ir.Constant(I8, 64)), byte, ir.Constant(I8, 0))
+            result = b.insert_element(result, byte, ir.Constant(I32, j))
+        return result
+
+    def lookup(self, b: ir.IRBuilder, regs: Sequence[ir.Value], codes: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """The low and high result bytes of 16 codes."""
+        shifted = [codes] + [b.sub(codes, ir.Constant(self.vec, [64 * k] * self.lanes)) for k in (1, 2, 3)]
+
+        def plane(r: Sequence[ir.Value]) -> ir.Value:
+            parts = [self.tbl4(b, r[4 * k : 4 * k + 4], shifted[k]) for k in range(4)]
+            return b.or_(b.or_(parts[0], parts[1]), b.or_(parts[2], parts[3]))
+
+        return plane(regs[0:16]), plane(regs[16:32])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """How a row of codes is looked up in one table block: the scalar ``lut16`` (``isa`` None),
+    or ``isa``'s vector loop with ordinary or streaming stores."""
+
+    lut16: ir.Function
+    isa: _Vbmi | _Neon | None = None
+    stream: bool = False
+
+    def load_table(self, b: ir.IRBuilder, table: ir.Value) -> list[ir.Value]:
+        return self.isa.load_table(b, table) if self.isa is not None else []
+
+    def row(self, b: ir.IRBuilder, src: ir.Value, n: Int, table: ir.Value, regs: list[ir.Value], dst: ir.Value) -> None:
+        """``dst[i] = lookup(src[i])`` for ``i < n``, ``regs`` from ``load_table``."""
+        if self.isa is None:
+            b.call(self.lut16, [src, n.value, table, dst])
+        elif not self.stream:
+            _lookup_row(b, self.isa, self.lut16, src, n, table, regs, dst, streaming=False)
+        else:
+            # Streaming stores need 64-byte-aligned addresses: the codes up to dst's first
+            # 64-byte boundary go through the scalar loop.
+            address = Int(b, b.ptrtoint(dst, I64))
+            head = (((64 - (address & 63)) & 63) >> 1).min(n)
+            b.call(self.lut16, [src, head.value, table, dst])
+            _lookup_row(b, self.isa, self.lut16, at(b, src, head), n - head, table, regs, at(b, dst, head, I16), streaming=True)
+
+
+def _lookup_row(b, isa, lut16, src: ir.Value, n: Int, table: ir.Value, regs, dst: ir.Value, streaming: bool) -> None:
+    """``L = isa.lanes``::
+
+        for (j = 0; j < n / L; j++) {
+            codes = src[j*L .. j*L + L];            // one vector load
+            lo, hi = isa.lookup(table, codes);     // the result bytes of L codes
+            dst[j*L .. j*L + L] = interleave(lo, hi);   // L little-endian 16-bit results
+        }
+        lut16(src + n / L * L, n % L, table, dst + n / L * L);   // the tail
+
+    ``streaming``: non-temporal stores (``dst`` 64-byte aligned): the destination's cache lines
+    are not read first, half the memory traffic of ordinary stores for a large output.
+    """
+    lanes = isa.lanes
+    interleave = ir.Constant(ir.VectorType(I32, 2 * lanes), [k for i in range(lanes) for k in (i, lanes + i)])
+    with loop(b, n // lanes) as j:
+        offset = j.index * lanes
+        codes = b.load(at(b, src, offset), typ=isa.vec, align=1)
+        lo, hi = isa.lookup(b, regs, codes)
+        pairs = b.shuffle_vector(lo, hi, interleave)
+        out = b.store(pairs, at(b, dst, offset, I16), align=64 if streaming else 1)
+        if streaming:
+            out.set_metadata("nontemporal", b.module.add_metadata([ir.Constant(I32, 1)]))
+    done = n // lanes * lanes
+    b.call(lut16, [at(b, src, done), (n - done).value, table, at(b, dst, done, I16)])
+
+
+def _lut16_entry(module: ir.Module, name: str, rows: _Rows) -> None:
+    """``void NAME(const uint8_t *src, int64_t n, const uint8_t *table, uint16_t *dst)``: the
+    lookup of ``rows`` over one row of ``n`` codes (streaming ones end with a fence)."""
+    _, b, a = _define(module, name, SIGNATURES[name])
+    rows.row(b, a.src, a.n, a.table, rows.load_table(b, a.table), a.dst)
+    if rows.stream:
+        b.fence("seq_cst")
+    b.ret_void()
+
+
+# --- the scale grid ------------------------------------------------------------------------
+
+
+def _grid(module: ir.Module, name: str, table_bf16: ir.Function, rows: _Rows) -> None:
+    """``void NAME(src, dst, nr, w, r0, c0, scale, scols, b0, b1, period, values, nan, tables,
+    group)`` (``SIGNATURES``): rows ``r0 .. r0+nr`` x columns ``c0 .. c0+w`` of a ``[rows, cols]``
+    weight whose scale of element ``(r, c)`` is ``scale[srow(r) * scols + c / b1]``, with
+    ``srow(r) = r / period * ceil(period / b0) + r % period / b0`` (a stack of matrices of
+    ``period`` rows, each tiled afresh)::
+
+        for (i = 0; i < nr; i += band) {             // a band: rows that share a scale row
+            band = min(rows to the end of the scale block, of the matrix, of the rectangle);
+            for (k = 0; k < blocks; k++)              // the band's tables, one per block column
+                table_bf16(values, nan, scale[srow(r0 + i) * scols + c0 / b1 + k], tables + 1024 * k);
+            for (q = 0; q < band; q += rows)  {       // groups of `group` rows
+                rows = min(group, band - q);
+                for (k = 0; k < blocks; k++)          // one table's registers across the group
+                    for (r = 0; r < rows; r++)
+                        lookup(row i + q + r, the columns of block column k, tables + 1024 * k);
+            }
+        }
+    """
+    _, b, a = _define(module, name, SIGNATURES[name])
+    per_matrix = (a.period + a.b0 - 1) // a.b0  # scale rows of one matrix
+    first_block = a.c0 // a.b1
+    col_end = a.c0 + a.w
+    blocks = (col_end - 1) // a.b1 - first_block + 1
+    with loop(b, a.nr) as band_loop:
+        i = band_loop.index
+        r = a.r0 + i
+        row_in_matrix = r % a.period
+        scale_row = r // a.period * per_matrix + row_in_matrix // a.b0
+        band = (a.b0 - row_in_matrix % a.b0).min(a.period - row_in_matrix).min(a.nr - i)
+        with loop(b, blocks) as k:
+            s = load(b, a.scale, scale_row * a.scols + first_block + k.index, F32, 4)
+            b.call(table_bf16, [a.values, a.nan, s, at(b, a.tables, k.index * TABLE_BYTES)])
+        with loop(b, band) as group_loop:
+            q = group_loop.index
+            group_rows = a.group.min(band - q)
+            with loop(b, blocks) as k:
+                block = first_block + k.index
+                start = (block * a.b1).max(a.c0)
+                end = ((block + 1) * a.b1).min(col_end)
+                offset = (i + q) * a.w + (start - a.c0)
+                table = at(b, a.tables, k.index * TABLE_BYTES)
+                regs = rows.load_table(b, table)
+                with loop(b, group_rows) as row:
+                    at_row = offset + row.index * a.w
+                    rows.row(b, at(b, a.src, at_row), end - start, table, regs, at(b, a.dst, at_row, I16))
+            group_loop.step = group_rows
+        band_loop.step = band
+    if rows.stream:
+        b.fence("seq_cst")  # streaming stores are weakly ordered: visible to all once we return
+    b.ret_void()
+
+
+# --- variants --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One module of kernels and which of its functions ``jit`` calls for each job."""
+
+    name: str
+    isa: str | None  #: "vbmi", "neon", "neon-emulated", or None for scalar loops only
+    lut16: str  #: the 16-bit lookup
+    lut16_stream: str  #: the same with streaming stores (or the ordinary one)
+    grid_bf16_stream: str  #: the grid with streaming stores (or the ordinary one)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("portable", None, "lut16", "lut16", "grid_bf16"),
+        Variant("vbmi", "vbmi", "lut16_vbmi", "lut16_stream", "grid_bf16_stream"),
+        Variant("neon", "neon", "lut16_neon", "lut16_neon", "grid_bf16"),
+        Variant("neon-emulated", "neon-emulated", "lut16_neon", "lut16_neon", "grid_bf16"),
+    )
 }
 
-define void @lut16_stream(ptr noalias nocapture readonly %src, i64 %n, ptr noalias nocapture readonly %tab,
-                          ptr noalias nocapture %dst) nounwind {
-entry:
-  LOADS
-  call void @lut16_stream_regs(ptr %src, i64 %n, ptr %tab, ptr %dst VECTOR_ARGS)
-  fence seq_cst
-  ret void
-}
 
-!0 = !{i32 1}
-"""
-
-
-def assemble(vector: bool) -> str:
-    """The module's IR: the scalar kernels, plus the AVX-512 VBMI ones where the CPU has them."""
-    def band(name: str, row: str, with_vectors: bool) -> str:
-        return (
-            _BAND_IR.replace("@BAND", name)
-            .replace("@ROW", row)
-            .replace("LOADS", _LOAD_VECTORS if with_vectors else "")
-            .replace("ROWARGS", _VECTOR_PARAMS if with_vectors else "")
-        )
-
-    def grid(name: str, band_name: str, fence: str) -> str:
-        return _GRID_IR.replace("@GRID", name).replace("@BAND", band_name).replace("FENCE", fence)
-
-    if not vector:
-        return _SCALAR_IR + band("@band_scalar", "@lut16", False) + grid("@grid_bf16", "@band_scalar", "")
-    interleave = ", ".join(f"i32 {k}" for i in range(64) for k in (i, 64 + i))
-    core = _VBMI_IR.replace("<INTERLEAVE>", f"<{interleave}>").replace("VECTOR_PARAMS", _VECTOR_PARAMS)
-    parts = [
-        _SCALAR_IR,
-        _VPERM_DECLARATION,
-        core.replace("@NAME", "@lut16_vbmi").replace("STORE", "align 1"),
-        core.replace("@NAME", "@lut16_vbmi_nt").replace("STORE", "align 64, !nontemporal !0"),
-        _STREAM_IR.replace("VECTOR_PARAMS", _VECTOR_PARAMS).replace("VECTOR_ARGS", _VECTOR_PARAMS).replace("LOADS", _LOAD_VECTORS),
-        band("@band_vbmi", "@lut16_vbmi_regs", True),
-        band("@band_stream", "@lut16_stream_regs", True),
-        grid("@grid_bf16", "@band_vbmi", ""),
-        grid("@grid_bf16_stream", "@band_stream", "fence seq_cst"),
-    ]
-    return "\n".join(parts)
+def assemble(variant: str, triple: str | None = None, data_layout: str | None = None) -> ir.Module:
+    """The module of ``variant`` (a key of ``VARIANTS``), for ``triple`` where given."""
+    v = VARIANTS[variant]
+    module = ir.Module(name=f"lazyfp8_{v.name}")
+    if triple:
+        module.triple = triple
+    if data_layout:
+        module.data_layout = data_layout
+    lut16 = _lut(module, "lut16", I16, _WORDS)
+    _lut(module, "lut32", I32, 0)
+    table_bf16 = _table_bf16(module)
+    isa = {None: None, "vbmi": _Vbmi(), "neon": _Neon(emulate=False), "neon-emulated": _Neon(emulate=True)}[v.isa]
+    rows = _Rows(lut16, isa)
+    if isa is not None:
+        _lut16_entry(module, v.lut16, rows)
+    _grid(module, "grid_bf16", table_bf16, rows)
+    if v.lut16_stream != v.lut16:
+        streaming = _Rows(lut16, isa, stream=True)
+        _lut16_entry(module, v.lut16_stream, streaming)
+        _grid(module, v.grid_bf16_stream, table_bf16, streaming)
+    return module

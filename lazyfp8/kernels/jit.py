@@ -1,12 +1,13 @@
-"""Machine-code table lookups, compiled at first use with llvmlite (the ``fast`` extra).
+"""Machine-code table lookups, compiled at first use with llvmlite.
 
 torch has no byte-indexed table lookup that runs near memory speed: ``index_select`` moves about
 one element per cycle. The kernels here do the same lookups over the same tables, so their bits
-are those of the pure-torch kernels in ``_dequant`` (and the tests compare the two):
+are those of the pure-torch kernels in ``dequant`` (and the tests compare the two):
 
 - ``lut16``/``lut32``: ``dst[i] = table[src[i]]`` for 2- and 4-byte outputs. On CPUs with
   AVX-512 VBMI, 64 codes at a time through ``vpermi2b`` over the table's low and high bytes,
-  faster than a memcpy of the output; elsewhere a scalar loop that LLVM compiles for the host.
+  faster than a memcpy of the output; on AArch64, 16 at a time through NEON ``tbl``; elsewhere
+  a scalar loop that LLVM compiles for the host.
 - ``grid_bf16``: a scale grid. For each scale it meets it builds the 256-entry table of
   ``bf16(value(code) * scale)`` (round to nearest even, NaN codes as torch writes them), then
   looks that block's codes up in it.
@@ -15,8 +16,10 @@ are those of the pure-torch kernels in ``_dequant`` (and the tests compare the t
 
 llvmlite ships LLVM inside its wheels, so this needs no compiler on the user's machine. Without
 it, or with ``LAZYFP8_JIT=0`` in the environment, or if compilation fails, ``kernels()`` returns
-``None`` and callers use the pure-torch kernels. The IR is in ``_kernel_ir``; the machine code is
-cached on disk by ``_jit_cache``, so only the first process on a machine pays for code generation.
+``None`` and callers use the pure-torch kernels. The kernels are written in ``ir`` (which also
+declares each exported function's parameters: the ctypes types here are derived from that); the
+machine code is cached on disk by ``jit_cache``, so only the first process on a machine pays
+for code generation.
 """
 
 from __future__ import annotations
@@ -32,10 +35,9 @@ import threading
 
 import torch
 
-from .ir import TABLE_BYTES, assemble
 from .jit_cache import ObjectCache, cache_dir
 
-__all__ = ["JitKernels", "kernels", "TABLE_BYTES"]
+__all__ = ["JitKernels", "kernels"]
 
 # Rows a grid kernel takes together per block column: enough to reuse each table's registers,
 # few enough that the rows' streams stay prefetchable. Measured on an 8192 x 8192 weight with
@@ -45,8 +47,25 @@ _ROWS_PER_GROUP = {False: 4, True: 8}
 
 log = logging.getLogger(__name__)
 
-_LUT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
-_GRID_FN = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]))
+#: The ctypes type of each parameter kind of ``ir.SIGNATURES``.
+_CTYPES = {"in": ctypes.c_void_p, "out": ctypes.c_void_p, "i64": ctypes.c_int64, "f32": ctypes.c_float}
+
+
+class _Entry:
+    """One exported function of the machine code, called by parameter name as ``ir`` declares
+    them: ``fn(src=..., n=..., table=..., dst=...)``. A name missing or unknown is a TypeError,
+    so a signature changed in ``ir`` cannot be called with its old argument order."""
+
+    def __init__(self, engine, name: str, params):
+        self.name = name
+        self._names = tuple(p.name for p in params)
+        ctype = ctypes.CFUNCTYPE(None, *(_CTYPES[p.kind] for p in params))
+        self._fn = ctype(engine.get_function_address(name))
+
+    def __call__(self, **args: int) -> None:
+        if set(args) != set(self._names):
+            raise TypeError(f"{self.name} takes {', '.join(self._names)}; got {', '.join(args)}")
+        self._fn(*(args[n] for n in self._names))
 
 
 def _require(ok: bool, what: str) -> None:
@@ -64,15 +83,25 @@ class JitKernels:
     """The compiled kernels of this process, over contiguous CPU tensors (ctypes releases the GIL
     for each call, so workers run them in parallel)."""
 
-    def __init__(self, engine, vector: bool, from_cache: bool):
+    def __init__(self, engine, variant, signatures, table_bytes: int, from_cache: bool):
         self._engine = engine  # owns the machine code the function pointers point into
-        self.vector = vector  #: the AVX-512 VBMI kernels (else the portable ones)
+        self.variant: str = variant.name  #: "vbmi", "neon", "neon-emulated" or "portable" (``ir.VARIANTS``)
         self.from_cache = from_cache  #: the machine code came from the on-disk cache
-        self._lut16 = _LUT_FN(engine.get_function_address("lut16_vbmi" if vector else "lut16"))
-        self._stream16 = _LUT_FN(engine.get_function_address("lut16_stream")) if vector else self._lut16
-        self._lut32 = _LUT_FN(engine.get_function_address("lut32"))
-        self._grid = _GRID_FN(engine.get_function_address("grid_bf16"))
-        self._grid_stream = _GRID_FN(engine.get_function_address("grid_bf16_stream")) if vector else self._grid
+        self.table_bytes: int = table_bytes  #: bytes of one ``table16`` block (and of grid scratch per block)
+
+        def entry(name: str) -> _Entry:
+            return _Entry(engine, name, signatures[name])
+
+        self._lut16 = entry(variant.lut16)
+        self._stream16 = entry(variant.lut16_stream)
+        self._lut32 = entry("lut32")
+        self._grid = entry("grid_bf16")
+        self._grid_stream = entry(variant.grid_bf16_stream)
+
+    @property
+    def vector(self) -> bool:
+        """The AVX-512 VBMI kernels (what reports printed before ``variant`` named them all)."""
+        return self.variant == "vbmi"
 
     @staticmethod
     def table16(table: torch.Tensor) -> torch.Tensor:
@@ -85,15 +114,15 @@ class JitKernels:
         again soon (a parameter being filled), so bypass the cache when writing it."""
         _require(all(map(_flat_cpu, (codes, block, out))), "tensors must be contiguous on the CPU")
         _require(codes.element_size() == 1 and out.element_size() == 2, "codes are bytes, outputs 2 bytes")
-        _require(codes.numel() == out.numel() and block.numel() == TABLE_BYTES, "sizes do not match")
+        _require(codes.numel() == out.numel() and block.numel() == self.table_bytes, "sizes do not match")
         fn = self._stream16 if stream else self._lut16
-        fn(codes.data_ptr(), codes.numel(), block.data_ptr(), out.data_ptr())
+        fn(src=codes.data_ptr(), n=codes.numel(), table=block.data_ptr(), dst=out.data_ptr())
 
     def lut32(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
         _require(all(map(_flat_cpu, (codes, table, out))), "tensors must be contiguous on the CPU")
         _require(codes.element_size() == 1 and out.element_size() == 4 == table.element_size(), "wrong item sizes")
         _require(codes.numel() == out.numel() and table.numel() == 256, "sizes do not match")
-        self._lut32(codes.data_ptr(), codes.numel(), table.data_ptr(), out.data_ptr())
+        self._lut32(src=codes.data_ptr(), n=codes.numel(), table=table.data_ptr(), dst=out.data_ptr())
 
     def grid_bf16(
         self,
@@ -110,7 +139,7 @@ class JitKernels:
         stream: bool = False,
     ) -> None:
         """Dequantize the rectangle ``rows`` x ``col_start:col_start + w`` (``scale`` is the
-        float32 grid, ``tables`` scratch of ``TABLE_BYTES``;
+        float32 grid, ``tables`` scratch of ``table_bytes`` per block column it meets;
         ``stream`` as for :meth:`lut16`)."""
         r0, r1 = rows
         nr = r1 - r0
@@ -123,23 +152,39 @@ class JitKernels:
         _require(scale.dtype == torch.float32 and scale.dim() == 2, "the scale grid is 2-d float32")
         _require(values.dtype == torch.float32 and values.numel() == 256 == nan.numel() and nan.element_size() == 2, "bad code tables")
         blocks = (col_start + w - 1) // b1 - col_start // b1 + 1
-        _require(tables.numel() >= blocks * TABLE_BYTES, "table scratch too small")
+        _require(tables.numel() >= blocks * self.table_bytes, "table scratch too small")
         last_scale_row = (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0
         _require(last_scale_row < scale.shape[0] and (col_start + w - 1) // b1 < scale.shape[1], "rectangle outside the scale grid")
         (self._grid_stream if stream else self._grid)(
-            codes.data_ptr(), out.data_ptr(), nr, w, r0, col_start,
-            scale.data_ptr(), scale.shape[1], b0, b1, period,
-            values.data_ptr(), nan.data_ptr(), tables.data_ptr(), _ROWS_PER_GROUP[stream],
+            src=codes.data_ptr(), dst=out.data_ptr(), nr=nr, w=w, r0=r0, c0=col_start,
+            scale=scale.data_ptr(), scols=scale.shape[1], b0=b0, b1=b1, period=period,
+            values=values.data_ptr(), nan=nan.data_ptr(), tables=tables.data_ptr(), group=_ROWS_PER_GROUP[stream],
         )  # fmt: skip
 
 
 def _mode() -> str:
     """``LAZYFP8_JIT``: unset or ``1`` for the best kernels this CPU runs, ``scalar`` for the
-    portable ones only (what a CPU without AVX-512 VBMI gets), ``0`` for none."""
+    portable ones only (what a CPU without AVX-512 VBMI or NEON gets), ``neon`` for the NEON
+    kernels (on a CPU without NEON their table lookups are emulated in generic code: slow, for
+    testing their algorithm), ``0`` for none."""
     value = os.environ.get("LAZYFP8_JIT", "1").strip().lower()
     if value in ("0", "false", "no", "off"):
         return "off"
-    return "scalar" if value == "scalar" else "best"
+    return value if value in ("scalar", "neon") else "best"
+
+
+def _variant(mode: str, machine: str, features: str) -> str:
+    """The ``ir.VARIANTS`` key for ``mode`` on a CPU of ``platform.machine()`` ``machine`` whose
+    LLVM features are ``features`` (comma-separated ``+name``/``-name``)."""
+    flags = features.split(",")
+    arm = machine.lower() in ("aarch64", "arm64")
+    if mode == "neon":
+        return "neon" if arm else "neon-emulated"
+    if mode == "best" and machine.lower() in ("x86_64", "amd64") and "+avx512vbmi" in flags:
+        return "vbmi"
+    if mode == "best" and arm and "-neon" not in flags:  # Advanced SIMD is part of AArch64
+        return "neon"
+    return "portable"
 
 
 # Reentrant: the fork hook below takes it, and a thread that forks while holding it (a signal
@@ -164,12 +209,14 @@ if hasattr(os, "register_at_fork"):
 
 
 @functools.cache
-def _compile(allow_vector: bool = True) -> JitKernels | None:
+def _compile(mode: str) -> JitKernels | None:
     if sys.byteorder != "little":
         return None
     try:
         import llvmlite
         import llvmlite.binding as llvm
+
+        from . import ir  # written with llvmlite.ir
     except ImportError:
         return None
     try:
@@ -177,32 +224,32 @@ def _compile(allow_vector: bool = True) -> JitKernels | None:
         llvm.initialize_native_asmprinter()
         cpu = llvm.get_host_cpu_name()
         features = llvm.get_host_cpu_features().flatten()
-        x86 = platform.machine().lower() in ("x86_64", "amd64")
-        vector = allow_vector and x86 and "+avx512vbmi" in features.split(",")
-        source = assemble(vector)
+        variant = ir.VARIANTS[_variant(mode, platform.machine(), features)]
+        target = llvm.Target.from_default_triple()
+        machine = target.create_target_machine(cpu=cpu, features=features, opt=3, jit=True)
+        source = str(ir.assemble(variant.name, triple=target.triple, data_layout=str(machine.target_data)))
         ident = "\0".join([source, cpu, features, llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info))])
         cache = ObjectCache(cache_dir(), hashlib.sha256(ident.encode()).hexdigest()[:32])
         cached = cache.load()
         module = llvm.parse_assembly(source)
         module.verify()
-        machine = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3, jit=True)
         if cached is None:
             passes = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
             passes.getModulePassManager().run(module, passes)
         engine = llvm.create_mcjit_compiler(module, machine)
         engine.set_object_cache(lambda _module, data: cache.store(data), lambda _module: cached)
         engine.finalize_object()
-        return JitKernels(engine, vector, from_cache=cached is not None)
+        return JitKernels(engine, variant, ir.SIGNATURES, ir.TABLE_BYTES, from_cache=cached is not None)
     except Exception as e:  # a broken or unusual LLVM: the torch kernels still work
         log.warning("lazyfp8: compiled kernels unavailable (%s); using the pure-torch kernels", e)
         return None
 
 
 def kernels() -> JitKernels | None:
-    """This process's compiled kernels, or ``None`` (no llvmlite, ``LAZYFP8_JIT=0``, or a
-    compilation failure, logged once)."""
+    """This process's compiled kernels for the ``LAZYFP8_JIT`` setting, or ``None`` (no llvmlite,
+    ``LAZYFP8_JIT=0``, or a compilation failure, logged once). Compiled once per setting."""
     mode = _mode()
     if mode == "off":
         return None
     with _compile_lock:  # one compilation per process, whichever thread asks first
-        return _compile(mode == "best")
+        return _compile(mode)

@@ -10,7 +10,7 @@ allocated besides the destination.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from ..errors import InvalidScaleError
 from ..formats.schemes import Granularity, grid_shape, matrix_shape
 from ..storage.header import TensorEntry
 from ..storage.reader import ShardFile
-from .dequant import GridKernel, PerTensorKernel, thread_workspace
+from .dequant import GridKernel, Kernel, PerTensorKernel, backend_for, thread_workspace
 from .parallel import run_split
 from .plan import Plan, Rect, plan_box
 
@@ -158,13 +158,13 @@ class TensorSource:
             work = thread_workspace()
             for rect in chunks:
                 n = rect.numel
-                out = flat[rect.local : rect.local + n] if direct else work.get(n, self.dtype, slot="out")
+                out = flat[rect.local : rect.local + n] if direct else work.staging(n, self.dtype)
                 if kernel is None:
                     self.read_rect(out, rect)
                 else:
-                    codes = work.get(n, torch.uint8)
+                    codes = work.codes(n)
                     self.read_rect(codes, rect)
-                    kernel(codes, out, (rect.r0, rect.r1), rect.c0, work, direct)
+                    kernel(codes, out, rect, work, direct)
                 if not direct:
                     flat[rect.local : rect.local + n].copy_(out)
 
@@ -195,23 +195,21 @@ class TensorSource:
         budget = max(self.chunk // 2, 1) if grid else self.chunk
         return plan_box(shape, offsets, lengths, budget, self.entry.offset, self.entry.dtype.itemsize)
 
-    def kernel(self, device: torch.device) -> "Kernel | None":
-        """``kernel(codes, out, rows, col_start, work, final=False)`` dequantizing one chunk on
-        ``device`` (``final``: ``out`` is the destination, not a staging buffer), or
-        ``None`` for a tensor that is not FP8. Reads the scale."""
+    def kernel(self, device: torch.device) -> Kernel | None:
+        """The ``dequant.Kernel`` that dequantizes this tensor's chunks on ``device``, on the
+        process's backend for that device, or ``None`` for a tensor that is not FP8. Reads the
+        scale."""
         if self.scale is None:
             return None
         scale = read_scale(self.scale, self.key).to(device)
         e = self.entry
         fp8 = e.dtype.torch
         g = self.scale.granularity
+        backend = backend_for(device)
         if not g.grid:
-            k = PerTensorKernel(fp8, scale, self.dtype, self.numel, device=device)
-            return lambda codes, out, rows, c0, work, final=False: k(codes, out, work, final)
+            return PerTensorKernel(fp8, scale, self.dtype, self.numel, backend=backend, device=device)
         rows, cols = matrix_shape(e.shape)
         block = g.block_size(e.shape)
         period = g.period(e.shape)
-        return GridKernel(fp8, scale.reshape(-1, grid_shape(1, cols, block)[1]), block, period, device=device)
-
-
-Kernel = Callable[..., None]  # (codes, out, rows, col_start, work, final=False)
+        grid = scale.reshape(-1, grid_shape(1, cols, block)[1])
+        return GridKernel(fp8, grid, block, period, backend=backend, device=device)

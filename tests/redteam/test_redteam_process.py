@@ -190,17 +190,19 @@ def test_fork_while_a_compile_is_in_progress(ckpt, monkeypatch):
     and the child has working kernels instead of a held lock (or a half-run LLVM)."""
     if _jit.kernels() is None:
         pytest.skip("compiled kernels unavailable (llvmlite not installed)")
+    from lazyfp8.kernels import ir as _ir
+
     ref = reference(ckpt)
     view = LazyFP8View(ckpt, threads=2, chunk_elements=5000)
     started = threading.Event()
-    real = _jit.assemble
+    real = _ir.assemble
 
-    def slow_assemble(vector):
+    def slow_assemble(*args, **kwargs):
         started.set()
         time.sleep(0.5)
-        return real(vector)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(_jit, "assemble", slow_assemble)
+    monkeypatch.setattr(_ir, "assemble", slow_assemble)
     _jit._compile.cache_clear()
     compiling = threading.Thread(target=_jit.kernels)
     compiling.start()
