@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common
+from harness import cli, processes, reporting
 
 SCHEMES = {
     "per-tensor": {"scheme": "per-tensor"},
@@ -104,7 +104,7 @@ def main() -> int:
     p.add_argument("--out")
     args = p.parse_args()
     if args.case:
-        common.write_result(args.result, run(args))
+        processes.write_result(args.result, run(args))
         return 0
     mode = "quick" if args.quick else "full"
     repeat = args.repeat or (2 if args.quick else 5)
@@ -113,7 +113,7 @@ def main() -> int:
         rows = []
         for threads in (1, 0):
             for method in (*NAIVE, *SCHEMES):
-                r = common.run_case(__file__, f"{method}:{threads}", ["--workdir", workdir, "--mode", mode, "--repeat", str(repeat)])
+                r = processes.run_case(__file__, f"{method}:{threads}", ["--workdir", workdir, "--mode", mode, "--repeat", str(repeat)])
                 rows.append(r)
     by = {(r.get("method"), r.get("threads")): r for r in rows if "error" not in r}
     for r in rows:
@@ -123,7 +123,7 @@ def main() -> int:
         naive = by.get(("copy_+mul_", r["threads"]))
         r["x_memcpy"] = r["gbps"] / mc["gbps"] if mc else None
         r["x_copy_mul"] = r["gbps"] / naive["gbps"] if naive else None
-    table = common.markdown_table(
+    table = reporting.markdown_table(
         rows,
         [("method", "method"), ("threads", "threads"), ("gbps", "GB/s of bf16 out"), ("x_memcpy", "x memcpy"),
          ("x_copy_mul", "x copy_+mul_"), ("bit_exact", "bit-exact"), ("others_cpu_s", "others' CPU s"), ("error", "error")],
@@ -131,8 +131,8 @@ def main() -> int:
     shape = _shape(mode)
     print(f"## Dequantization throughput ({mode}): {shape[0]}x{shape[1]} weight, best of {repeat}\n")
     print(table)
-    out = common.result_path(args.out, "dequant", mode)
-    common.write_result(out, {"mode": mode, "shape": shape, "repeat": repeat, "environment": common.environment(), "rows": rows, "table": table})
+    out = cli.result_path(args.out, "dequant", mode)
+    processes.write_result(out, {"mode": mode, "shape": shape, "repeat": repeat, "environment": reporting.environment(), "rows": rows, "table": table})
     failed = [r for r in rows if "error" in r or r.get("bit_exact") is False]
     return 1 if failed else 0
 

@@ -43,9 +43,9 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import common
+from harness import checkpoints, child, cli, measure, pagecache, processes, reporting
 
-MiB = common.MiB
+MiB = measure.MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ def ensure_checkpoint(workdir: str, spec: Spec) -> dict[str, Any]:
     path = os.path.join(workdir, "fp8")
     manifest_path = os.path.join(workdir, "manifest.json")
     wanted = {"format": FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
-    manifest = common.reusable_manifest(manifest_path, wanted)
+    manifest = checkpoints.reusable_manifest(manifest_path, wanted)
     if manifest is not None:
         print(f"reusing the checkpoint in {workdir}")
         return manifest
@@ -134,13 +134,13 @@ def ensure_checkpoint(workdir: str, spec: Spec) -> dict[str, Any]:
         wanted,
         path=path,
         files=res.files,
-        disk_bytes=common.dir_bytes(path),
+        disk_bytes=checkpoints.dir_bytes(path),
         data_bytes=res.total_size,
         fp8_keys=len(res.quantized),
         generate_s=round(time.perf_counter() - t0, 2),
     )
-    common.write_manifest(manifest_path, manifest)
-    print(f"wrote {common.mib(manifest['disk_bytes']):.1f} MiB to {path} in {manifest['generate_s']} s")
+    checkpoints.write_manifest(manifest_path, manifest)
+    print(f"wrote {measure.mib(manifest['disk_bytes']):.1f} MiB to {path} in {manifest['generate_s']} s")
     return manifest
 
 
@@ -241,7 +241,7 @@ def worker_main(args: argparse.Namespace) -> int:
         reads = _count_reads()
         view = lazyfp8.LazyFP8View(args.ckpt)
         reader = lazyfp8.LazyFP8StorageReader(args.ckpt) if args.method == "dcp" else None
-        common.prepare_lazyfp8()  # library code, before the baseline
+        child.prepare_lazyfp8()  # library code, before the baseline
         gc.collect()
         if distributed:
             dist.barrier()  # every rank starts together
@@ -249,8 +249,8 @@ def worker_main(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             gpu_base = torch.cuda.memory_allocated()
-        probe = common.MemoryProbe()
-        watch = common.Stopwatch()
+        probe = measure.MemoryProbe()
+        watch = measure.Stopwatch()
         with watch.lap("load"):
             if args.method == "single":
                 lazyfp8.load_into(model, view, device=device)
@@ -296,11 +296,11 @@ def worker_main(args: argparse.Namespace) -> int:
             del full
         result["bit_exact"] = bool(exact)
     except Exception as e:  # noqa: BLE001 - recorded: the parent reports it
-        result.update(common.error_fields(e, limit=8))
+        result.update(child.error_fields(e, limit=8))
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
-    common.write_result(args.result, result)
+    processes.write_result(args.result, result)
     return 0
 
 
@@ -311,7 +311,7 @@ def launch(method: str, world: int, manifest: dict[str, Any], spec: Spec, timeou
     """Run ``world`` fresh rank processes of ``method``; return their results (by rank)."""
     with tempfile.TemporaryDirectory(prefix="lazyfp8-dist-") as tmp:
         store = os.path.join(tmp, "filestore")
-        env = dict(os.environ, **common.OFFLINE_ENV)
+        env = dict(os.environ, **processes.OFFLINE_ENV)
         procs, paths = [], []
         for rank in range(world):
             paths.append(os.path.join(tmp, f"rank{rank}.json"))
@@ -322,7 +322,7 @@ def launch(method: str, world: int, manifest: dict[str, Any], spec: Spec, timeou
                 "--spec", json.dumps(dataclasses.asdict(spec)), "--timeout", str(int(timeout)), "--device", device,
             ]  # fmt: skip
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        busy0, child0, t0 = common.busy_cpu_seconds(), common.children_cpu_seconds(), time.perf_counter()
+        busy0, child0, t0 = measure.busy_cpu_seconds(), measure.children_cpu_seconds(), time.perf_counter()
         outputs = []
         deadline = time.monotonic() + timeout
         for p in procs:
@@ -334,7 +334,7 @@ def launch(method: str, world: int, manifest: dict[str, Any], spec: Spec, timeou
         wall = time.perf_counter() - t0
         # CPU time the rest of the machine used meanwhile: a timing taken while other processes
         # ran on the same cores is disturbed, and the report says so.
-        others = max(0.0, (common.busy_cpu_seconds() - busy0) - (common.children_cpu_seconds() - child0))
+        others = max(0.0, (measure.busy_cpu_seconds() - busy0) - (measure.children_cpu_seconds() - child0))
         results = []
         for rank, (p, path, out) in enumerate(zip(procs, paths, outputs)):
             if os.path.exists(path):
@@ -385,21 +385,21 @@ def summarize(method: str, world: int, results: list[dict[str, Any]], manifest: 
         row["bit_exact"] = "error"
         return row
     row.update(
-        read_mib=common.mib(max(r["bytes_read"] for r in results)),
+        read_mib=measure.mib(max(r["bytes_read"] for r in results)),
         read_pct=100 * max(r["bytes_read"] for r in results) / manifest["data_bytes"],
         bytes_exact="yes" if all(r["bytes_read"] == r["expected_bytes"] for r in results) else "NO",
         reads=max(r["reads"] for r in results),
         load_s=max(r["load_s"] for r in results),
         load_cpu_s=max(r["load_cpu_s"] for r in results),
         agg_gbps=sum(r["bytes_read"] for r in results) / max(r["load_s"] for r in results) / 1e9,
-        params_mib=common.mib(max(r["local_param_bytes"] for r in results)),
-        peak_above_mib=common.mib(max(r["vmhwm"] - r["baseline_rss"] - r["local_param_bytes"] for r in results)),
-        vmhwm_mib=common.mib(max(r["vmhwm"] for r in results)),
+        params_mib=measure.mib(max(r["local_param_bytes"] for r in results)),
+        peak_above_mib=measure.mib(max(r["vmhwm"] - r["baseline_rss"] - r["local_param_bytes"] for r in results)),
+        vmhwm_mib=measure.mib(max(r["vmhwm"] for r in results)),
         bit_exact="yes" if all(r["bit_exact"] for r in results) else "NO",
         hwm_reset=all(r["hwm_reset"] for r in results),
         others_cpu_s=results[0]["others_cpu_s"],
-        gpu_params_mib=common.mib(max(r.get("gpu_param_bytes", 0) for r in results)) if "gpu_param_bytes" in results[0] else None,
-        gpu_peak_above_mib=common.mib(max(r["gpu_peak_above_params"] for r in results)) if "gpu_peak_above_params" in results[0] else None,
+        gpu_params_mib=measure.mib(max(r.get("gpu_param_bytes", 0) for r in results)) if "gpu_param_bytes" in results[0] else None,
+        gpu_peak_above_mib=measure.mib(max(r["gpu_peak_above_params"] for r in results)) if "gpu_peak_above_params" in results[0] else None,
         disturbed=results[0]["others_cpu_s"] > 0.1 * results[0]["process_wall_s"],
     )
     return row
@@ -433,10 +433,10 @@ def report(
         f"## Distributed load benchmark ({mode}, {device})",
         "",
         (
-            f"- checkpoint: {common.mib(manifest['disk_bytes']):.1f} MiB in {len(manifest['files'])} file(s): "
+            f"- checkpoint: {measure.mib(manifest['disk_bytes']):.1f} MiB in {len(manifest['files'])} file(s): "
             f"{spec.layers} FP8 Linear weights {spec.hidden}x{spec.hidden} (float8_e4m3fn, float32 scales over "
             f"{spec.block[0]}x{spec.block[1]} blocks) + bf16 embedding {spec.vocab}x{spec.hidden} and norm; "
-            f"{common.mib(manifest['data_bytes']):.1f} MiB of tensor data"
+            f"{measure.mib(manifest['data_bytes']):.1f} MiB of tensor data"
         ),
         (
             f"- loaded as bf16 {where}; gloo, every rank a fresh process, all ranks on the same "
@@ -449,7 +449,7 @@ def report(
             "VmHWM − RSS before the load − the rank's local parameter bytes"
         ),
         "",
-        common.markdown_table(rows, columns),
+        reporting.markdown_table(rows, columns),
     ]
     busy = [f"{r['method']} x{r['ranks']}" for r in rows if r.get("disturbed")]
     if busy:
@@ -464,14 +464,14 @@ def report(
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    mode = common.size_mode(args, full_repeat=2)
+    mode = cli.size_mode(args, full_repeat=2)
     spec = SPECS[mode]
-    env = common.environment()
+    env = reporting.environment()
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    with common.work_directory(args.workdir, f"lazyfp8-bench-dist-{mode}-") as workdir:
+    with cli.work_directory(args.workdir, f"lazyfp8-bench-dist-{mode}-") as workdir:
         manifest = ensure_checkpoint(workdir, spec)
-        files = common.checkpoint_files(manifest["path"])
+        files = checkpoints.checkpoint_files(manifest["path"])
         for method in args.methods:
             ranks = args.ranks or (QUICK_RANKS[method] if args.quick else RANKS)
             for world in ranks:
@@ -480,7 +480,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 runs = []
                 for _ in range(args.repeat):
-                    common.warm_page_cache(files)
+                    pagecache.warm_page_cache(files)
                     results = launch(method, world, manifest, spec, args.timeout, args.device)
                     runs.append(summarize(method, world, results, manifest))
                 row = best_of(runs)
@@ -491,8 +491,8 @@ def parent_main(args: argparse.Namespace) -> int:
     print()
     print(text)
     suffix = "" if args.device == "cpu" else f"_{args.device}"
-    out = common.result_path(args.out, "distributed", f"{mode}{suffix}")
-    common.save_result(
+    out = cli.result_path(args.out, "distributed", f"{mode}{suffix}")
+    cli.save_result(
         out,
         {
             "mode": mode,
@@ -509,18 +509,18 @@ def parent_main(args: argparse.Namespace) -> int:
         },
     )
     print(f"\nsaved {out} ({time.perf_counter() - t_start:.0f} s in all)")
-    return common.exit_status(
+    return cli.exit_status(
         [f"{r['method']} x{r['ranks']}: {r['bit_exact']}, bytes {r.get('bytes_exact')}" for r in rows
          if r["bit_exact"] != "yes" or r.get("bytes_exact") != "yes"]
     )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.benchmark_parser(__doc__, "tiny model; < 60 s; for CI", "~340 MB checkpoint (the default)")
-    common.add_options(p, "workdir")
+    p = cli.benchmark_parser(__doc__, "tiny model; < 60 s; for CI", "~340 MB checkpoint (the default)")
+    cli.add_options(p, "workdir")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--ranks", nargs="+", type=int, help="rank counts (default: 1 2 4; --quick: fewer)")
-    common.add_options(
+    cli.add_options(
         p, "timeout", "repeat",
         timeout=600,
         helps={
@@ -530,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the parameters live")
     out_help = "JSON path (default: benchmarks/results/distributed_<mode>.json)"
-    common.add_options(p, "out", helps={"out": out_help})
+    cli.add_options(p, "out", helps={"out": out_help})
     # Internal: one rank in this (fresh) process.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)

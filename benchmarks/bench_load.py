@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
+from harness import checkpoints, child, cli, measure, models, processes, reporting
 
 LAZY_CASES = ("lazyfp8", "lazyfp8-meta")
 
@@ -41,7 +41,7 @@ LAZY_CASES = ("lazyfp8", "lazyfp8-meta")
 # Cases (run in the child process)
 # --------------------------------------------------------------------------------------------
 #: What a case gets: both checkpoints' paths, the model config, a stopwatch and a place for notes.
-Context = common.CaseContext
+Context = child.CaseContext
 
 
 def case_lazyfp8(ctx: Context) -> Any:
@@ -49,7 +49,7 @@ def case_lazyfp8(ctx: Context) -> Any:
     import lazyfp8
 
     with ctx.watch.lap("build"):
-        model = common.build_model(ctx.config, params="zeros")
+        model = models.build_model(ctx.config, params="zeros")
     with ctx.watch.lap("load"), lazyfp8.LazyFP8View(ctx.fp8_dir, key_mapping="mistral3") as view:
         ctx.notes["load_state_dict"] = str(model.load_state_dict(view, strict=True))
     return model
@@ -60,7 +60,7 @@ def case_lazyfp8_meta(ctx: Context) -> Any:
     import lazyfp8
 
     with ctx.watch.lap("build"):
-        model = common.build_model(ctx.config, params="meta")
+        model = models.build_model(ctx.config, params="meta")
     with ctx.watch.lap("load"), lazyfp8.LazyFP8View(ctx.fp8_dir, key_mapping="mistral3") as view:
         lazyfp8.load_into(model, view, strict=True)
     return model
@@ -72,10 +72,10 @@ def case_naive(ctx: Context) -> Any:
     from safetensors.torch import load_file
 
     with ctx.watch.lap("build"):
-        model = common.build_model(ctx.config, params="zeros")
+        model = models.build_model(ctx.config, params="zeros")
     with ctx.watch.lap("load"):
         disk: dict[str, torch.Tensor] = {}
-        for file in common.safetensors_files(ctx.fp8_dir):
+        for file in checkpoints.safetensors_files(ctx.fp8_dir):
             disk.update(load_file(file))
         state = {}
         for key, t in disk.items():
@@ -83,7 +83,7 @@ def case_naive(ctx: Context) -> Any:
                 continue  # quantization parameters, not model weights
             if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 t = (t.float() * disk[key + "_scale_inv"].float()).to(torch.bfloat16)
-            state[common.disk_to_runtime(key)] = t
+            state[models.disk_to_runtime(key)] = t
         del disk
         model.load_state_dict(state, strict=True)
         del state
@@ -114,10 +114,10 @@ def case_bf16(ctx: Context) -> Any:
     from safetensors.torch import load_file
 
     with ctx.watch.lap("build"):
-        model = common.build_model(ctx.config, params="zeros")
+        model = models.build_model(ctx.config, params="zeros")
     with ctx.watch.lap("load"):
         state = {}
-        for file in common.safetensors_files(ctx.bf16_dir):
+        for file in checkpoints.safetensors_files(ctx.bf16_dir):
             state.update(load_file(file))
         model.load_state_dict(state, strict=True)
         del state
@@ -133,9 +133,9 @@ CASES: dict[str, Callable[[Context], Any]] = {
 }
 #: Per-case imports done before the baseline (beyond the common ones in :func:`child_main`).
 PREPARE: dict[str, Callable[[], Any]] = {
-    "transformers": common.import_transformers_fp8,
-    "lazyfp8": common.prepare_lazyfp8,
-    "lazyfp8-meta": common.prepare_lazyfp8,
+    "transformers": child.import_transformers_fp8,
+    "lazyfp8": child.prepare_lazyfp8,
+    "lazyfp8-meta": child.prepare_lazyfp8,
 }
 #: Which checkpoint each case reads, for the page-cache warm-up.
 READS = {"bf16-safetensors": "bf16"}
@@ -155,7 +155,7 @@ def child_main(args: argparse.Namespace) -> int:
     prepared = PREPARE.get(args.case, lambda: None)()
     if prepared:
         ctx.notes["kernels"] = prepared
-    return common.run_load_case(args.result, args.case, CASES[args.case], ctx)
+    return child.run_load_case(args.result, args.case, CASES[args.case], ctx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,10 +179,10 @@ COLUMNS = [
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from repeated runs of a case (:func:`common.aggregate_runs`): the best (smallest)
+    """One row from repeated runs of a case (:func:`reporting.aggregate_runs`): the best (smallest)
     times, since on a shared 2-core machine every disturbance only adds time, and the worst
     (largest) memory peak. The individual runs are kept under ``"runs"``."""
-    row = common.aggregate_runs(
+    row = reporting.aggregate_runs(
         runs, ("build_s", "load_s", "load_cpu_s"), ("vmrss_end", "rss_anon_end", "rss_file_end")
     )
     ok = [r for r in runs if "error" not in r]
@@ -195,101 +195,101 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
     """Add the reported columns: peak above params, the bound check, bit-exactness, ratios."""
-    bound = common.load_bound(manifest)
+    bound = reporting.load_bound(manifest)
     by_case = {r["case"]: r for r in rows}
     for r in rows:
         if "load_s" not in r:
             r["bit_exact"] = "error"
             continue
-        peak = common.peak_above_params(r)
-        r["baseline_mib"] = common.mib(r["baseline_rss"])
-        r["vmhwm_mib"] = common.mib(r["vmhwm"])
-        r["rss_anon_mib"] = common.mib(r["rss_anon_end"])
-        r["rss_file_mib"] = common.mib(r["rss_file_end"])
+        peak = reporting.peak_above_params(r)
+        r["baseline_mib"] = measure.mib(r["baseline_rss"])
+        r["vmhwm_mib"] = measure.mib(r["vmhwm"])
+        r["rss_anon_mib"] = measure.mib(r["rss_anon_end"])
+        r["rss_file_mib"] = measure.mib(r["rss_file_end"])
         r["within_bound"] = "yes" if peak <= bound else "no"
         r["bit_exact"] = "yes" if r["digests"] == [manifest["digest"]] else "NO"
-        common.add_ratios(r, by_case, (("transformers", "vs_transformers"), ("bf16-safetensors", "vs_bf16")))
+        reporting.add_ratios(r, by_case, (("transformers", "vs_transformers"), ("bf16-safetensors", "vs_bf16")))
 
 
 def report(
     rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repeat: int, note: str | None = None
 ) -> str:
     """The markdown report: facts about the checkpoint, the table, and notes on failures."""
-    bound = common.load_bound(manifest)
+    bound = reporting.load_bound(manifest)
     lines = [
         f"## Load benchmark ({mode})",
         "",
         *([f"- note: {note}"] if note else []),
         (
             f"- model: Mistral3ForConditionalGeneration, {manifest['params'] / 1e6:.1f}M parameters, "
-            f"{common.mib(manifest['model_bytes']):.1f} MiB of parameters+buffers in bf16"
+            f"{measure.mib(manifest['model_bytes']):.1f} MiB of parameters+buffers in bf16"
         ),
         (
-            f"- FP8 checkpoint: {common.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['spec']['shards']} shards, "
-            f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {common.mib(manifest['bf16_disk_bytes']):.1f} MiB"
+            f"- FP8 checkpoint: {measure.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['spec']['shards']} shards, "
+            f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {measure.mib(manifest['bf16_disk_bytes']):.1f} MiB"
         ),
-        common.largest_tensor_line(manifest),
+        reporting.largest_tensor_line(manifest),
         "- page cache: warm (every file of the checkpoint a case reads was read once just before it)",
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "",
-        *common.kernels_line(rows),
-        common.markdown_table(rows, COLUMNS),
+        *reporting.kernels_line(rows),
+        reporting.markdown_table(rows, COLUMNS),
     ]
-    lines += common.disturbance_lines(rows, rerun=True)
-    lines += common.bound_verdicts(rows, bound, LAZY_CASES, fails="DOES NOT hold")
-    lines += common.error_lines(rows)
+    lines += reporting.disturbance_lines(rows, rerun=True)
+    lines += reporting.bound_verdicts(rows, bound, LAZY_CASES, fails="DOES NOT hold")
+    lines += reporting.error_lines(rows)
     return "\n".join(lines)
 
 
-def run_all(args: argparse.Namespace, ck: common.Checkpoints) -> list[dict[str, Any]]:
+def run_all(args: argparse.Namespace, ck: checkpoints.Checkpoints) -> list[dict[str, Any]]:
     """Run every selected case ``--repeat`` times, interleaved, each in a fresh process."""
     dirs = {"fp8": ck.fp8_dir, "bf16": ck.bf16_dir}
-    runs = common.run_repeated(
+    runs = processes.run_repeated(
         os.path.abspath(__file__),
         args.cases,
         args.repeat,
         ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir],
-        warm=lambda case: common.checkpoint_files(dirs[READS.get(case, "fp8")]),
+        warm=lambda case: checkpoints.checkpoint_files(dirs[READS.get(case, "fp8")]),
         timeout=args.timeout,
         # torch repeats one message per key: 400 characters of it (the JSON keeps the whole text)
-        status=lambda r: common.status_line(r, 400),
+        status=lambda r: reporting.status_line(r, 400),
     )
     return [aggregate(runs[c]) for c in args.cases]
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    mode = common.size_mode(args)
-    spec = common.SPECS[mode]
-    env = common.environment()  # before the runs: the lazyfp8 revision they measure
-    with common.work_directory(args.workdir, f"lazyfp8-bench-{mode}-") as workdir:
-        ck = common.ensure_checkpoints(workdir, spec)
+    mode = cli.size_mode(args)
+    spec = models.SPECS[mode]
+    env = reporting.environment()  # before the runs: the lazyfp8 revision they measure
+    with cli.work_directory(args.workdir, f"lazyfp8-bench-{mode}-") as workdir:
+        ck = checkpoints.ensure_checkpoints(workdir, spec)
         rows = run_all(args, ck)
     derive(rows, ck.manifest)
     text = report(rows, ck.manifest, mode, args.repeat, args.note)
     print(text)
-    return common.finish(
-        common.result_path(args.out, "load", mode),
+    return cli.finish(
+        cli.result_path(args.out, "load", mode),
         {
             "mode": mode,
             "note": args.note,
             "page_cache": "warm",
             "repeat": args.repeat,
-            "bound_bytes": common.load_bound(ck.manifest),
+            "bound_bytes": reporting.load_bound(ck.manifest),
             "environment": env,
             "checkpoint": dict(ck.manifest),
-            "fp8_quantization_config": common.FP8_QUANTIZATION_CONFIG,
+            "fp8_quantization_config": models.FP8_QUANTIZATION_CONFIG,
             "rows": rows,
             "table": text,
         },
-        common.load_failures(rows, LAZY_CASES),
+        reporting.load_failures(rows, LAZY_CASES),
     )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.benchmark_parser(
+    p = cli.benchmark_parser(
         __doc__, "tiny model (a few MB); for CI", "~1.16 GB of bf16 parameters (the default)"
     )
-    common.add_options(
+    cli.add_options(
         p, "workdir", "cases", "repeat", "timeout", "out", "note",
         cases=list(CASES),
         results="load",
@@ -300,12 +300,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         },
     )  # fmt: skip
     # Internal: one case in this (fresh) process.
-    common.add_options(p, "case", "result", "fp8-dir", "bf16-dir", cases=list(CASES))
+    cli.add_options(p, "case", "result", "fp8-dir", "bf16-dir", cases=list(CASES))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(parse_args, child_main, parent_main, argv)
+    return cli.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

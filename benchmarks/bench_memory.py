@@ -34,11 +34,11 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
+from harness import checkpoints, child, cli, measure, models, pagecache, processes, reporting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SLACK = 64 * common.MiB
+SLACK = 64 * measure.MiB
 
 #: (vocab, hidden) of part a's embedding, and how many FP8 hidden x hidden weights.
 HUGE = {"quick": (32768, 1024, 4), "full": (262144, 4096, 4)}
@@ -69,10 +69,10 @@ def huge_model(vocab: int, hidden: int, layers: int, params: str) -> Any:
             self.embed = nn.Embedding(vocab, hidden)
             self.layers = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(layers))
 
-    with lazyfp8.init_empty_weights(), common.default_dtype(torch.bfloat16):
+    with lazyfp8.init_empty_weights(), models.default_dtype(torch.bfloat16):
         model = Huge()
     if params != "meta":
-        common.materialize_(model, zero=(params == "zeros"))
+        models.materialize_(model, zero=(params == "zeros"))
     return model
 
 
@@ -87,7 +87,7 @@ def ensure_huge(workdir: str, mode: str) -> dict[str, Any]:
     path = os.path.join(workdir, "huge")
     manifest_path = os.path.join(workdir, "manifest-huge.json")
     wanted = {"format": HUGE_FORMAT_VERSION, "vocab": vocab, "hidden": hidden, "layers": layers}
-    manifest = common.reusable_manifest(manifest_path, wanted)
+    manifest = checkpoints.reusable_manifest(manifest_path, wanted)
     if manifest is not None:
         print(f"reusing {path}")
         return manifest
@@ -97,23 +97,23 @@ def ensure_huge(workdir: str, mode: str) -> dict[str, Any]:
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.normal_(0.0, 0.02, generator=gen)
-    pbytes = common.model_bytes(model)
+    pbytes = models.model_bytes(model)
     lazyfp8.save(
-        model.state_dict(), path, scheme=lazyfp8.PerBlock(common.BLOCK), max_shard_size="1GB", overwrite=True,
+        model.state_dict(), path, scheme=lazyfp8.PerBlock(models.BLOCK), max_shard_size="1GB", overwrite=True,
         config={"note": "bench_memory part a"},
     )
     del model
-    ref = common.reference_dequantized(path)
+    ref = checkpoints.reference_dequantized(path)
     manifest = dict(
         wanted,
-        digest=common.state_digest(ref),
+        digest=models.state_digest(ref),
         model_bytes=pbytes,
-        disk_bytes=common.dir_bytes(path),
-        largest=common.largest_tensor(path),
+        disk_bytes=checkpoints.dir_bytes(path),
+        largest=checkpoints.largest_tensor(path),
     )
     del ref
     manifest["generate_s"] = round(time.perf_counter() - t0, 1)
-    common.write_manifest(manifest_path, manifest)
+    checkpoints.write_manifest(manifest_path, manifest)
     print(f"wrote {path} in {manifest['generate_s']} s")
     return manifest
 
@@ -131,9 +131,9 @@ def child_a(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
     vocab, hidden, layers = HUGE[args.mode]
     if args.case.split(":")[1] != "naive":
-        result["kernels"] = common.prepare_lazyfp8()  # library code, before the baseline
-    watch = common.Stopwatch()
-    probe = common.MemoryProbe()
+        result["kernels"] = child.prepare_lazyfp8()  # library code, before the baseline
+    watch = measure.Stopwatch()
+    probe = measure.MemoryProbe()
     kind = args.case.split(":")[1]
     with watch.lap("build"):
         model = huge_model(vocab, hidden, layers, "meta" if kind == "lazyfp8-meta" else "zeros")
@@ -145,12 +145,12 @@ def child_a(args: argparse.Namespace, result: dict[str, Any]) -> None:
             with lazyfp8.LazyFP8View(args.dir) as view:
                 lazyfp8.load_into(model, view, strict=True)
         else:
-            state = common.naive_block_dequantized(args.dir)
+            state = checkpoints.naive_block_dequantized(args.dir)
             model.load_state_dict(state, strict=True)
             del state
     probe.stop()
     result.update(probe.report())
-    result.update(common.load_fields(watch, model))
+    result.update(child.load_fields(watch, model))
 
 
 def _bench_load_case(name: str, fp8_dir: str, bf16_dir: str) -> tuple[Any, Any]:
@@ -172,20 +172,20 @@ def _cat(files: list[str]) -> None:
 def _willneed_then_read(files: list[str]) -> None:
     """Ask for every file at once (``POSIX_FADV_WILLNEED`` over the whole file), then read them
     in order: the device gets the whole request up front, as lazyfp8's per-tensor advice does."""
-    common.fadvise(files, os.POSIX_FADV_WILLNEED)
-    common.read_files(files)
+    pagecache.fadvise(files, os.POSIX_FADV_WILLNEED)
+    pagecache.read_files(files)
 
 
 #: Raw reads of the checkpoint files, no parsing: a Python loop of 16 MiB ``readinto`` calls,
 #: ``cat files > /dev/null``, and WILLNEED advice on every file followed by the same loop.
-RAW_READS = {"raw": common.read_files, "cat": _cat, "willneed": _willneed_then_read}
+RAW_READS = {"raw": pagecache.read_files, "cat": _cat, "willneed": _willneed_then_read}
 
 
 def child_b(args: argparse.Namespace, result: dict[str, Any]) -> None:
     kind, what = args.case.split(":")
     if kind in RAW_READS:
-        files = common.checkpoint_files(args.fp8_dir if what == "fp8" else args.bf16_dir)
-        probe = common.MemoryProbe()
+        files = checkpoints.checkpoint_files(args.fp8_dir if what == "fp8" else args.bf16_dir)
+        probe = measure.MemoryProbe()
         t0 = time.perf_counter()
         RAW_READS[kind](files)
         cold = time.perf_counter() - t0
@@ -197,14 +197,14 @@ def child_b(args: argparse.Namespace, result: dict[str, Any]) -> None:
         result.update(probe.report(), load_s=cold, warm_s=warm, bytes=n, model_bytes=0)
         return
     fn, ctx = _bench_load_case(what, args.fp8_dir, args.bf16_dir)
-    files = common.checkpoint_files(args.bf16_dir if what == "bf16-safetensors" else args.fp8_dir)
-    result["resident_at_start"] = common.resident_bytes(files)
-    probe = common.MemoryProbe()
+    files = checkpoints.checkpoint_files(args.bf16_dir if what == "bf16-safetensors" else args.fp8_dir)
+    result["resident_at_start"] = pagecache.resident_bytes(files)
+    probe = measure.MemoryProbe()
     model = fn(ctx)
     probe.stop()
     result.update(probe.report())
-    result.update(common.load_fields(ctx.watch, model), bytes=sum(os.path.getsize(f) for f in files))
-    result["resident_after"] = common.resident_bytes(files)
+    result.update(child.load_fields(ctx.watch, model), bytes=sum(os.path.getsize(f) for f in files))
+    result["resident_after"] = pagecache.resident_bytes(files)
     # The same load again, now from a warm cache: the second timing that tells whether the first
     # one really read the disk.
     del model
@@ -215,13 +215,13 @@ def child_b(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 def child_c(args: argparse.Namespace, result: dict[str, Any]) -> None:
     fn, ctx = _bench_load_case(args.case.split(":", 1)[1], args.fp8_dir, args.bf16_dir)
-    probe = common.MemoryProbe()
+    probe = measure.MemoryProbe()
     result["t_start"] = time.monotonic()
     model = fn(ctx)
     result["t_end"] = time.monotonic()
     probe.stop()
     result.update(probe.report())
-    result.update(common.load_fields(ctx.watch, model, cpu=False))
+    result.update(child.load_fields(ctx.watch, model, cpu=False))
     time.sleep(0.05)  # a few samples of the end state
 
 
@@ -239,8 +239,8 @@ def child_main(args: argparse.Namespace) -> int:
         ]
         part(args, result)
     except Exception as e:  # noqa: BLE001 - recorded in the result, not raised
-        result.update(common.error_fields(e, limit=8))
-    common.write_result(args.result, result)
+        result.update(child.error_fields(e, limit=8))
+    processes.write_result(args.result, result)
     return 0
 
 
@@ -262,9 +262,9 @@ COLUMNS_A = [
 def part_a(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
     manifest = ensure_huge(workdir, mode)
     path = os.path.join(workdir, "huge")
-    files = common.checkpoint_files(path)
+    files = checkpoints.checkpoint_files(path)
     cases = [c for c in args.cases if c in CASES_A]
-    runs = common.run_repeated(
+    runs = processes.run_repeated(
         os.path.abspath(__file__),
         cases,
         args.repeat,
@@ -273,15 +273,15 @@ def part_a(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         timeout=args.timeout,
         label="a: ",
     )
-    rows = [common.aggregate_runs(runs[c], ("build_s", "load_s", "load_cpu_s")) for c in cases]
+    rows = [reporting.aggregate_runs(runs[c], ("build_s", "load_s", "load_cpu_s")) for c in cases]
     for r in rows:
         if r.get("load_s") is None or "vmhwm" not in r:
             r["bit_exact_text"] = "error"
             continue
         r["total_s"] = min(x["build_s"] + x["load_s"] for x in r["runs"] if "error" not in x)
-        r["params_mib"] = common.mib(r["model_bytes"])
-        r["vmhwm_mib"] = common.mib(r["vmhwm"])
-        peak = common.peak_above_params(r, mib_key="peak_mib")
+        r["params_mib"] = measure.mib(r["model_bytes"])
+        r["vmhwm_mib"] = measure.mib(r["vmhwm"])
+        peak = reporting.peak_above_params(r, mib_key="peak_mib")
         r["within"] = "yes" if peak <= SLACK else "no"
         r["bit_exact"] = r["digests"] == [manifest["digest"]]
         r["bit_exact_text"] = "yes" if r["bit_exact"] else "NO"
@@ -291,18 +291,18 @@ def part_a(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         f"### a. One huge tensor ({mode})",
         "",
         (
-            f"- checkpoint: embed.weight {vocab} x {hidden} bf16 ({common.mib(largest['bytes']):.0f} MiB, its own shard) "
+            f"- checkpoint: embed.weight {vocab} x {hidden} bf16 ({measure.mib(largest['bytes']):.0f} MiB, its own shard) "
             f"+ {layers} FP8 {hidden} x {hidden} weights with 128x128 block scales; "
-            f"{common.mib(manifest['disk_bytes']):.0f} MiB on disk, params {common.mib(manifest['model_bytes']):.0f} MiB in bf16"
+            f"{measure.mib(manifest['disk_bytes']):.0f} MiB on disk, params {measure.mib(manifest['model_bytes']):.0f} MiB in bf16"
         ),
         (
             "- page cache warm; each case in a fresh process; "
             f"{args.repeat} run(s): best time, largest peak; bound: peak above params ≤ 64 MiB"
         ),
         "",
-        common.markdown_table(rows, COLUMNS_A),
+        reporting.markdown_table(rows, COLUMNS_A),
     ]
-    lines += common.disturbance_lines(rows)
+    lines += reporting.disturbance_lines(rows)
     return {"manifest": manifest, "rows": rows, "table": "\n".join(lines)}
 
 
@@ -323,32 +323,32 @@ COLUMNS_B = [
 
 
 def part_b(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
-    ck = common.ensure_checkpoints(workdir, common.SPECS[mode])
+    ck = checkpoints.ensure_checkpoints(workdir, models.SPECS[mode])
     cases = [c for c in args.cases if c in CASES_B]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
-    child = ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir]
+    child_args = ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir]
     evictions = []
     for i in range(args.repeat):
         for case in cases:
-            files = common.checkpoint_files(ck.bf16_dir if "bf16" in case else ck.fp8_dir)
-            before = (common.resident_bytes(files), common.meminfo()["Cached"])
-            common.drop_page_cache(files)
-            after = (common.resident_bytes(files), common.meminfo()["Cached"])
+            files = checkpoints.checkpoint_files(ck.bf16_dir if "bf16" in case else ck.fp8_dir)
+            before = (pagecache.resident_bytes(files), measure.meminfo()["Cached"])
+            pagecache.drop_page_cache(files)
+            after = (pagecache.resident_bytes(files), measure.meminfo()["Cached"])
             ev = {
                 "case": case, "run": i, "file_bytes": sum(os.path.getsize(f) for f in files),
                 "resident_before": before[0], "resident_after": after[0],
                 "meminfo_cached_before": before[1], "meminfo_cached_after": after[1],
             }
             evictions.append(ev)
-            r = common.run_case(os.path.abspath(__file__), case, child, timeout=args.timeout)
+            r = processes.run_case(os.path.abspath(__file__), case, child_args, timeout=args.timeout)
             r["eviction"] = ev
             print(
-                f"  b: run {i + 1}/{args.repeat} {case}: cached {common.mib(before[0] or 0):.0f} -> "
-                f"{common.mib(after[0] or 0):.0f} MiB; {common.status_line(r)}",
+                f"  b: run {i + 1}/{args.repeat} {case}: cached {measure.mib(before[0] or 0):.0f} -> "
+                f"{measure.mib(after[0] or 0):.0f} MiB; {reporting.status_line(r)}",
                 flush=True,
             )
             runs[case].append(r)
-    rows = [common.aggregate_runs(runs[c], ("load_s", "warm_s", "load_cpu_s")) for c in cases]
+    rows = [reporting.aggregate_runs(runs[c], ("load_s", "warm_s", "load_cpu_s")) for c in cases]
     by = {r["case"]: r for r in rows}
     for r in rows:
         if r.get("load_s") is None:
@@ -356,20 +356,20 @@ def part_b(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
             continue
         r["gib"] = r["bytes"] / (1 << 30)
         r["mbps"] = r["bytes"] / r["load_s"] / 1e6
-        r["evicted"] = common.mib(max(x["eviction"]["resident_after"] or 0 for x in r["runs"]))
-        common.add_ratios(r, by, [("raw:bf16" if "bf16" in r["case"] else "raw:fp8", "x_raw")], key="load_s")
+        r["evicted"] = measure.mib(max(x["eviction"]["resident_after"] or 0 for x in r["runs"]))
+        reporting.add_ratios(r, by, [("raw:bf16" if "bf16" in r["case"] else "raw:fp8", "x_raw")], key="load_s")
         if "bf16" not in r["case"]:
-            common.add_ratios(r, by, (("cat:fp8", "x_cat"), ("willneed:fp8", "x_willneed")), key="load_s")
+            reporting.add_ratios(r, by, (("cat:fp8", "x_cat"), ("willneed:fp8", "x_willneed")), key="load_s")
         if r.get("warm_s"):
             r["x_warm"] = r["load_s"] / r["warm_s"]
         if r["case"].startswith("cold:"):
             peak = r["vmhwm"] - r["baseline_rss"] - r["model_bytes"]
-            r["peak_mib"] = common.mib(peak)
+            r["peak_mib"] = measure.mib(peak)
             r["bit_exact"] = r["digests"] == [ck.manifest["digest"]]
             r["bit_exact_text"] = "yes" if r["bit_exact"] else "NO"
     spec_note = (
         f"{ck.manifest['params'] / 1e6:.0f}M-parameter Mistral3 of bench_load ({mode}): FP8 "
-        f"{common.mib(ck.manifest['fp8_disk_bytes']):.0f} MiB, bf16 {common.mib(ck.manifest['bf16_disk_bytes']):.0f} MiB"
+        f"{measure.mib(ck.manifest['fp8_disk_bytes']):.0f} MiB, bf16 {measure.mib(ck.manifest['bf16_disk_bytes']):.0f} MiB"
     )
     lines = [
         f"### b. Cold page cache ({mode})",
@@ -387,16 +387,16 @@ def part_b(args: argparse.Namespace, workdir: str, mode: str) -> dict[str, Any]:
         f"- {args.repeat} run(s) per case, each in a fresh process: best time",
         "- × raw read = cold s / cold s of raw:<same checkpoint>; × cat, × willneed: / cold s of cat:fp8, willneed:fp8",
         "",
-        common.markdown_table(rows, COLUMNS_B),
+        reporting.markdown_table(rows, COLUMNS_B),
     ]
-    lines += common.disturbance_lines(rows)
+    lines += reporting.disturbance_lines(rows)
     cached = [e["meminfo_cached_before"] - e["meminfo_cached_after"] for e in evictions]
     lines += [
         "",
         (
-            f"/proc/meminfo Cached fell by {common.mib(min(cached)):.0f} to {common.mib(max(cached)):.0f} MiB at "
-            f"each eviction (files of {common.mib(min(e['file_bytes'] for e in evictions)):.0f} to "
-            f"{common.mib(max(e['file_bytes'] for e in evictions)):.0f} MiB)."
+            f"/proc/meminfo Cached fell by {measure.mib(min(cached)):.0f} to {measure.mib(max(cached)):.0f} MiB at "
+            f"each eviction (files of {measure.mib(min(e['file_bytes'] for e in evictions)):.0f} to "
+            f"{measure.mib(max(e['file_bytes'] for e in evictions)):.0f} MiB)."
         ),
     ]
     return {"manifest": ck.manifest, "rows": rows, "evictions": evictions, "table": "\n".join(lines)}
@@ -419,28 +419,28 @@ LABELS = {
 
 
 def part_c(args: argparse.Namespace, workdir: str, mode: str, plot_path: str) -> dict[str, Any]:
-    ck = common.ensure_checkpoints(workdir, common.SPECS[mode])
+    ck = checkpoints.ensure_checkpoints(workdir, models.SPECS[mode])
     cases = [c for c in args.cases if c.startswith("rss:")]
-    child = ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir]
+    child_args = ["--fp8-dir", ck.fp8_dir, "--bf16-dir", ck.bf16_dir]
     rows = []
     for case in cases:
         name = case.split(":", 1)[1]
-        common.warm_page_cache(common.checkpoint_files(ck.bf16_dir if name == "bf16-safetensors" else ck.fp8_dir))
-        r = common.run_case_sampled(os.path.abspath(__file__), case, child, interval=0.005, timeout=args.timeout)
+        pagecache.warm_page_cache(checkpoints.checkpoint_files(ck.bf16_dir if name == "bf16-safetensors" else ck.fp8_dir))
+        r = processes.run_case_sampled(os.path.abspath(__file__), case, child_args, interval=0.005, timeout=args.timeout)
         print(
-            f"  c: {case}: {common.status_line(r) if 'error' in r else 'load {:.2f} s, {} samples'.format(r['load_s'], len(r['samples']))}"
+            f"  c: {case}: {reporting.status_line(r) if 'error' in r else 'load {:.2f} s, {} samples'.format(r['load_s'], len(r['samples']))}"
             f" (others' CPU incl. the sampler {r['others_cpu_s']:.1f} s)",
             flush=True,
         )
         if "error" not in r:
             t0, base = r["t_start"], r["baseline_rss"]
             r["curve"] = [
-                [round(t - t0, 4), round((rss - base) / common.MiB, 1)]
+                [round(t - t0, 4), round((rss - base) / measure.MiB, 1)]
                 for t, rss in r.pop("samples")
                 if t0 - 0.1 <= t <= r["t_end"] + 0.03
             ]
             r["peak_curve_mib"] = max(v for _, v in r["curve"]) if r["curve"] else None
-            r["peak_mib"] = common.mib(r["vmhwm"] - r["baseline_rss"] - r["model_bytes"])
+            r["peak_mib"] = measure.mib(r["vmhwm"] - r["baseline_rss"] - r["model_bytes"])
             r["total_s"] = r["t_end"] - r["t_start"]
             r["bit_exact"] = r["digest"] == ck.manifest["digest"]
             r["bit_exact_text"] = "yes" if r["bit_exact"] else "NO"
@@ -449,7 +449,7 @@ def part_c(args: argparse.Namespace, workdir: str, mode: str, plot_path: str) ->
         r["case"] = name
         rows.append(r)
     plotted = plot(rows, ck.manifest, mode, plot_path)
-    table = common.markdown_table(
+    table = reporting.markdown_table(
         rows,
         [("case", "case"), ("total_s", "build+load s"), ("peak_curve_mib", "max sampled RSS above baseline MiB"),
          ("peak_mib", "peak above params MiB (VmHWM)"), ("others_cpu_s", "others' CPU s (incl. sampler)"),
@@ -459,7 +459,7 @@ def part_c(args: argparse.Namespace, workdir: str, mode: str, plot_path: str) ->
         f"### c. RSS over time ({mode})",
         "",
         (
-            f"- bench_load's cases on its {mode} checkpoint (params {common.mib(ck.manifest['model_bytes']):.0f} "
+            f"- bench_load's cases on its {mode} checkpoint (params {measure.mib(ck.manifest['model_bytes']):.0f} "
             "MiB), warm page cache, one run each; VmRSS of the child read by the parent from /proc/<pid>/status "
             "every 5 ms; t = 0 at the child's baseline, just before the model is built"
         ),
@@ -481,7 +481,7 @@ def plot(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, path: 
         print(f"  c: plot {msg}")
         return msg
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
-    params = common.mib(manifest["model_bytes"])
+    params = measure.mib(manifest["model_bytes"])
     ends = [r["total_s"] for r in rows if "curve" in r and r["case"].startswith("lazyfp8")]
     zoom_to = max(ends) * 1.25 if ends else 1.0
     for panel in (ax, zoom):
@@ -513,18 +513,18 @@ def plot(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, path: 
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    mode = common.size_mode(args)
+    mode = cli.size_mode(args)
     if args.cases is None:
         args.cases = list(QUICK_CASES if args.quick else ALL_CASES)
-    out = common.result_path(args.out, "memory", mode)
+    out = cli.result_path(args.out, "memory", mode)
     plot_path = args.plot or (
         os.path.join(ROOT, "docs", "rss_over_time.png") if mode == "full" else os.path.splitext(out)[0] + "_rss.png"
     )
-    env = common.environment()
-    load0 = common.load_average()
+    env = reporting.environment()
+    load0 = measure.load_average()
     print(f"load average before: {load0}", flush=True)
     parts: dict[str, Any] = {}
-    with common.work_directory(args.workdir, f"lazyfp8-memory-{mode}-") as workdir:
+    with cli.work_directory(args.workdir, f"lazyfp8-memory-{mode}-") as workdir:
         if "a" in args.parts:
             parts["a"] = part_a(args, workdir, mode)
         if "b" in args.parts:
@@ -549,14 +549,14 @@ def parent_main(args: argparse.Namespace) -> int:
         shown = os.path.relpath(out, ROOT) if os.path.abspath(out).startswith(ROOT + os.sep) else out
         text += f"\n\n(part(s) {', '.join(kept)}: from the previous run in {shown})"
     print(text)
-    return common.finish(
+    return cli.finish(
         out,
         {
             "mode": mode,
             "note": args.note,
             "repeat": args.repeat,
             "load_average_before": load0,
-            "load_average_after": common.load_average(),
+            "load_average_after": measure.load_average(),
             "environment": env,
             "parts": {k: {kk: vv for kk, vv in p.items() if kk not in ("rows", "table")} for k, p in parts.items()},
             "tables": {k: p["table"] for k, p in parts.items()},
@@ -568,10 +568,10 @@ def parent_main(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.benchmark_parser(__doc__, "small sizes; for CI", "full sizes (the default)")
+    p = cli.benchmark_parser(__doc__, "small sizes; for CI", "full sizes (the default)")
     p.add_argument("--parts", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"])
     p.add_argument("--cases", nargs="+", choices=ALL_CASES, help="default: all (--quick: a subset)")
-    common.add_options(
+    cli.add_options(
         p, "workdir", "repeat", "timeout", "out",
         results="memory",
         helps={
@@ -581,15 +581,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         },
     )  # fmt: skip
     p.add_argument("--plot", help="PNG path (default: docs/rss_over_time.png full, beside --out quick)")
-    common.add_options(p, "note", "case", "result", cases=ALL_CASES, helps={"note": None})
+    cli.add_options(p, "note", "case", "result", cases=ALL_CASES, helps={"note": None})
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    common.add_options(p, "fp8-dir", "bf16-dir")
+    cli.add_options(p, "fp8-dir", "bf16-dir")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(parse_args, child_main, parent_main, argv)
+    return cli.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
+from harness import checkpoints, child, cli, measure, models, processes, reporting
 
 CASES = ("mem:block", "mem:per-tensor", "mem:bf16", "mem:save_file", "view:block", "view:per-tensor", "view:bf16")
 
@@ -45,9 +45,9 @@ def _state_digest_of_dir(path: str) -> str:
     from safetensors.torch import load_file
 
     state: dict[str, Any] = {}
-    for f in common.safetensors_files(path):
+    for f in checkpoints.safetensors_files(path):
         state.update(load_file(f))
-    return common.state_digest(state)
+    return models.state_digest(state)
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -68,23 +68,23 @@ def child_main(args: argparse.Namespace) -> int:
         config = {k: v for k, v in json.load(f).items() if k != "quantization_config"}
     out_dir = args.out_dir
     result: dict[str, Any] = {"case": args.case}
-    watch = common.Stopwatch()
+    watch = measure.Stopwatch()
     # The source exists before the baseline (building it has transients of its own: torch's
     # bf16 normal_ goes through a float32 buffer), so VmHWM - baseline is what saving needed
     # above the source's own bytes.
     if source_kind == "mem":
         with watch.lap("source"):
-            model = common.random_causal_lm(config, manifest["spec"]["seed"])
+            model = models.random_causal_lm(config, manifest["spec"]["seed"])
             source: Any = model.state_dict()
-        source_bytes = common.model_bytes(model)
+        source_bytes = models.model_bytes(model)
     else:
         source = lazyfp8.LazyFP8View(args.fp8_dir)
         source_bytes = 0
-    common.prepare_lazyfp8()  # library code, before the baseline
-    probe = common.MemoryProbe()
+    child.prepare_lazyfp8()  # library code, before the baseline
+    probe = measure.MemoryProbe()
     try:
         input_bytes = sum(int(torch.Size(v.shape).numel()) * 2 for v in source.values())  # as bf16
-        scheme = {"block": lazyfp8.PerBlock(common.BLOCK), "per-tensor": "per-tensor", "bf16": None}.get(output)
+        scheme = {"block": lazyfp8.PerBlock(models.BLOCK), "per-tensor": "per-tensor", "bf16": None}.get(output)
         with watch.lap("save"):
             if output == "save_file":
                 os.makedirs(out_dir)
@@ -98,11 +98,11 @@ def child_main(args: argparse.Namespace) -> int:
         with watch.lap("sync"):
             os.sync()
     except Exception as e:  # noqa: BLE001 - recorded in the result, not raised
-        result.update(common.error_fields(e))
+        result.update(child.error_fields(e))
         result.update(probe.report())
-        common.write_result(args.result, result)
+        processes.write_result(args.result, result)
         return 0
-    shard_sizes = [os.path.getsize(f) for f in common.safetensors_files(out_dir)]
+    shard_sizes = [os.path.getsize(f) for f in checkpoints.safetensors_files(out_dir)]
     result.update(probe.report())
     result.update(
         source_bytes=source_bytes,
@@ -110,7 +110,7 @@ def child_main(args: argparse.Namespace) -> int:
         save_s=watch.laps["save"],
         save_cpu_s=watch.cpu["save"],
         sync_s=watch.laps["sync"],
-        output_bytes=common.dir_bytes(out_dir),
+        output_bytes=checkpoints.dir_bytes(out_dir),
         largest_shard=max(shard_sizes),
         shards=len(shard_sizes),
     )
@@ -120,7 +120,7 @@ def child_main(args: argparse.Namespace) -> int:
     if args.check:  # after the measurements: what the output holds, against a reference
         if args.case == "mem:block":
             result["check"] = "stored tensors = bench_schemes' checkpoint (same save from the same model)"
-            result["bit_exact"] = common.checkpoint_digest(out_dir) == manifest["disk_digest"]
+            result["bit_exact"] = checkpoints.checkpoint_digest(out_dir) == manifest["disk_digest"]
         elif output in ("bf16", "save_file"):
             want = manifest["source_digest"] if source_kind == "mem" else manifest["digest"]
             result["check"] = (
@@ -134,7 +134,7 @@ def child_main(args: argparse.Namespace) -> int:
             result["reads_back"] = ok
             if not ok:
                 result["bit_exact"] = False
-    common.write_result(args.result, result)
+    processes.write_result(args.result, result)
     return 0
 
 
@@ -171,17 +171,17 @@ def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
         r["total_s"] = min(x["save_s"] + x["sync_s"] for x in r["runs"] if "error" not in x)
         r["gbps"] = r["input_bytes"] / r["save_s"] / 1e9
         r["gbps_sync"] = r["input_bytes"] / r["total_s"] / 1e9
-        r["output_mib"] = common.mib(r["output_bytes"])
-        r["source_mib"] = common.mib(r["source_bytes"])
+        r["output_mib"] = measure.mib(r["output_bytes"])
+        r["source_mib"] = measure.mib(r["source_bytes"])
         peak = r["vmhwm"] - r["baseline_rss"]  # the source is in the baseline (see child_main)
         r["peak_above_source"] = peak
-        r["peak_mib"] = common.mib(peak)
+        r["peak_mib"] = measure.mib(peak)
         peaks = [x["vmhwm"] - x["baseline_rss"] for x in r["runs"] if "error" not in x]
-        r["peak_range"] = f"{common.mib(min(peaks)):.0f}–{common.mib(max(peaks)):.0f}"
+        r["peak_range"] = f"{measure.mib(min(peaks)):.0f}–{measure.mib(max(peaks)):.0f}"
         if r["case"] != "mem:save_file":
             # one output shard, plus one source tensor in bf16 (materialized from the view)
             r["expect_bytes"] = r["largest_shard"] + largest_bf16
-            r["expect_mib"] = common.mib(r["expect_bytes"])
+            r["expect_mib"] = measure.mib(r["expect_bytes"])
         r["bit_exact_text"] = {True: "exact", False: "WRONG"}.get(r.get("bit_exact"), "reads back" if r.get("reads_back") else None)
 
 
@@ -193,8 +193,8 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
         *([f"- note: {note}"] if note else []),
         (
             f"- source: Qwen3ForCausalLM (hidden {spec['hidden']}, {spec['layers']} layers), {manifest['params'] / 1e6:.1f}M "
-            f"parameters = {common.mib(manifest['model_bytes']):.1f} MiB of bf16; `mem:` its state_dict in memory, "
-            f"`view:` a LazyFP8View of its block-FP8 checkpoint ({common.mib(manifest['fp8_disk_bytes']):.1f} MiB, "
+            f"parameters = {measure.mib(manifest['model_bytes']):.1f} MiB of bf16; `mem:` its state_dict in memory, "
+            f"`view:` a LazyFP8View of its block-FP8 checkpoint ({measure.mib(manifest['fp8_disk_bytes']):.1f} MiB, "
             "page cache warm)"
         ),
         f"- lazyfp8.save(..., max_shard_size={max_shard!r}); `mem:save_file` = safetensors.torch.save_file, one file",
@@ -205,17 +205,17 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
         (
             "- peak above source = VmHWM − RSS at the baseline, taken with the source already in memory "
             "(`mem:`: the model; `view:`: the view, headers only) and VmHWM reset there; "
-            f"shard + tensor = largest output file + largest source tensor in bf16 ({common.mib(manifest['largest_source_tensor_bytes']):.0f} MiB)"
+            f"shard + tensor = largest output file + largest source tensor in bf16 ({measure.mib(manifest['largest_source_tensor_bytes']):.0f} MiB)"
         ),
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak; outputs checked on the first run",
         "",
-        common.markdown_table(rows, COLUMNS),
+        reporting.markdown_table(rows, COLUMNS),
     ]
-    lines += common.disturbance_lines(rows)
+    lines += reporting.disturbance_lines(rows)
     for r in rows:
         if r.get("check"):
             lines.append(f"\n- {r['case']}: {r['check']}: {r['bit_exact_text']}")
-    lines += common.error_lines(rows)
+    lines += reporting.error_lines(rows)
     return "\n".join(lines)
 
 
@@ -225,13 +225,13 @@ def parent_main(args: argparse.Namespace) -> int:
     import lazyfp8
 
     mode = "quick" if args.quick else "full"
-    spec = common.QWEN3_SPECS[mode]
+    spec = models.QWEN3_SPECS[mode]
     repeat = args.repeat or (1 if args.quick else 3)
     max_shard = args.max_shard_size or ("1MB" if args.quick else "500MB")
-    env = common.environment()
-    print(f"load average before: {common.load_average()}", flush=True)
-    with common.work_directory(args.workdir, f"lazyfp8-save-{mode}-") as workdir:
-        ck = common.ensure_block_checkpoint(workdir, spec)
+    env = reporting.environment()
+    print(f"load average before: {measure.load_average()}", flush=True)
+    with cli.work_directory(args.workdir, f"lazyfp8-save-{mode}-") as workdir:
+        ck = checkpoints.ensure_block_checkpoint(workdir, spec)
         manifest = dict(ck.manifest)
         with lazyfp8.LazyFP8View(ck.fp8_dir) as view:
             manifest["keys"] = sorted(view)
@@ -241,7 +241,7 @@ def parent_main(args: argparse.Namespace) -> int:
         manifest_path = os.path.join(workdir, "manifest-save.json")
         with open(manifest_path, "w") as f:
             json.dump(manifest, f)
-        files = common.checkpoint_files(ck.fp8_dir)
+        files = checkpoints.checkpoint_files(ck.fp8_dir)
 
         def out_dir(case: str) -> str:
             return os.path.join(workdir, "out-" + case.replace(":", "-"))
@@ -250,7 +250,7 @@ def parent_main(args: argparse.Namespace) -> int:
             shutil.rmtree(out_dir(case), ignore_errors=True)
             os.sync()  # no earlier run's dirty pages written back inside this one
 
-        runs = common.run_repeated(
+        runs = processes.run_repeated(
             os.path.abspath(__file__),
             args.cases,
             repeat,
@@ -259,7 +259,7 @@ def parent_main(args: argparse.Namespace) -> int:
             warm=lambda case: files,
             timeout=args.timeout,
             status=lambda r: (
-                common.short_error(r["error"], 300)
+                reporting.short_error(r["error"], 300)
                 if "error" in r
                 else f"save {r['save_s']:.2f} s, sync {r['sync_s']:.2f} s (others' CPU {r['others_cpu_s']:.1f} s)"
             ),
@@ -267,22 +267,22 @@ def parent_main(args: argparse.Namespace) -> int:
             after=lambda case: shutil.rmtree(out_dir(case), ignore_errors=True),
         )  # fmt: skip
         rows = [
-            common.aggregate_runs(runs[c], ("save_s", "save_cpu_s", "sync_s"), ("vmrss_end", "rss_anon_end"))
+            reporting.aggregate_runs(runs[c], ("save_s", "save_cpu_s", "sync_s"), ("vmrss_end", "rss_anon_end"))
             for c in args.cases
         ]
     derive(rows, manifest)
     text = report(rows, manifest, mode, repeat, max_shard, args.note)
     print(text)
     manifest.pop("keys", None)
-    return common.finish(
-        common.result_path(args.out, "save", mode),
+    return cli.finish(
+        cli.result_path(args.out, "save", mode),
         {
             "mode": mode,
             "note": args.note,
             "page_cache": "warm (source checkpoint read before each run); outputs written to the page cache, sync timed apart",
             "repeat": repeat,
             "max_shard_size": max_shard,
-            "load_average_after": common.load_average(),
+            "load_average_after": measure.load_average(),
             "environment": env,
             "checkpoint": manifest,
             "rows": rows,
@@ -293,12 +293,12 @@ def parent_main(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.benchmark_parser(__doc__, "tiny model; for CI", "~1.17 GB of bf16 parameters (the default)")
+    p = cli.benchmark_parser(__doc__, "tiny model; for CI", "~1.17 GB of bf16 parameters (the default)")
     workdir_help = "keep the source checkpoint here and reuse it (shared with bench_schemes.py)"
-    common.add_options(p, "workdir", "cases", "repeat", cases=CASES, helps={"workdir": workdir_help})
+    cli.add_options(p, "workdir", "cases", "repeat", cases=CASES, helps={"workdir": workdir_help})
     p.add_argument("--max-shard-size", help='lazyfp8.save max_shard_size (default: "500MB"; quick "1MB")')
-    common.add_options(p, "timeout", "out", "note", results="save", helps={"timeout": None, "note": None})
-    common.add_options(p, "case", "result", "fp8-dir", cases=CASES)
+    cli.add_options(p, "timeout", "out", "note", results="save", helps={"timeout": None, "note": None})
+    cli.add_options(p, "case", "result", "fp8-dir", cases=CASES)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -306,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(parse_args, child_main, parent_main, argv)
+    return cli.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

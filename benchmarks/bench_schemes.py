@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common
+from harness import checkpoints, child, cli, measure, models, processes, reporting
 
 LAZY_CASES = ("lazyfp8", "lazyfp8-meta", "dcp-lazyfp8")
 
@@ -48,14 +48,14 @@ LAZY_CASES = ("lazyfp8", "lazyfp8-meta", "dcp-lazyfp8")
 # --------------------------------------------------------------------------------------------
 # Cases (child process)
 # --------------------------------------------------------------------------------------------
-Context = common.CaseContext
+Context = child.CaseContext
 
 
 def case_lazyfp8(ctx: Context) -> Any:
     import lazyfp8
 
     with ctx.watch.lap("build"):
-        model = common.build_causal_lm(ctx.config, params="zeros")
+        model = models.build_causal_lm(ctx.config, params="zeros")
     with ctx.watch.lap("load"), lazyfp8.LazyFP8View(ctx.fp8_dir) as view:
         ctx.notes["scheme"] = repr(view.scheme)
         model.load_state_dict(view, strict=True)
@@ -66,7 +66,7 @@ def case_lazyfp8_meta(ctx: Context) -> Any:
     import lazyfp8
 
     with ctx.watch.lap("build"):
-        model = common.build_causal_lm(ctx.config, params="meta")
+        model = models.build_causal_lm(ctx.config, params="meta")
     with ctx.watch.lap("load"), lazyfp8.LazyFP8View(ctx.fp8_dir) as view:
         lazyfp8.load_into(model, view, strict=True)
     return model
@@ -90,7 +90,7 @@ def _dcp_load(ctx: Context, make_reader: Callable[[], Any]) -> Any:
     import torch.distributed.checkpoint as dcp
 
     with ctx.watch.lap("build"):
-        model = common.build_causal_lm(ctx.config, params="zeros")
+        model = models.build_causal_lm(ctx.config, params="zeros")
     with ctx.watch.lap("load"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         sd = model.state_dict()
@@ -117,9 +117,9 @@ def case_dcp_lazyfp8(ctx: Context) -> Any:
 def case_naive(ctx: Context) -> Any:
     """Without any library: the whole checkpoint, then a dequantized copy (block grid expanded)."""
     with ctx.watch.lap("build"):
-        model = common.build_causal_lm(ctx.config, params="zeros")
+        model = models.build_causal_lm(ctx.config, params="zeros")
     with ctx.watch.lap("load"):
-        state = common.naive_block_dequantized(ctx.fp8_dir)
+        state = checkpoints.naive_block_dequantized(ctx.fp8_dir)
         model.load_state_dict(state, strict=True)
         del state
     return model
@@ -146,15 +146,15 @@ def _import_dcp() -> None:
 
 def _import_dcp_lazyfp8() -> dict[str, Any]:
     _import_dcp()
-    return common.prepare_lazyfp8()
+    return child.prepare_lazyfp8()
 
 
 PREPARE: dict[str, Callable[[], Any]] = {
-    "transformers": common.import_transformers_fp8,
+    "transformers": child.import_transformers_fp8,
     "dcp-torch": _import_dcp,
     "dcp-lazyfp8": _import_dcp_lazyfp8,
-    "lazyfp8": common.prepare_lazyfp8,
-    "lazyfp8-meta": common.prepare_lazyfp8,
+    "lazyfp8": child.prepare_lazyfp8,
+    "lazyfp8-meta": child.prepare_lazyfp8,
 }
 
 
@@ -171,7 +171,7 @@ def child_main(args: argparse.Namespace) -> int:
     if prepared:
         ctx.notes["kernels"] = prepared
     # dcp.load raises CheckpointException, a BaseException
-    return common.run_load_case(args.result, args.case, CASES[args.case], ctx, catch=BaseException)
+    return child.run_load_case(args.result, args.case, CASES[args.case], ctx, catch=BaseException)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ COLUMNS = [
 
 
 def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
-    bound = common.load_bound(manifest)
+    bound = reporting.load_bound(manifest)
     by_case = {r["case"]: r for r in rows}
     lazy = by_case.get("lazyfp8", {}).get("digests")
     for r in rows:  # first: every row's total, which the ratios below compare
@@ -204,17 +204,17 @@ def derive(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
         if r.get("load_s") is None or "vmhwm" not in r:
             r["bit_exact"] = "error"
             continue
-        peak = common.peak_above_params(r)
-        r["rss_file_mib"] = common.mib(r.get("rss_file_end"))
+        peak = reporting.peak_above_params(r)
+        r["rss_file_mib"] = measure.mib(r.get("rss_file_end"))
         r["within_bound"] = "yes" if peak <= bound else "no"
         r["gbps"] = manifest["model_bytes"] / r["load_s"] / 1e9
         r["bit_exact"] = "yes" if r["digests"] == [manifest["digest"]] else "NO"
         r["same_as_lazyfp8"] = "yes" if lazy and r["digests"] == lazy else ("NO" if lazy else None)
-        common.add_ratios(r, by_case, (("transformers", "vs_transformers"), ("dcp-torch", "vs_dcp")))
+        reporting.add_ratios(r, by_case, (("transformers", "vs_transformers"), ("dcp-torch", "vs_dcp")))
 
 
 def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repeat: int, note: str | None) -> str:
-    bound = common.load_bound(manifest)
+    bound = reporting.load_bound(manifest)
     spec = manifest["spec"]
     lines = [
         f"## Block-scaled FP8 load benchmark ({mode})",
@@ -223,31 +223,31 @@ def report(rows: list[dict[str, Any]], manifest: dict[str, Any], mode: str, repe
         (
             f"- model: Qwen3ForCausalLM (hidden {spec['hidden']}, MLP {spec['intermediate']}, {spec['layers']} layers, "
             f"vocab {spec['vocab']}, untied lm_head), {manifest['params'] / 1e6:.1f}M parameters, "
-            f"{common.mib(manifest['model_bytes']):.1f} MiB of bf16"
+            f"{measure.mib(manifest['model_bytes']):.1f} MiB of bf16"
         ),
         (
-            f"- checkpoint: lazyfp8.save(..., scheme=PerBlock((128, 128))): {common.mib(manifest['fp8_disk_bytes']):.1f} MiB "
+            f"- checkpoint: lazyfp8.save(..., scheme=PerBlock((128, 128))): {measure.mib(manifest['fp8_disk_bytes']):.1f} MiB "
             f"in {manifest['shards']} shards (max_shard_size {spec['max_shard_size']}), {manifest['fp8_tensors']} FP8 "
             f"e4m3 weights with float32 128x128 weight_scale_inv grids; quantization_config "
             f"{json.dumps(manifest['quantization_config'])}"
         ),
-        common.largest_tensor_line(manifest),
+        reporting.largest_tensor_line(manifest),
         "- page cache: warm (every file of the checkpoint read just before each run)",
         f"- each case in a fresh process; {repeat} run(s) per case: best time, largest peak",
         "- GB/s = bytes of bf16 parameters produced / load s",
         "",
-        *common.kernels_line(rows),
-        common.markdown_table(rows, COLUMNS),
+        *reporting.kernels_line(rows),
+        reporting.markdown_table(rows, COLUMNS),
     ]
-    lines += common.disturbance_lines(rows)
-    lines += common.bound_verdicts(rows, bound)
-    lines += common.error_lines(rows)
+    lines += reporting.disturbance_lines(rows)
+    lines += reporting.bound_verdicts(rows, bound)
+    lines += reporting.error_lines(rows)
     return "\n".join(lines)
 
 
-def run_all(args: argparse.Namespace, ck: common.Checkpoints) -> list[dict[str, Any]]:
-    files = common.checkpoint_files(ck.fp8_dir)
-    runs = common.run_repeated(
+def run_all(args: argparse.Namespace, ck: checkpoints.Checkpoints) -> list[dict[str, Any]]:
+    files = checkpoints.checkpoint_files(ck.fp8_dir)
+    runs = processes.run_repeated(
         os.path.abspath(__file__),
         args.cases,
         args.repeat,
@@ -256,18 +256,18 @@ def run_all(args: argparse.Namespace, ck: common.Checkpoints) -> list[dict[str, 
         timeout=args.timeout,
     )
     return [
-        common.aggregate_runs(runs[c], ("build_s", "load_s", "load_cpu_s"), ("vmrss_end", "rss_anon_end", "rss_file_end"))
+        reporting.aggregate_runs(runs[c], ("build_s", "load_s", "load_cpu_s"), ("vmrss_end", "rss_anon_end", "rss_file_end"))
         for c in args.cases
     ]
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    mode = common.size_mode(args)
-    spec = common.QWEN3_SPECS[mode]
-    env = common.environment()
-    print(f"load average before: {common.load_average()}", flush=True)
-    with common.work_directory(args.workdir, f"lazyfp8-schemes-{mode}-") as workdir:
-        ck = common.ensure_block_checkpoint(workdir, spec)
+    mode = cli.size_mode(args)
+    spec = models.QWEN3_SPECS[mode]
+    env = reporting.environment()
+    print(f"load average before: {measure.load_average()}", flush=True)
+    with cli.work_directory(args.workdir, f"lazyfp8-schemes-{mode}-") as workdir:
+        ck = checkpoints.ensure_block_checkpoint(workdir, spec)
         rows = run_all(args, ck)
     derive(rows, ck.manifest)
     text = report(rows, ck.manifest, mode, args.repeat, args.note)
@@ -275,35 +275,35 @@ def parent_main(args: argparse.Namespace) -> int:
     for r in rows:  # JSON rows: bit_exact as a boolean where it was checked
         r["bit_exact_text"] = r.get("bit_exact")
         r["bit_exact"] = {"yes": True, "NO": False}.get(r.get("bit_exact"))
-    return common.finish(
-        common.result_path(args.out, "schemes", mode),
+    return cli.finish(
+        cli.result_path(args.out, "schemes", mode),
         {
             "mode": mode,
             "note": args.note,
             "page_cache": "warm",
             "repeat": args.repeat,
-            "bound_bytes": common.load_bound(ck.manifest),
-            "load_average_after": common.load_average(),
+            "bound_bytes": reporting.load_bound(ck.manifest),
+            "load_average_after": measure.load_average(),
             "environment": env,
             "checkpoint": ck.manifest,
             "rows": rows,
             "table": text,
         },
-        common.load_failures(rows, LAZY_CASES),
+        reporting.load_failures(rows, LAZY_CASES),
     )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.benchmark_parser(__doc__, "tiny model; for CI", "~1.17 GB of bf16 parameters (the default)")
-    common.add_options(
+    p = cli.benchmark_parser(__doc__, "tiny model; for CI", "~1.17 GB of bf16 parameters (the default)")
+    cli.add_options(
         p, "workdir", "cases", "repeat", "timeout", "out", "note", cases=list(CASES), results="schemes"
     )
-    common.add_options(p, "case", "result", "fp8-dir", cases=list(CASES))
+    cli.add_options(p, "case", "result", "fp8-dir", cases=list(CASES))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.main(parse_args, child_main, parent_main, argv)
+    return cli.main(parse_args, child_main, parent_main, argv)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,32 @@ def test_quick_mode_runs(script, tmp_path):
     rows = result.get("rows") or []
     assert rows, "the benchmark produced no rows"
     assert not [r for r in rows if r.get("bit_exact") is False], "a case returned wrong bits"
+
+
+HARNESS = ("measure", "pagecache", "reporting", "processes", "models", "checkpoints", "child", "cli")
+
+
+def test_harness_layers():
+    """Each module of benchmarks/harness imports only the modules listed above it in HARNESS
+    (its package docstring's order), and every module is listed."""
+    import ast
+
+    here = os.path.join(ROOT, "benchmarks", "harness")
+    assert sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and f != "__init__.py") == sorted(HARNESS)
+    for i, name in enumerate(HARNESS):
+        with open(os.path.join(here, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert imported <= set(HARNESS[:i]), f"harness/{name}.py imports {imported - set(HARNESS[:i])}"
+
+
+def test_harness_imports_without_torch():
+    """A child case decides itself what it has imported before its baseline: importing the
+    harness must not import torch, transformers or lazyfp8."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); "
+        f"from harness import {', '.join(HARNESS)}; "
+        "print(sorted(m for m in ('torch', 'transformers', 'lazyfp8', 'safetensors') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]"
