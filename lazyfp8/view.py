@@ -10,7 +10,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import ShardChangedError, TensorNotFoundError
+from .composite import CompositeSource
+from .conversion import TRANSFORMERS, transformers_conversion, transforms_for
+from .errors import KeyMappingError, ShardChangedError, TensorNotFoundError
 from .formats.catalogue import build_catalogue
 from .formats.pairing import QUANT_SIBLINGS
 from .formats.schemes import Granularity, Scheme
@@ -40,6 +42,9 @@ class TensorInfo:
         scale_key: the on-disk name of the scale, for an FP8 tensor, else ``None``.
         scale_file: the shard holding the scale, else ``None``.
         granularity: how the scale covers the weight, else ``None``.
+        parts: for a composite value (fused experts), one line per on-disk tensor: which one,
+            which box of it, and where it lands; else empty.
+        materialized: a composite whose conversion is not a layout: read whole, then converted.
     """
 
     key: str
@@ -51,6 +56,8 @@ class TensorInfo:
     scale_key: str | None = None
     scale_file: str | None = None
     granularity: Granularity | None = None
+    parts: tuple[str, ...] = ()
+    materialized: bool = False
 
 
 class _Hints:
@@ -62,10 +69,12 @@ class _Hints:
     NEIGHBOURS = 4  # on each side, in each order
     CUTOFF = 0.6  # shared ends over the longer length, as difflib's default cutoff
 
-    def __init__(self, to_disk: dict[str, str]):
+    def __init__(self, to_disk: dict[str, str], parts: dict[str, str] | None = None):
         self.runtime_of = {d: r for r, d in to_disk.items() if d != r}
-        self.keys = sorted(to_disk)
-        self.reversed = sorted(k[::-1] for k in to_disk)
+        self.part_of = parts or {}
+        keys = [*to_disk, *dict.fromkeys(self.part_of.values())]
+        self.keys = sorted(keys)
+        self.reversed = sorted(k[::-1] for k in keys)
 
     def near(self, key: str) -> list[str]:
         """Up to three keys sharing most of their beginning and end with ``key``, closest first."""
@@ -88,6 +97,11 @@ def _shared_ends(a: str, b: str) -> float:
     while s < m - p and a[-1 - s] == b[-1 - s]:
         s += 1
     return (p + s) / max(len(a), len(b), 1)
+
+
+def _mapping_of(spec: KeyMappingSpec) -> KeyMapping:
+    # "transformers" is not a list of rules: the view asks transformers for each key (conversion).
+    return KeyMapping(name=TRANSFORMERS) if isinstance(spec, str) and spec == TRANSFORMERS else KeyMapping.from_spec(spec)
 
 
 def _reopen(path: str, kwargs: dict, pinned: dict) -> "LazyFP8View":
@@ -187,7 +201,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         )
         self.dtype = dtype
         self.device = torch.device(device)
-        self.key_mapping = KeyMapping.from_spec(key_mapping)
+        self.key_mapping = _mapping_of(key_mapping)
         ckpt = open_checkpoint(self.path)
         self._checkpoint = ckpt
         catalogue = build_catalogue(ckpt, scheme=scheme, block_size=block_size, include_quant_params=include_quant_params)
@@ -203,26 +217,43 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._apply_mapping()
 
     def _apply_mapping(self) -> None:
-        self._to_disk = self.key_mapping.build(self._exposed)
         self._hints: _Hints | None = None  # built on the first miss
-        self._sources: dict[str, TensorSource] = {}
-        for runtime, disk in self._to_disk.items():
-            file, entry = self._checkpoint.tensors[disk]
-            self._sources[runtime] = TensorSource(
-                runtime,
-                self._files[file],
-                entry,
-                scale=self._scales.get(disk),
-                dtype=self.dtype,
-                device=self.device,
-                chunk=self._chunk,
-                threads=self._threads,
+        self._sources: dict[str, TensorSource | CompositeSource] = {}
+        self.materialized: list[str] = []  #: keys whose conversion is not a layout (read whole)
+        if self.key_mapping.name == TRANSFORMERS:
+            conversion = transformers_conversion(
+                self._exposed,
+                lambda disk: self._tensor_source(disk, disk),
+                transforms_for(self._checkpoint.config, self.path),
+                self.path,
             )
+            self._to_disk = conversion.renamed
+            for runtime, disk in conversion.renamed.items():
+                self._sources[runtime] = self._tensor_source(runtime, disk)
+            self._sources.update(conversion.composites)
+            self.materialized = conversion.materialized
+            return
+        self._to_disk = self.key_mapping.build(self._exposed)
+        for runtime, disk in self._to_disk.items():
+            self._sources[runtime] = self._tensor_source(runtime, disk)
+
+    def _tensor_source(self, runtime: str, disk: str) -> TensorSource:
+        file, entry = self._checkpoint.tensors[disk]
+        return TensorSource(
+            runtime,
+            self._files[file],
+            entry,
+            scale=self._scales.get(disk),
+            dtype=self.dtype,
+            device=self.device,
+            chunk=self._chunk,
+            threads=self._threads,
+        )
 
     def remap(self, key_mapping: KeyMappingSpec) -> "LazyFP8View":
         """The same checkpoint under another key mapping, without reading headers again."""
         other = copy.copy(self)
-        other.key_mapping = KeyMapping.from_spec(key_mapping)
+        other.key_mapping = _mapping_of(key_mapping)
         other._apply_mapping()
         return other
 
@@ -239,7 +270,8 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         # refused, as a read through this view would be. copy.deepcopy goes this way as well.
         # Absolute paths: a worker may run in another directory.
         pinned = {os.path.abspath(p): f.identity for p, f in self._files.items()}
-        args = {**self._reopen_args, "key_mapping": self.key_mapping}
+        mapping = TRANSFORMERS if self.key_mapping.name == TRANSFORMERS else self.key_mapping
+        args = {**self._reopen_args, "key_mapping": mapping}
         return (_reopen, (os.path.abspath(self.path), args, pinned))
 
     def disk_keys(self) -> list[str]:
@@ -272,15 +304,26 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         msg = f"{self.path} has no tensor {key!r}"
         if isinstance(key, str):
             if self._hints is None:
-                self._hints = _Hints(self._to_disk)
+                self._hints = _Hints(self._to_disk, self._composite_parts())
             runtime = self._hints.runtime_of.get(key)
             if runtime is not None:
                 msg += f"; that is the on-disk name of {runtime!r} under the key mapping"
+            elif key in self._hints.part_of:
+                msg += f"; that on-disk tensor is a part of {self._hints.part_of[key]!r} under the key mapping"
             else:
                 close = self._hints.near(key)
                 if close:
                     msg += f"; did you mean {', '.join(map(repr, close))}?"
         return TensorNotFoundError(msg)
+
+    def _composite_parts(self) -> dict[str, str]:
+        """On-disk key -> the composite runtime key it is a part of."""
+        return {
+            piece.source.entry.name: key
+            for key, source in self._sources.items()
+            if isinstance(source, CompositeSource)
+            for piece in source.layout.pieces
+        }
 
     # --- beyond Mapping --------------------------------------------------------------------
     def get_tensor(self, key: str) -> torch.Tensor:
@@ -306,23 +349,50 @@ class LazyFP8View(Mapping[str, LazyTensor]):
 
     def scale(self, key: str) -> torch.Tensor | None:
         """The stored scale of FP8 key ``key`` as float32 multipliers (its stored shape), or
-        ``None`` for a tensor that is not FP8. Reads only the scale."""
-        source = self._sources.get(key)
-        if source is None:
-            raise self._missing(key)
+        ``None`` for a tensor that is not FP8. Reads only the scale.
+
+        Raises:
+            KeyMappingError: ``key`` is a composite of several stored tensors (each has its own).
+        """
+        source = self._one_to_one(key)
         return None if source.scale is None else read_scale(source.scale, key)
 
     def disk_key(self, key: str) -> str:
-        """The on-disk name of runtime key ``key``."""
-        if key not in self._to_disk:
+        """The on-disk name of runtime key ``key``.
+
+        Raises:
+            KeyMappingError: ``key`` is a composite of several stored tensors (see :meth:`info`).
+        """
+        return self._one_to_one(key).entry.name
+
+    def _one_to_one(self, key: str) -> TensorSource:
+        source = self._sources.get(key)
+        if source is None:
             raise self._missing(key)
-        return self._to_disk[key]
+        if not isinstance(source, TensorSource):
+            raise KeyMappingError(
+                f"{self.path}: {key!r} is made of several on-disk tensors ({len(source.describe())} parts); "
+                "view.info(key).parts lists them"
+            )
+        return source
 
     def info(self, key: str) -> TensorInfo:
         """What the headers say about ``key``; reads no data."""
         source = self._sources.get(key)
         if source is None:
             raise self._missing(key)
+        if not isinstance(source, TensorSource):
+            first = source.layout.pieces[0].source if isinstance(source, CompositeSource) else None
+            return TensorInfo(
+                key=key,
+                disk_key=first.entry.name if first is not None else "",
+                file=first.shard.path if first is not None else "",
+                disk_dtype=first.entry.dtype.torch if first is not None else source.dtype,
+                shape=tuple(source.shape),
+                dtype=source.dtype,
+                parts=tuple(source.describe()),
+                materialized=getattr(source, "materialized", False),
+            )
         scale = source.scale
         return TensorInfo(
             key=key,
@@ -363,7 +433,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self.close()
 
     def __repr__(self) -> str:
-        fp8 = sum(s.scale is not None for s in self._sources.values())
+        fp8 = sum(getattr(s, "scale", None) is not None for s in self._sources.values())
         return (
             f"LazyFP8View({self.path!r}, {len(self)} tensors ({fp8} FP8), {len(self._files)} file(s), "
             f"dtype={self.dtype}, device={self.device})"

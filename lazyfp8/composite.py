@@ -1,0 +1,276 @@
+"""Composite values: one runtime tensor assembled from several stored tensors, never in memory whole.
+
+transformers 5 holds a mixture-of-experts layer's experts as one fused parameter
+(``experts.gate_up_proj`` of shape ``[E, 2*I, H]``) while checkpoints store each expert's
+``gate_proj`` and ``up_proj`` apart. A :class:`Layout` says where each stored tensor (or a box of
+it) lands in the fused tensor; a :class:`CompositeSource` reads any box of the fused tensor by
+reading each stored tensor's part of it straight into its place in the destination.
+
+A layout is built with the operations of a conversion (:func:`stack`, :func:`cat`,
+:func:`narrow`, :func:`transpose`), each checked against the stored shapes from the headers:
+nothing here reads data until a destination is in hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from .errors import KeyMappingError
+
+__all__ = ["Piece", "Layout", "CompositeSource", "stack", "cat", "narrow", "transpose", "leaf"]
+
+
+class _Stored(Protocol):
+    """What a piece reads from: a stored tensor as the view exposes it."""
+
+    key: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def read_box_into(self, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A box of one stored tensor, placed in the composite.
+
+    ``at``: the piece's offsets in the composite. ``dims[d]``: the stored tensor's dimension that
+    composite dimension ``d`` runs along, or ``None`` for a dimension of length 1 the stored
+    tensor does not have (the expert index of a stack). ``offsets``/``lengths``: the box of the
+    stored tensor, in its own dimensions."""
+
+    source: _Stored
+    at: tuple[int, ...]
+    dims: tuple[int | None, ...]
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """The piece's lengths in the composite's dimensions."""
+        return tuple(1 if s is None else self.lengths[s] for s in self.dims)
+
+    def describe(self) -> str:
+        box = ", ".join(f"{o}:{o + n}" for o, n in zip(self.offsets, self.lengths))
+        whole = all(o == 0 for o in self.offsets) and tuple(self.lengths) == tuple(self.source.shape)
+        where = ", ".join(f"{a}:{a + n}" for a, n in zip(self.at, self.extent))
+        return f"{self.source.key}{'' if whole else f'[{box}]'} -> [{where}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A composite tensor's shape and the pieces that tile it."""
+
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(p.source.key for p in self.pieces))
+
+
+def leaf(source: _Stored) -> Layout:
+    """The layout of one stored tensor, whole."""
+    shape = tuple(source.shape)
+    n = len(shape)
+    return Layout(shape, (Piece(source, (0,) * n, tuple(range(n)), (0,) * n, shape),))
+
+
+def _dim(d: int, n: int, what: str) -> int:
+    if not -n <= d < n:
+        raise KeyMappingError(f"{what}: dimension {d} is out of range for {n} dimensions")
+    return d % n
+
+
+def stack(layouts: Sequence[Layout], dim: int = 0) -> Layout:
+    """``torch.stack`` of the layouts along a new dimension ``dim``."""
+    if not layouts:
+        raise KeyMappingError("stack of no tensors")
+    shape = layouts[0].shape
+    for lay in layouts[1:]:
+        if lay.shape != shape:
+            raise KeyMappingError(
+                f"cannot stack {', '.join(lay.sources)} of shape {list(lay.shape)} with "
+                f"{', '.join(layouts[0].sources)} of shape {list(shape)}"
+            )
+    dim = _dim(dim, len(shape) + 1, "stack")
+    pieces = tuple(
+        dataclasses.replace(p, at=p.at[:dim] + (i,) + p.at[dim:], dims=p.dims[:dim] + (None,) + p.dims[dim:])
+        for i, lay in enumerate(layouts)
+        for p in lay.pieces
+    )
+    return Layout(shape[:dim] + (len(layouts),) + shape[dim:], pieces)
+
+
+def cat(layouts: Sequence[Layout], dim: int = 0) -> Layout:
+    """``torch.cat`` of the layouts along ``dim``."""
+    if not layouts:
+        raise KeyMappingError("concatenation of no tensors")
+    first = layouts[0].shape
+    dim = _dim(dim, len(first), "cat")
+    for lay in layouts[1:]:
+        if len(lay.shape) != len(first) or lay.shape[:dim] + lay.shape[dim + 1 :] != first[:dim] + first[dim + 1 :]:
+            raise KeyMappingError(
+                f"cannot concatenate {', '.join(lay.sources)} of shape {list(lay.shape)} with "
+                f"{', '.join(layouts[0].sources)} of shape {list(first)} along dimension {dim}"
+            )
+    pieces, shift = [], 0
+    for lay in layouts:
+        for p in lay.pieces:
+            at = list(p.at)
+            at[dim] += shift
+            pieces.append(dataclasses.replace(p, at=tuple(at)))
+        shift += lay.shape[dim]
+    return Layout(first[:dim] + (shift,) + first[dim + 1 :], tuple(pieces))
+
+
+def narrow(layout: Layout, dim: int, start: int, length: int) -> Layout:
+    """``tensor.narrow(dim, start, length)``: the pieces clipped to that slab."""
+    dim = _dim(dim, len(layout.shape), "narrow")
+    if start < 0 or length < 0 or start + length > layout.shape[dim]:
+        raise KeyMappingError(f"slice {start}:{start + length} is outside dimension {dim} of size {layout.shape[dim]}")
+    pieces = []
+    for p in layout.pieces:
+        lo, hi = max(p.at[dim], start), min(p.at[dim] + p.extent[dim], start + length)
+        if lo >= hi:
+            continue
+        at = list(p.at)
+        at[dim] = lo - start
+        offsets, lengths = list(p.offsets), list(p.lengths)
+        s = p.dims[dim]
+        if s is not None:
+            offsets[s] += lo - p.at[dim]
+            lengths[s] = hi - lo
+        pieces.append(dataclasses.replace(p, at=tuple(at), offsets=tuple(offsets), lengths=tuple(lengths)))
+    shape = list(layout.shape)
+    shape[dim] = length
+    return Layout(tuple(shape), tuple(pieces))
+
+
+def chunk(layout: Layout, chunks: int, dim: int = 0) -> list[Layout]:
+    """``torch.chunk``: ``chunks`` slabs along ``dim`` (the last may be shorter)."""
+    dim = _dim(dim, len(layout.shape), "chunk")
+    size = -(-layout.shape[dim] // chunks)
+    return [narrow(layout, dim, s, min(size, layout.shape[dim] - s)) for s in range(0, layout.shape[dim], size)]
+
+
+def transpose(layout: Layout, dim0: int, dim1: int) -> Layout:
+    """``tensor.transpose(dim0, dim1)``."""
+    n = len(layout.shape)
+    a, b = _dim(dim0, n, "transpose"), _dim(dim1, n, "transpose")
+
+    def swap(t: tuple) -> tuple:
+        t = list(t)
+        t[a], t[b] = t[b], t[a]
+        return tuple(t)
+
+    return Layout(swap(layout.shape), tuple(dataclasses.replace(p, at=swap(p.at), dims=swap(p.dims)) for p in layout.pieces))
+
+
+def check_tiling(key: str, layout: Layout) -> None:
+    """The pieces cover the composite exactly once: every piece inside it, no two overlapping,
+    nothing left uncovered (from the shapes alone).
+
+    Raises:
+        KeyMappingError: naming the runtime key and the stored tensors involved.
+    """
+    total = 0
+    for p in layout.pieces:
+        if any(a < 0 or a + n > d for a, n, d in zip(p.at, p.extent, layout.shape)):
+            raise KeyMappingError(f"{key!r}: {p.describe()} falls outside its shape {list(layout.shape)}")
+        total += math.prod(p.extent)
+    # Overlaps, found by sorting the pieces' boxes along their first dimension and comparing each
+    # with the ones whose span along it is still open.
+    order = sorted(layout.pieces, key=lambda p: p.at)
+    open_: list[Piece] = []
+    for p in order:
+        open_ = [q for q in open_ if q.at[0] + q.extent[0] > p.at[0]] if p.at else open_
+        for q in open_:
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(p.at, p.extent, q.at, q.extent)):
+                raise KeyMappingError(f"{key!r}: two sources for one slice: {q.describe()} and {p.describe()}")
+        open_.append(p)
+    if total != math.prod(layout.shape):
+        raise KeyMappingError(
+            f"{key!r}: its sources ({', '.join(layout.sources)}) cover {total} of its "
+            f"{math.prod(layout.shape)} elements (shape {list(layout.shape)}): a part is missing"
+        )
+
+
+class CompositeSource:
+    """A runtime tensor made of the boxes of stored tensors a :class:`Layout` places.
+
+    Reading a box of it reads, from each stored tensor that meets the box, only the part that
+    falls inside, into its place in the destination: no temporary of the fused tensor's size.
+    """
+
+    __slots__ = ("key", "layout", "dtype", "device", "materialized")
+
+    def __init__(self, key: str, layout: Layout, *, materialized: bool = False):
+        dtypes = {p.source.dtype for p in layout.pieces}
+        if len(dtypes) != 1:
+            raise KeyMappingError(f"{key!r}: its sources come out in different dtypes ({', '.join(map(str, dtypes))})")
+        check_tiling(key, layout)
+        self.key = key
+        self.layout = layout
+        self.dtype = dtypes.pop()
+        self.device = layout.pieces[0].source.device
+        self.materialized = materialized
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.layout.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.layout.shape)
+
+    def to_tensor(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.read_into(out)
+        return out
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        self.read_box_into(dst, (0,) * len(self.layout.shape), self.layout.shape)
+
+    def read_box_into(self, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        """The box ``[offsets, offsets + lengths)`` into ``dst`` (of shape ``lengths``), each
+        stored tensor read only where it meets the box."""
+        shape = self.layout.shape
+        offsets, lengths = tuple(int(o) for o in offsets), tuple(int(n) for n in lengths)
+        if len(offsets) != len(shape) or len(lengths) != len(shape) or any(
+            o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, lengths, shape)
+        ):
+            raise ValueError(f"box at {list(offsets)} of size {list(lengths)} is outside {self.key!r} of shape {list(shape)}")
+        if tuple(dst.shape) != lengths:
+            raise ValueError(f"the box of {self.key!r} has shape {list(lengths)}, the destination {list(dst.shape)}")
+        dst = dst.detach()
+        for p in self.layout.pieces:
+            lo = [max(a, o) for a, o in zip(p.at, offsets)]
+            hi = [min(a + e, o + n) for a, e, o, n in zip(p.at, p.extent, offsets, lengths)]
+            if any(x >= y for x, y in zip(lo, hi)):
+                continue
+            part = dst[tuple(slice(x - o, y - o) for x, y, o in zip(lo, hi, offsets))]
+            # Drop the dimensions the stored tensor lacks, then order the rest as it stores them.
+            kept = [d for d, s in enumerate(p.dims) if s is not None]
+            part = part[tuple(0 if s is None else slice(None) for s in p.dims)]
+            order = sorted(range(len(kept)), key=lambda i: p.dims[kept[i]])
+            part = part.permute(order)
+            src_off, src_len = list(p.offsets), list(p.lengths)
+            for d in kept:
+                s = p.dims[d]
+                src_off[s] = p.offsets[s] + lo[d] - p.at[d]
+                src_len[s] = hi[d] - lo[d]
+            p.source.read_box_into(part, src_off, src_len)
+
+    def describe(self) -> list[str]:
+        """One line per piece, in the order they lie in the value: which stored tensor (and which
+        box of it) lands where."""
+        return [p.describe() for p in sorted(self.layout.pieces, key=lambda p: p.at)]
