@@ -25,7 +25,7 @@ import torch
 from .composite import CompositeSource, Layout, cat, chunk, leaf, stack, transpose
 from .errors import KeyMappingError
 
-__all__ = ["Conversion", "transformers_conversion", "TRANSFORMERS"]
+__all__ = ["Conversion", "TransformersMapping", "transformers_conversion", "TRANSFORMERS"]
 
 #: The key-mapping spec that selects transformers' conversion mapping.
 TRANSFORMERS = "transformers"
@@ -57,6 +57,45 @@ def transforms_for(config: Mapping[str, Any] | None, where: str) -> list[Any]:
         )
     found = conversion_mapping.get_checkpoint_conversion_mapping(model_type) or []
     return [*found, *(conversion_mapping.get_checkpoint_conversion_mapping("legacy") or [])]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformersMapping:
+    """The key mapping ``from_pretrained`` applies: transformers' conversion mapping.
+
+    ``LazyFP8View(path, key_mapping="transformers")`` takes the mapping of ``config.json``'s
+    ``model_type``; :meth:`for_model` takes the one transformers builds for a model instance
+    (class-specific mappings and sub-model scopes included), which ``load_into(...,
+    key_mapping="auto")`` uses for a transformers model.
+    """
+
+    transforms: tuple[Any, ...] | None = None
+    name: str = TRANSFORMERS
+
+    @classmethod
+    def for_model(cls, model: Any) -> "TransformersMapping | None":
+        """The mapping transformers uses for ``model``, or ``None`` if it is not a transformers
+        model (or transformers is not installed)."""
+        if getattr(getattr(model, "config", None), "model_type", None) is None:
+            return None
+        try:
+            conversion_mapping, _ = _transformers()
+        except KeyMappingError:
+            return None
+        return cls(tuple(conversion_mapping.get_model_conversion_mapping(model)))
+
+    def resolve(self, config: Mapping[str, Any] | None, where: str) -> list[Any]:
+        """Fresh copies of the transforms (transformers' transforms keep state while matching)."""
+        if self.transforms is None:
+            return transforms_for(config, where)
+        import copy
+
+        return copy.deepcopy(list(self.transforms))
+
+    def describe(self) -> list[str]:
+        if self.transforms is None:
+            return ["transformers' conversion mapping for config.json's model_type"]
+        return [repr(t) for t in self.transforms]
 
 
 @dataclasses.dataclass

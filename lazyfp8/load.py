@@ -16,6 +16,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ._dtensor import is_dtensor
 from ._progress import ProgressSpec, make_progress
+from .conversion import TransformersMapping
+from .errors import KeyMappingError
 from .keymap import KeyMapping, KeyMappingSpec
 from .lazy import LazyTensor
 from .view import LazyFP8View
@@ -149,10 +151,7 @@ def load_into(
     if key_mapping is not None:
         if not isinstance(source, LazyFP8View):
             raise TypeError("key_mapping applies to a path or a LazyFP8View source")
-        if key_mapping == "auto":
-            key_mapping = KeyMapping.infer(source.disk_keys(), model.state_dict(keep_vars=True).keys())
-            _log.info("key_mapping='auto' chose: %s", "; ".join(key_mapping.describe()) or "identity")
-        source = source.remap(key_mapping)
+        source = _auto_mapped(source, model) if key_mapping == "auto" else source.remap(key_mapping)
     if device is None:
         device = getattr(source, "device", None) or "cpu"
     device = torch.device(device)
@@ -212,6 +211,27 @@ def load_into(
                 _copy(target, value)
             bar.update(target.numel() * target.element_size(), key)
     return _IncompatibleKeys(missing, unexpected)
+
+
+def _auto_mapped(view: LazyFP8View, model: nn.Module) -> LazyFP8View:
+    """``view`` under the mapping that fits ``model``: for a transformers model, the conversion
+    mapping ``from_pretrained`` would apply (fused experts included) when it leaves fewer of the
+    model's keys missing; otherwise prefix rules inferred from the two key sets."""
+    model_keys = set(model.state_dict(keep_vars=True).keys())
+    theirs = TransformersMapping.for_model(model)
+    converted = view.remap(theirs) if theirs is not None else None
+    try:
+        inferred = KeyMapping.infer(view.disk_keys(), model_keys)
+    except KeyMappingError:
+        if converted is None:
+            raise
+        best, how = converted, "transformers' conversion mapping for this model"
+    else:
+        best, how = view.remap(inferred), "; ".join(inferred.describe()) or "identity"
+        if converted is not None and len(model_keys - set(converted)) < len(model_keys - set(best)):
+            best, how = converted, "transformers' conversion mapping for this model"
+    _log.info("key_mapping='auto' chose: %s", how)
+    return best
 
 
 def _copy(dst: torch.Tensor, value: Any) -> None:

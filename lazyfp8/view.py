@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from .composite import CompositeSource
-from .conversion import TRANSFORMERS, transformers_conversion, transforms_for
+from .conversion import TRANSFORMERS, TransformersMapping, transformers_conversion
 from .errors import KeyMappingError, ShardChangedError, TensorNotFoundError
 from .formats.catalogue import build_catalogue
 from .formats.pairing import QUANT_SIBLINGS
@@ -99,9 +99,11 @@ def _shared_ends(a: str, b: str) -> float:
     return (p + s) / max(len(a), len(b), 1)
 
 
-def _mapping_of(spec: KeyMappingSpec) -> KeyMapping:
+def _mapping_of(spec: KeyMappingSpec | TransformersMapping) -> KeyMapping | TransformersMapping:
     # "transformers" is not a list of rules: the view asks transformers for each key (conversion).
-    return KeyMapping(name=TRANSFORMERS) if isinstance(spec, str) and spec == TRANSFORMERS else KeyMapping.from_spec(spec)
+    if isinstance(spec, TransformersMapping):
+        return spec
+    return TransformersMapping() if isinstance(spec, str) and spec == TRANSFORMERS else KeyMapping.from_spec(spec)
 
 
 def _reopen(path: str, kwargs: dict, pinned: dict) -> "LazyFP8View":
@@ -220,11 +222,11 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._hints: _Hints | None = None  # built on the first miss
         self._sources: dict[str, TensorSource | CompositeSource] = {}
         self.materialized: list[str] = []  #: keys whose conversion is not a layout (read whole)
-        if self.key_mapping.name == TRANSFORMERS:
+        if isinstance(self.key_mapping, TransformersMapping):
             conversion = transformers_conversion(
                 self._exposed,
                 lambda disk: self._tensor_source(disk, disk),
-                transforms_for(self._checkpoint.config, self.path),
+                self.key_mapping.resolve(self._checkpoint.config, self.path),
                 self.path,
             )
             self._to_disk = conversion.renamed
@@ -270,8 +272,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         # refused, as a read through this view would be. copy.deepcopy goes this way as well.
         # Absolute paths: a worker may run in another directory.
         pinned = {os.path.abspath(p): f.identity for p, f in self._files.items()}
-        mapping = TRANSFORMERS if self.key_mapping.name == TRANSFORMERS else self.key_mapping
-        args = {**self._reopen_args, "key_mapping": mapping}
+        args = {**self._reopen_args, "key_mapping": self.key_mapping}
         return (_reopen, (os.path.abspath(self.path), args, pinned))
 
     def disk_keys(self) -> list[str]:

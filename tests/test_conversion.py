@@ -230,3 +230,101 @@ def test_a_view_under_transformers_mapping_pickles_and_remaps(deepseek):
     assert key in again and torch.equal(bits(again.get_tensor(key)), bits(view.get_tensor(key)))
     plain = view.remap(None)
     assert key not in plain and "model.layers.1.mlp.experts.0.down_proj.weight" in plain
+
+
+# --- distributed: fused parameters sharded as DTensors read only their experts / rows ----------
+
+FUSED = "model.layers.1.mlp.experts.gate_up_proj"
+
+
+def _rank(rank, world, store, path, out):
+    import datetime
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import Shard, empty, init_device_mesh
+
+    from lazyfp8 import LazyFP8StorageReader
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        records = {}
+        for dim in (0, 1):
+            view = LazyFP8View(path, key_mapping="transformers")
+            dt = empty((4, 256, 256), dtype=torch.bfloat16, device_mesh=mesh, placements=[Shard(dim)])
+            dt.copy_(view[FUSED])
+            records[f"copy{dim}"] = (dt.to_local().clone(), view.bytes_read)
+            reader = LazyFP8StorageReader(path, key_mapping="transformers")
+            dt = empty((4, 256, 256), dtype=torch.bfloat16, device_mesh=mesh, placements=[Shard(dim)])
+            dcp.load({FUSED: dt}, storage_reader=reader)
+            records[f"dcp{dim}"] = (dt.to_local().clone(), reader.view.bytes_read)
+        torch.save(records, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_and_row_sharded_fused_parameters_read_only_their_box(deepseek, tmp_path, world):
+    import math
+    import multiprocessing
+
+    path, _, disk, _ = deepseek
+    full = LazyFP8View(path, key_mapping="transformers").get_tensor(FUSED)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / "store"), path, str(tmp_path / f"r{r}.pt"))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    def stored_bytes(key, rows):
+        # the box's codes, and the whole scale of an FP8 tensor the box meets (read once)
+        codes, scale = disk[key], disk[key + "_scale_inv"]
+        return rows * codes.shape[1] * codes.element_size() + scale.numel() * scale.element_size()
+
+    for r in range(world):
+        records = torch.load(tmp_path / f"r{r}.pt")
+        for how in ("copy", "dcp"):
+            for dim in (0, 1):
+                local, nbytes = records[f"{how}{dim}"]
+                size = math.ceil(full.shape[dim] / world)
+                lo, hi = r * size, min((r + 1) * size, full.shape[dim])
+                want = full.narrow(dim, lo, hi - lo)
+                assert torch.equal(bits(local), bits(want)), (r, how, dim)
+                prefix = "model.layers.1.mlp.experts"
+                if dim == 0:  # whole experts lo..hi
+                    expect = sum(stored_bytes(f"{prefix}.{e}.{p}_proj.weight", 128) for e in range(lo, hi) for p in ("gate", "up"))
+                else:  # rows lo..hi of every expert: gate rows below 128, up rows above
+                    expect = 0
+                    for e in range(4):
+                        for part, (a, b) in (("gate", (0, 128)), ("up", (128, 256))):
+                            rows = max(0, min(hi, b) - max(lo, a))
+                            expect += stored_bytes(f"{prefix}.{e}.{part}_proj.weight", rows) if rows else 0
+                assert nbytes == expect, (r, how, dim, nbytes, expect)
+
+
+def test_load_into_auto_finds_transformers_mapping_for_a_transformers_model(deepseek, caplog):
+    import logging
+
+    path, cfg, disk, quantized = deepseek
+    with init_empty_weights():
+        model = transformers.DeepseekV3ForCausalLM(cfg)
+    model.to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="lazyfp8"):
+        result = load_into(model, path, key_mapping="auto")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert "transformers' conversion mapping" in caplog.text
+    assert_model_matches(model, deepseek_expected(disk, quantized))
+
+
+def test_load_into_auto_keeps_prefix_inference_for_other_models(tmp_path):
+    from torch import nn
+
+    write_checkpoint(str(tmp_path), {"backbone.lin.weight": torch.ones(2, 2, dtype=torch.bfloat16)})
+    model = nn.Module()
+    model.lin = nn.Linear(2, 2, bias=False, dtype=torch.bfloat16)
+    load_into(model, tmp_path, key_mapping="auto")
+    assert torch.equal(model.lin.weight, torch.ones(2, 2, dtype=torch.bfloat16))
