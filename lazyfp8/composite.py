@@ -22,7 +22,7 @@ import torch
 
 from .errors import KeyMappingError
 
-__all__ = ["Piece", "Layout", "CompositeSource", "stack", "cat", "narrow", "transpose", "leaf"]
+__all__ = ["Piece", "Layout", "CompositeSource", "stack", "cat", "narrow", "chunk", "transpose", "interleave", "leaf"]
 
 
 class _Stored(Protocol):
@@ -162,6 +162,19 @@ def chunk(layout: Layout, chunks: int, dim: int = 0) -> list[Layout]:
     return [narrow(layout, dim, s, min(size, layout.shape[dim] - s)) for s in range(0, layout.shape[dim], size)]
 
 
+def interleave(layout: Layout, dim: int, inverse: bool = False) -> Layout:
+    """transformers' ``Interleave``: along ``dim`` (of even size ``2n``), the even slabs then the
+    odd ones (``inverse``: the first half and the second half taken in turn). A permutation of
+    slabs, so one piece per slab: still no read larger than a slab."""
+    dim = _dim(dim, len(layout.shape), "interleave")
+    size = layout.shape[dim]
+    if size % 2:
+        raise KeyMappingError(f"cannot interleave {', '.join(layout.sources)}: dimension {dim} has odd size {size}")
+    half = size // 2
+    order = [half * (i % 2) + i // 2 for i in range(size)] if inverse else [*range(0, size, 2), *range(1, size, 2)]
+    return cat([narrow(layout, dim, i, 1) for i in order], dim)
+
+
 def transpose(layout: Layout, dim0: int, dim1: int) -> Layout:
     """``tensor.transpose(dim0, dim1)``."""
     n = len(layout.shape)
@@ -187,16 +200,20 @@ def check_tiling(key: str, layout: Layout) -> None:
         if any(a < 0 or a + n > d for a, n, d in zip(p.at, p.extent, layout.shape)):
             raise KeyMappingError(f"{key!r}: {p.describe()} falls outside its shape {list(layout.shape)}")
         total += math.prod(p.extent)
-    # Overlaps, found by sorting the pieces' boxes along their first dimension and comparing each
-    # with the ones whose span along it is still open.
-    order = sorted(layout.pieces, key=lambda p: p.at)
-    open_: list[Piece] = []
-    for p in order:
-        open_ = [q for q in open_ if q.at[0] + q.extent[0] > p.at[0]] if p.at else open_
-        for q in open_:
-            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(p.at, p.extent, q.at, q.extent)):
-                raise KeyMappingError(f"{key!r}: two sources for one slice: {q.describe()} and {p.describe()}")
-        open_.append(p)
+    # Overlaps, found by a sweep along the dimension where the pieces start at the most
+    # distinct places (the expert index of a stack, the rows of an interleave), comparing each
+    # piece only with those whose span along it is still open.
+    if layout.pieces and layout.shape:
+        d = max(range(len(layout.shape)), key=lambda i: len({p.at[i] for p in layout.pieces}))
+        open_: list[Piece] = []
+        for p in sorted(layout.pieces, key=lambda p: p.at[d]):
+            open_ = [q for q in open_ if q.at[d] + q.extent[d] > p.at[d]]
+            for q in open_:
+                if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(p.at, p.extent, q.at, q.extent)):
+                    raise KeyMappingError(f"{key!r}: two sources for one slice: {q.describe()} and {p.describe()}")
+            open_.append(p)
+    elif len(layout.pieces) > 1:
+        raise KeyMappingError(f"{key!r}: two sources for one 0-d value: {', '.join(layout.sources)}")
     if total != math.prod(layout.shape):
         raise KeyMappingError(
             f"{key!r}: its sources ({', '.join(layout.sources)}) cover {total} of its "

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .composite import CompositeSource, Layout, cat, chunk, leaf, stack, transpose
+from .composite import CompositeSource, Layout, cat, chunk, interleave, leaf, stack, transpose
 from .errors import KeyMappingError
 
 __all__ = ["Conversion", "TransformersMapping", "transformers_conversion", "TRANSFORMERS"]
@@ -221,8 +221,13 @@ def _interpret(converter: Any, state: dict[str, list[Layout]]) -> dict[str, Layo
             (value,) = current.values()
             pieces = chunk(_as_list(value)[0], len(targets), op.dim)
             current = dict(zip(targets, pieces))
-        elif kind is core.Transpose:
-            current = {p: transpose(v, op.dim0, op.dim1) for p, v in ((p, _as_list(v)[0]) for p, v in current.items())}
+        elif kind is core.Interleave and len(current) == 1:
+            (value,) = current.values()
+            current = {targets[0]: interleave(_as_list(value)[0], op.dim, op.inverse)}
+        elif kind is core.Transpose and not op.check_dims and len(current) == 1:
+            # (check_dims asks the model whether to transpose: a view has no model to ask)
+            (value,) = current.values()
+            current = {op.get_target_pattern(current, sources, targets): transpose(_as_list(value)[0], op.dim0, op.dim1)}
         else:
             raise _NotALayout(f"{type(op).__name__} is not a layout")
     return current
@@ -272,12 +277,19 @@ class _Materialized:
     def _convert(self, tensor_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
         data: dict[str, Any] = {p: [tensor_of(k) for k in ks] for p, ks in self._by_pattern.items()}
         for op in self._converter.operations:
-            data = op.convert(
-                data,
-                source_patterns=self._converter.source_patterns,
-                target_patterns=self._converter.target_patterns,
-                full_layer_name=self._runtime,
-            )
+            try:
+                data = op.convert(
+                    data,
+                    source_patterns=self._converter.source_patterns,
+                    target_patterns=self._converter.target_patterns,
+                    full_layer_name=self._runtime,
+                )
+            except Exception as e:  # transformers' op, on inputs it may not expect without a model
+                sources = ", ".join(k for ks in self._by_pattern.values() for k in ks)
+                raise KeyMappingError(
+                    f"{self.key!r}: transformers' {type(op).__name__} on {sources} failed without the model "
+                    f"({type(e).__name__}: {e}); load with transformers' from_pretrained for this model type"
+                ) from e
         first = self._converter.target_patterns[0]
         pattern = next((t for t in self._converter.target_patterns if self._runtime.replace(first, t, 1) == self.key), first)
         value = data.get(pattern, next(iter(data.values())))

@@ -7,7 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazyfp8 import KeyMappingError
-from lazyfp8.composite import CompositeSource, cat, check_tiling, chunk, leaf, narrow, stack, transpose
+from lazyfp8.composite import (
+    CompositeSource,
+    cat,
+    check_tiling,
+    chunk,
+    interleave,
+    leaf,
+    narrow,
+    stack,
+    transpose,
+)
 
 
 class Stored:
@@ -61,6 +71,13 @@ def test_fused_experts_layout_matches_stack_of_cat():
     assert sum(s.read for s in gates) == 0 and sum(s.read for s in ups) == 60
 
 
+def transformers_interleave(t, dim, inverse):
+    """transformers' Interleave, written out: split ``dim`` in two and transpose."""
+    shape = list(t.shape)
+    shape[dim : dim + 1] = [2, shape[dim] // 2] if inverse else [shape[dim] // 2, 2]
+    return t.reshape(shape).transpose(dim, dim + 1).reshape(t.shape)
+
+
 @st.composite
 def layouts(draw):
     """A random tree of stack/cat/narrow/transpose over small stored tensors, with the tensor
@@ -70,7 +87,7 @@ def layouts(draw):
     shape = [draw(st.integers(1, 4)) for _ in range(dims)]
 
     def node(depth, shape):
-        kind = draw(st.sampled_from(["leaf"] if depth == 0 else ["leaf", "cat", "stack", "narrow", "transpose"]))
+        kind = draw(st.sampled_from(["leaf"] if depth == 0 else ["leaf", "cat", "stack", "narrow", "transpose", "interleave"]))
         if kind == "cat" and shape:
             d = draw(st.integers(0, len(shape) - 1))
             cuts = sorted(draw(st.sets(st.integers(1, shape[d] - 1), max_size=2))) if shape[d] > 1 else []
@@ -94,6 +111,10 @@ def layouts(draw):
             swapped[a], swapped[b] = swapped[b], swapped[a]
             lay, t = node(depth - 1, swapped)
             return transpose(lay, a, b), t.transpose(a, b)
+        if kind == "interleave" and shape and shape[0] % 2 == 0:
+            inverse = draw(st.booleans())
+            lay, t = node(depth - 1, shape)
+            return interleave(lay, 0, inverse), transformers_interleave(t, 0, inverse)
         s = stored(f"t{next(counter)}", *shape, seed=next(counter))
         return leaf(s), s.value
 

@@ -328,3 +328,59 @@ def test_load_into_auto_keeps_prefix_inference_for_other_models(tmp_path):
     model.lin = nn.Linear(2, 2, bias=False, dtype=torch.bfloat16)
     load_into(model, tmp_path, key_mapping="auto")
     assert torch.equal(model.lin.weight, torch.ones(2, 2, dtype=torch.bfloat16))
+
+
+# --- operations: transformers' own op is the oracle; an op that is not a layout is materialized ---
+
+
+def test_interleave_chunk_and_a_non_layout_op_against_transformers_own_ops(tmp_path):
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Chunk, ConversionOps, Interleave, WeightConverter
+
+    class Doubled(ConversionOps):
+        """Not a layout: the values change."""
+
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            (value,) = input_dict.values()
+            value = value[0] if isinstance(value, list) else value
+            return {target_patterns[0]: value * 2}
+
+        @property
+        def reverse_op(self):
+            return self
+
+    model_type = "lazyfp8_test_ops"
+    register_checkpoint_conversion_mapping(
+        model_type,
+        [
+            WeightConverter("mlp.w13_dn.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], operations=[Interleave(dim=0), Chunk(dim=0)]),
+            WeightConverter("mlp.experts.w13_weight", "mlp.experts.gate_up_proj", operations=[Interleave(dim=1)]),
+            WeightConverter("mlp.scaled.weight", "mlp.doubled.weight", operations=[Doubled()]),
+        ],
+        overwrite=True,
+    )
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "model.mlp.w13_dn.weight": torch.randn(8, 5, generator=g).to(torch.bfloat16),
+        "model.mlp.experts.w13_weight": torch.randn(3, 6, 4, generator=g).to(torch.bfloat16),
+        "model.mlp.scaled.weight": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+    }
+    write_checkpoint(str(tmp_path), tensors, {"model_type": model_type})
+    view = LazyFP8View(tmp_path, key_mapping="transformers")
+    assert set(view) == {"model.mlp.gate_proj.weight", "model.mlp.up_proj.weight", "model.mlp.experts.gate_up_proj", "model.mlp.doubled.weight"}
+    gate, up = Chunk(dim=0).convert(
+        Interleave(dim=0).convert({"w": tensors["model.mlp.w13_dn.weight"]}, ["w"], ["w"]), ["w"], ["gate", "up"]
+    ).values()
+    fused = Interleave(dim=1).convert({"w": tensors["model.mlp.experts.w13_weight"]}, ["w"], ["w"])["w"]
+    assert torch.equal(view.get_tensor("model.mlp.gate_proj.weight"), gate)
+    assert torch.equal(view.get_tensor("model.mlp.up_proj.weight"), up)
+    assert torch.equal(view.get_tensor("model.mlp.experts.gate_up_proj"), fused)
+    box = torch.empty(3, 2, 4, dtype=torch.bfloat16)  # a box of the interleaved rows
+    assert torch.equal(view.read_box("model.mlp.experts.gate_up_proj", box, (0, 1, 0), (3, 2, 4)), fused[:, 1:3])
+    # the op that is not a layout: materialized, named, and equal to transformers' own result
+    assert view.materialized == ["model.mlp.doubled.weight"]
+    info = view.info("model.mlp.doubled.weight")
+    assert info.materialized and "Doubled is not a layout" in info.parts[0]
+    assert not view.info("model.mlp.experts.gate_up_proj").materialized
+    assert torch.equal(view.get_tensor("model.mlp.doubled.weight"), tensors["model.mlp.scaled.weight"] * 2)
+    assert view["model.mlp.doubled.weight"].shape == (2, 2)
