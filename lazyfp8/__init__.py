@@ -24,7 +24,7 @@ from .errors import (
 )
 from .formats.quantize import NonFiniteError, quantize
 from .formats.schemes import PerBlock, PerChannel, PerTensor, Scheme
-from .keymap import PRESETS, KeyMapping, Rule, prefix_rule
+from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
 from .view import LazyFP8View, TensorInfo
@@ -48,6 +48,8 @@ __all__ = [
     "KeyMapping",
     "Rule",
     "prefix_rule",
+    "Fuse",
+    "Split",
     "PRESETS",
     # scale granularities
     "PerTensor",

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .errors import KeyMappingError
 
-__all__ = ["Piece", "Layout", "CompositeSource", "stack", "cat", "narrow", "chunk", "transpose", "interleave", "leaf"]
+__all__ = ["Piece", "Layout", "CompositeSource", "Conversion", "stack", "cat", "narrow", "chunk", "transpose", "interleave", "leaf"]
 
 
 class _Stored(Protocol):
@@ -291,3 +291,12 @@ class CompositeSource:
         """One line per piece, in the order they lie in the value: which stored tensor (and which
         box of it) lands where."""
         return [p.describe() for p in sorted(self.layout.pieces, key=lambda p: p.at)]
+
+
+@dataclasses.dataclass
+class Conversion:
+    """What a conversion makes of a checkpoint's keys: plain renames, and composite values."""
+
+    renamed: dict[str, str]  #: runtime key -> on-disk key, one to one
+    composites: dict[str, Any]  #: runtime key -> its layout over on-disk tensors
+    materialized: list[str]  #: runtime keys whose operations are not layouts (read whole, then converted)

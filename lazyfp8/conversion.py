@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .composite import CompositeSource, Layout, cat, chunk, interleave, leaf, stack, transpose
+from .composite import CompositeSource, Conversion, Layout, cat, chunk, interleave, leaf, stack, transpose
 from .errors import KeyMappingError
 
 __all__ = ["Conversion", "TransformersMapping", "transformers_conversion", "TRANSFORMERS"]
@@ -92,19 +92,15 @@ class TransformersMapping:
 
         return copy.deepcopy(list(self.transforms))
 
+    def convert(self, disk_keys: Sequence[str], source_of: Callable[[str], Any], where: str, config: Any = None) -> Conversion:
+        """As :meth:`lazyfp8.KeyMapping.convert`, with transformers' transforms (those of
+        ``config``'s ``model_type`` unless given)."""
+        return transformers_conversion(list(disk_keys), source_of, self.resolve(config, where), where)
+
     def describe(self) -> list[str]:
         if self.transforms is None:
             return ["transformers' conversion mapping for config.json's model_type"]
         return [repr(t) for t in self.transforms]
-
-
-@dataclasses.dataclass
-class Conversion:
-    """What a conversion makes of a checkpoint's keys: plain renames, and composite values."""
-
-    renamed: dict[str, str]  #: runtime key -> on-disk key, one to one
-    composites: dict[str, CompositeSource]  #: runtime key -> its layout over on-disk tensors
-    materialized: list[str]  #: runtime keys whose operations are not layouts (read whole, then converted)
 
 
 def _expert_index(pattern: str, key: str) -> int | None:

@@ -13,11 +13,14 @@ import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Union
+from typing import Any, Union
 
+import torch
+
+from .composite import CompositeSource, Conversion, Layout, cat, leaf, narrow, stack
 from .errors import KeyMappingError
 
-__all__ = ["Rule", "KeyMapping", "PRESETS", "KeyMappingSpec", "prefix_rule"]
+__all__ = ["Rule", "Fuse", "Split", "KeyMapping", "PRESETS", "KeyMappingSpec", "prefix_rule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,189 @@ def prefix_rule(disk_prefix: str, runtime_prefix: str) -> Rule:
 
 
 #: Named mappings, disk -> runtime.
+def _part_regex(pattern: str) -> re.Pattern[str]:
+    # A part of a dotted name: the key around it is kept; "*" is an integer index.
+    body = re.escape(pattern).replace(r"\*", r"(?P<index>\d+)")
+    return re.compile(rf"^(?P<pre>(?:.*\.)?){body}(?P<post>(?:\..*)?)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fuse:
+    """Several on-disk tensors that are one runtime tensor (fused experts, fused QKV).
+
+    ``sources`` are parts of dotted names, each with at most one ``*`` standing for an index
+    (``"mlp.experts.*.gate_proj.weight"``); the rest of the key around the part is kept, and
+    ``target`` replaces the part in the runtime name. For each source the indexed tensors are
+    stacked along ``stack_dim`` (indices 0..n-1, none missing), then the sources are concatenated
+    along ``cat_dim`` in the order given. ``sizes``: each source's extent along ``cat_dim`` when
+    they differ (fused QKV under GQA), which :func:`~lazyfp8.save` needs to cut a fused tensor
+    back into its parts; ``None``: equal parts.
+
+    ``Fuse(["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+    "mlp.experts.gate_up_proj", stack_dim=0, cat_dim=1)`` is transformers 5's fused experts.
+    """
+
+    sources: tuple[str, ...]
+    target: str
+    stack_dim: int = 0
+    cat_dim: int = 0
+    sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources) if not isinstance(self.sources, str) else (self.sources,))
+        if not self.sources or any(s.count("*") > 1 for s in self.sources):
+            raise KeyMappingError(f"Fuse needs source parts with at most one '*' each, got {self.sources!r}")
+        if self.sizes is not None and len(self.sizes) != len(self.sources):
+            raise KeyMappingError(f"Fuse sizes {self.sizes!r} must give one size per source {self.sources!r}")
+        object.__setattr__(self, "_regexes", tuple(_part_regex(s) for s in self.sources))
+
+    def group(self, keys: Iterable[str]) -> dict[str, list[dict[int | None, str]]]:
+        """``{runtime key: per source, {index: key}}`` for the keys this rule takes."""
+        out: dict[str, list[dict[int | None, str]]] = {}
+        for key in keys:
+            for i, rx in enumerate(self._regexes):  # type: ignore[attr-defined]
+                m = rx.match(key)
+                if m is None:
+                    continue
+                runtime = m.group("pre") + self.target + m.group("post")
+                parts = out.setdefault(runtime, [{} for _ in self.sources])
+                index = int(m.group("index")) if "index" in m.groupdict() else None
+                if index in parts[i]:
+                    raise KeyMappingError(f"{parts[i][index]!r} and {key!r} are both part {index} of {runtime!r}")
+                parts[i][index] = key
+                break
+        return out
+
+    def layout(self, runtime: str, parts: list[dict[int | None, str]], leaf_of) -> Layout:  # noqa: ANN001
+        """The layout of ``runtime`` over the grouped keys (``leaf_of(key)``: a key's layout)."""
+        pieces = []
+        for source, found in zip(self.sources, parts):
+            if not found:
+                raise KeyMappingError(f"{runtime!r} has no tensor for {source!r}")
+            if "*" not in source:
+                pieces.append(leaf_of(found[None]))
+                continue
+            missing = sorted(set(range(max(found) + 1)) - set(found))
+            if missing:
+                raise KeyMappingError(f"{runtime!r} is missing part(s) {missing[:8]} of {source!r} (e.g. {next(iter(found.values()))!r})")
+            pieces.append(stack([leaf_of(found[i]) for i in range(len(found))], self.stack_dim))
+        return cat(pieces, self.cat_dim) if len(pieces) > 1 else pieces[0]
+
+    def take(self, keys: Iterable[str], leaf_of) -> tuple[dict[str, Layout], set[str]]:  # noqa: ANN001
+        """The composites this rule makes of ``keys``, and the keys it consumed."""
+        made, used = {}, set()
+        for runtime, parts in self.group(keys).items():
+            made[runtime] = self.layout(runtime, parts, leaf_of)
+            used.update(k for found in parts for k in found.values())
+        return made, used
+
+    def write_parts(self, values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """For writing: ``{runtime key: {on-disk part name: view of the value}}``."""
+        out = {}
+        for key, value in values.items():
+            parts = self.split(key, value)
+            if parts is not None:
+                out[key] = parts
+        return out
+
+    def split(self, runtime: str, value: Any) -> dict[str, Any] | None:
+        """The inverse, for writing: ``{on-disk part name: view of value}``, or ``None`` if
+        ``runtime`` is not a name this rule makes."""
+        m = re.match(rf"^(?P<pre>(?:.*\.)?){re.escape(self.target)}(?P<post>(?:\..*)?)$", runtime)
+        if m is None:
+            return None
+        extent = value.shape[self.cat_dim] if len(self.sources) > 1 else None
+        sizes = list(self.sizes) if self.sizes is not None else None
+        if extent is not None and sizes is None:
+            if extent % len(self.sources):
+                raise KeyMappingError(f"{runtime!r}: dimension {self.cat_dim} ({extent}) does not split into {len(self.sources)} equal parts; give Fuse(sizes=...)")
+            sizes = [extent // len(self.sources)] * len(self.sources)
+        if extent is not None and sum(sizes) != extent:  # type: ignore[arg-type]
+            raise KeyMappingError(f"{runtime!r}: dimension {self.cat_dim} is {extent}, Fuse sizes add up to {sum(sizes)}")  # type: ignore[arg-type]
+        out: dict[str, Any] = {}
+        start = 0
+        for i, source in enumerate(self.sources):
+            part = value if extent is None else value.narrow(self.cat_dim, start, sizes[i])  # type: ignore[index]
+            start += 0 if extent is None else sizes[i]  # type: ignore[index]
+            if "*" in source:
+                for e, piece in enumerate(part.unbind(self.stack_dim)):
+                    out[m.group("pre") + source.replace("*", str(e)) + m.group("post")] = piece
+            else:
+                out[m.group("pre") + source + m.group("post")] = part
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One on-disk tensor that is several runtime tensors (a fused QKV stored whole, read as
+    ``q_proj``, ``k_proj``, ``v_proj``): ``source`` and ``targets`` are parts of dotted names as
+    in :class:`Fuse`, cut along ``dim`` into ``sizes`` (``None``: equal parts)."""
+
+    source: str
+    targets: tuple[str, ...]
+    dim: int = 0
+    sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if "*" in self.source or len(self.targets) < 2:
+            raise KeyMappingError(f"Split needs a source part without '*' and two targets or more, got {self.source!r} -> {self.targets!r}")
+        if self.sizes is not None and len(self.sizes) != len(self.targets):
+            raise KeyMappingError(f"Split sizes {self.sizes!r} must give one size per target {self.targets!r}")
+        object.__setattr__(self, "_regex", _part_regex(self.source))
+
+    def layouts(self, key: str, whole: Layout) -> dict[str, Layout] | None:
+        """``{runtime key: layout}`` of the parts of on-disk ``key``, or ``None`` if this rule
+        does not take it."""
+        m = self._regex.match(key)  # type: ignore[attr-defined]
+        if m is None:
+            return None
+        extent = whole.shape[self.dim]
+        sizes = list(self.sizes) if self.sizes is not None else [extent // len(self.targets)] * len(self.targets)
+        if sum(sizes) != extent:
+            raise KeyMappingError(f"{key!r}: dimension {self.dim} is {extent}, which does not split into {sizes}")
+        out, start = {}, 0
+        for target, n in zip(self.targets, sizes):
+            out[m.group("pre") + target + m.group("post")] = narrow(whole, self.dim, start, n)
+            start += n
+        return out
+
+    def take(self, keys: Iterable[str], leaf_of) -> tuple[dict[str, Layout], set[str]]:  # noqa: ANN001
+        """The runtime parts this rule makes of ``keys``, and the keys it consumed."""
+        made, used = {}, set()
+        for key in keys:
+            if self._regex.match(key) is None:  # type: ignore[attr-defined]
+                continue
+            made.update(self.layouts(key, leaf_of(key)) or {})
+            used.add(key)
+        return made, used
+
+    def write_parts(self, values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """For writing: the runtime parts of one stored tensor joined again (a temporary of the
+        stored tensor's size): ``{first part's key: {on-disk name: joined}}`` plus an empty
+        entry for each other part, so the writer drops them."""
+        rx = [_part_regex(t) for t in self.targets]
+        groups: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+        for key in values:
+            for i, r in enumerate(rx):
+                m = r.match(key)
+                if m is not None:
+                    groups[(m.group("pre"), m.group("post"))][i] = key
+                    break
+        out: dict[str, dict[str, Any]] = {}
+        for (pre, post), found in groups.items():
+            if len(found) != len(self.targets):
+                missing = [self.targets[i] for i in range(len(self.targets)) if i not in found]
+                raise KeyMappingError(f"cannot write {pre + self.source + post!r}: no value for {missing}")
+            keys = [found[i] for i in range(len(self.targets))]
+            out[keys[0]] = {pre + self.source + post: torch.cat([values[k] for k in keys], self.dim)}
+            out.update({k: {} for k in keys[1:]})
+        return out
+
+
+Composite = Union[Fuse, Split]
+
+
 PRESETS: dict[str, tuple[Rule, ...]] = {
     # Mistral3 / LLaVA family (transformers >= 4.52 module layout). The lm_head rule comes first
     # because its key also starts with "language_model.".
@@ -106,6 +292,8 @@ class KeyMapping:
     rules: tuple[Rule, ...] = ()
     name: str | None = None
     inverse: tuple[Rule, ...] | None = None
+    #: :class:`Fuse` and :class:`Split` rules, applied to the names the rules give.
+    composites: tuple[Composite, ...] = ()
 
     def inverse_rules(self) -> tuple[Rule, ...]:
         """Runtime -> disk rules.
@@ -137,15 +325,55 @@ class KeyMapping:
             items: Iterable = spec.items()
         else:
             items = spec
-        rules = []
+        rules, composites = [], []
         for item in items:
-            if isinstance(item, Rule):
+            if isinstance(item, (Fuse, Split)):
+                composites.append(item)
+            elif isinstance(item, Rule):
                 rules.append(item)
             elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
                 rules.append(Rule(*item))
             else:
-                raise KeyMappingError(f"key mapping entries must be (regex, replacement) strings, got {item!r}")
-        return cls(tuple(rules))
+                raise KeyMappingError(f"key mapping entries must be (regex, replacement) strings, Fuse or Split, got {item!r}")
+        return cls(tuple(rules), composites=tuple(composites))
+
+    def convert(self, disk_keys: Iterable[str], source_of, where: str, config: Any = None) -> Conversion:  # noqa: ANN001
+        """The runtime keys of ``disk_keys``: the rules rename, then each :class:`Fuse` and
+        :class:`Split` makes composites of the renamed keys (``source_of(disk_key)``: the stored
+        tensor a layout reads; ``config`` is not needed here). Every check runs on names and
+        header shapes.
+
+        Raises:
+            KeyMappingError: two values for one name, a missing part, shapes that do not fit.
+        """
+        renamed = self.build(disk_keys)
+        left = dict(renamed)
+        composites: dict[str, CompositeSource] = {}
+        for rule in self.composites:
+            made, used = rule.take(list(left), lambda k: leaf(source_of(renamed[k])))
+            for runtime, layout in made.items():
+                if runtime in composites:
+                    raise KeyMappingError(f"{where}: two composite rules make {runtime!r}")
+                composites[runtime] = CompositeSource(runtime, layout)
+            for k in used:
+                del left[k]
+        clash = sorted(set(composites) & set(left))
+        if clash:
+            raise KeyMappingError(f"{where}: {clash[0]!r} is both a composite and the name of {left[clash[0]]!r}")
+        return Conversion(left, composites, [])
+
+    def write_names(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """For writing: ``values`` (runtime key -> tensor) with every composite cut back into
+        its on-disk parts (views where the parts are slices), under the names the rules invert."""
+        out = dict(values)
+        for rule in self.composites:
+            for key, parts in rule.write_parts(out).items():
+                del out[key]
+                for name, part in parts.items():
+                    if name in out:
+                        raise KeyMappingError(f"writing {key!r} makes {name!r}, which is also a value of its own")
+                    out[name] = part
+        return out
 
     def to_runtime(self, disk_key: str) -> str:
         """The runtime name of one on-disk key."""
@@ -312,3 +540,5 @@ class KeyMapping:
 
 
 KeyMappingSpec = Union[None, str, Mapping[str, str], Iterable, KeyMapping]
+"""A preset name, ``{regex: replacement}``, a list of :class:`Rule` / pairs / :class:`Fuse` /
+:class:`Split`, or a :class:`KeyMapping`."""

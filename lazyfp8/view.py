@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from .composite import CompositeSource
-from .conversion import TRANSFORMERS, TransformersMapping, transformers_conversion
+from .conversion import TRANSFORMERS, TransformersMapping
 from .errors import KeyMappingError, ShardChangedError, TensorNotFoundError
 from .formats.catalogue import build_catalogue
 from .formats.pairing import QUANT_SIBLINGS
@@ -222,22 +222,14 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._hints: _Hints | None = None  # built on the first miss
         self._sources: dict[str, TensorSource | CompositeSource] = {}
         self.materialized: list[str] = []  #: keys whose conversion is not a layout (read whole)
-        if isinstance(self.key_mapping, TransformersMapping):
-            conversion = transformers_conversion(
-                self._exposed,
-                lambda disk: self._tensor_source(disk, disk),
-                self.key_mapping.resolve(self._checkpoint.config, self.path),
-                self.path,
-            )
-            self._to_disk = conversion.renamed
-            for runtime, disk in conversion.renamed.items():
-                self._sources[runtime] = self._tensor_source(runtime, disk)
-            self._sources.update(conversion.composites)
-            self.materialized = conversion.materialized
-            return
-        self._to_disk = self.key_mapping.build(self._exposed)
-        for runtime, disk in self._to_disk.items():
+        conversion = self.key_mapping.convert(
+            self._exposed, lambda disk: self._tensor_source(disk, disk), self.path, config=self._checkpoint.config
+        )
+        self._to_disk = conversion.renamed
+        for runtime, disk in conversion.renamed.items():
             self._sources[runtime] = self._tensor_source(runtime, disk)
+        self._sources.update(conversion.composites)
+        self.materialized = conversion.materialized
 
     def _tensor_source(self, runtime: str, disk: str) -> TensorSource:
         file, entry = self._checkpoint.tensors[disk]

@@ -417,6 +417,13 @@ def save(
     excluded = _selector(exclude if isinstance(exclude, str) else list(exclude)) or (lambda key: False)
     items, tied, linear = _items(source, path)
     mapping = KeyMapping.from_spec(key_mapping)
+    if mapping.composites:
+        # Fused values are written as their on-disk parts (views, not copies, where a part is a
+        # slice); a part that is a 2-D weight is one Linear's weight on disk, quantized as such.
+        expanded = mapping.write_names(items)
+        if linear:
+            linear = set(linear) | {k for k in expanded if k not in items and k.endswith("weight") and len(expanded[k].shape) == 2}
+        items = expanded
     disk_of = {runtime: disk for disk, runtime in mapping.build_inverse(items).items()}
 
     def should_quantize(key: str, value: Any) -> bool:
