@@ -225,8 +225,9 @@ def report(
             f"{measure.mib(manifest['model_bytes']):.1f} MiB of parameters+buffers in bf16"
         ),
         (
-            f"- FP8 checkpoint: {measure.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['spec']['shards']} shards, "
-            f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {measure.mib(manifest['bf16_disk_bytes']):.1f} MiB"
+            f"- FP8 checkpoint: {measure.mib(manifest['fp8_disk_bytes']):.1f} MiB in {manifest['fp8_shards']} shards, "
+            f"{manifest['fp8_tensors']} FP8 tensors; bf16 checkpoint: {measure.mib(manifest['bf16_disk_bytes']):.1f} MiB "
+            f"in {manifest['bf16_shards']} shards (max_shard_size {manifest['spec']['max_shard_size']})"
         ),
         reporting.largest_tensor_line(manifest),
         "- page cache: warm (every file of the checkpoint a case reads was read once just before it)",

@@ -82,6 +82,7 @@ def ensure_huge(workdir: str, mode: str) -> dict[str, Any]:
     import torch
 
     import lazyfp8
+    from lazyfp8.testing import reference_state_dict
 
     vocab, hidden, layers = HUGE[mode]
     path = os.path.join(workdir, "huge")
@@ -103,7 +104,7 @@ def ensure_huge(workdir: str, mode: str) -> dict[str, Any]:
         config={"note": "bench_memory part a"},
     )
     del model
-    ref = checkpoints.reference_dequantized(path)
+    ref = reference_state_dict(path, block_size=models.BLOCK)
     manifest = dict(
         wanted,
         digest=models.state_digest(ref),

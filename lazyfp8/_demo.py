@@ -75,12 +75,9 @@ def run_demo() -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="lazyfp8-demo-") as d:
         model = DemoModel().to(torch.bfloat16)
+        # on-disk names "model.*", as a load with key_mapping={r"^model\.": ""} expects; 2 shards
         write_checkpoint(
-            model.state_dict(),
-            d,
-            quantize=lambda k: k.endswith("_proj.weight"),
-            to_disk=((r"^", "model."),),
-            shards=2,
+            model.state_dict(), d, quantize=r"_proj\.weight$", key_mapping={r"^model\.": ""}, max_shard_size="50MB"
         )
         del model
         disk = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))

@@ -1,9 +1,11 @@
 """Build FP8 checkpoints the way released ones are laid out, for the parity and model tests.
 
-Quantization is ``lazyfp8.formats.quantize.quantize`` and writing is safetensors' ``save_file`` (through
-``tests.helpers.write_sharded``); nothing here reads a checkpoint back. Every builder returns what
-a test needs to compute the expected values independently of the reader under test: for each FP8
-weight its codes and the scale exactly as written.
+Quantization is ``lazyfp8.quantize``, with the stored scale dtypes real exporters use that
+``lazyfp8.save`` does not write (BF16 scales, ue8m0 bytes under U8 or F8_E8M0, ``_scale`` or
+``_scale_inv`` names); the quantized tensors are then written as given by
+``lazyfp8.testing.write_checkpoint(..., scheme=None)``. Nothing here reads a checkpoint back.
+Every builder returns what a test needs to compute the expected values independently of the
+reader under test: for each FP8 weight its codes and the scale exactly as written.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from lazyfp8 import testing
 from lazyfp8.formats.quantize import quantize
 from lazyfp8.formats.schemes import Granularity
-from tests.helpers import reference, write_sharded
 
 #: ``{weight key: (codes, scale as written)}`` for every FP8 weight of a built checkpoint.
 Quantized = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -78,42 +80,31 @@ def scale_multipliers(scale: torch.Tensor) -> torch.Tensor:
 def expected(
     codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: tuple[int, int] | None
 ) -> torch.Tensor:
-    """The reference dequantization (``tests.helpers.reference``) of one built FP8 weight;
+    """The reference dequantization (``lazyfp8.testing.reference``) of one built FP8 weight;
     ``block`` is the block size, or ``None`` for per-tensor and per-channel ``[N, 1]`` scales."""
     s = scale_multipliers(scale)
     if block is None and s.numel() > 1:  # per-channel: one row of the grid per output row
         block = (1, codes.shape[-1])
-    return reference(codes, s, dtype, block)
+    return testing.reference(codes, s, dtype, block)
+
+
+def shard_size(tensors: Mapping[str, torch.Tensor], shards: int) -> int:
+    """A ``max_shard_size`` (bytes) that splits ``tensors`` into about ``shards`` files (more
+    where a tensor is larger than the share: huggingface_hub's planner gives it its own)."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return max(1, math.ceil(total / shards))
 
 
 def write_checkpoint(
-    directory: str,
-    tensors: Mapping[str, torch.Tensor],
-    config: dict | None = None,
-    *,
-    shards: int = 1,
-    scales_apart: bool = False,
-    scale_pattern: str = r"_scale(_inv)?$",
+    directory: str, tensors: Mapping[str, torch.Tensor], config: dict | None = None, *, shards: int = 1
 ) -> str:
-    """Write ``tensors`` as ``model-0000i-of-0000n.safetensors`` files with a
-    ``model.safetensors.index.json`` (and ``config.json`` when given).
-
-    Keys are split in order into ``shards`` files; with ``scales_apart`` every scale goes to one
-    extra, last file, so no scale shares a file with its weight.
-    """
-    keys = list(tensors)
-    scale_keys = [k for k in keys if scales_apart and re.search(scale_pattern, k)]
-    rest = [k for k in keys if k not in set(scale_keys)]
-    per = max(1, math.ceil(len(rest) / shards))
-    groups = [rest[i : i + per] for i in range(0, len(rest), per)]
-    if scale_keys:
-        groups.append(scale_keys)
-    n = len(groups)
-    files = {
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors": {k: tensors[k] for k in group}
-        for i, group in enumerate(groups)
-    }
-    return write_sharded(directory, files, config)
+    """Write already-quantized on-disk ``tensors`` (from :func:`quantize_state_dict`) as they
+    are, in about ``shards`` files, and ``config`` verbatim: ``lazyfp8.testing.write_checkpoint``
+    with ``scheme=None``, which quantizes nothing. Not a writer of its own; a layout ``save``
+    would not produce (scales in their own shard, an index over one file) is
+    ``tests.helpers.write_layout``."""
+    testing.write_checkpoint(tensors, directory, scheme=None, max_shard_size=shard_size(tensors, shards), config=config)
+    return directory
 
 
 def fp8_block_config(model_config: dict, block: tuple[int, int] = (128, 128)) -> dict:

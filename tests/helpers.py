@@ -1,10 +1,20 @@
-"""Small tools the tests share: reference dequantization and raw checkpoint writers."""
+"""Small tools the tests share: raw bits, raw file writers, a deadline, a view as a Dataset.
+
+The writers here are **not checkpoint writers**: they put exactly the given tensors into exactly
+the given files (``save``, ``write_sharded``, ``write_layout``), or arbitrary header bytes into
+one (``raw_file``), for reader tests that need a layout ``lazyfp8.save`` would never produce: a
+damaged header, a scale in another shard than its weight, an index over a single file, a shard
+split chosen key by key. An ordinary checkpoint is written with
+``lazyfp8.testing.write_checkpoint``, which goes through ``lazyfp8.save``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import signal
 import struct
 
@@ -23,6 +33,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def save(tensors: dict[str, torch.Tensor], path: str) -> str:
+    """``tensors`` as one ``.safetensors`` file at ``path`` (made contiguous, nothing else)."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     return path
 
@@ -39,6 +50,33 @@ def write_sharded(directory: str, shards: dict[str, dict[str, torch.Tensor]], co
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f)
     return directory
+
+
+def write_layout(
+    directory: str,
+    tensors: dict[str, torch.Tensor],
+    config: dict | None = None,
+    *,
+    shards: int = 1,
+    scales_apart: bool = False,
+    scale_pattern: str = r"_scale(_inv)?$",
+) -> str:
+    """``tensors`` split in key order into ``shards`` files ``model-0000i-of-0000n.safetensors``
+    with a ``model.safetensors.index.json``, even for one file (torch's DCP reader needs one);
+    with ``scales_apart`` every key matching ``scale_pattern`` goes to one extra, last file, so no
+    scale shares a file with its weight."""
+    keys = list(tensors)
+    scale_keys = [k for k in keys if scales_apart and re.search(scale_pattern, k)]
+    rest = [k for k in keys if k not in set(scale_keys)]
+    per = max(1, math.ceil(len(rest) / shards))
+    groups = [rest[i : i + per] for i in range(0, len(rest), per)]
+    if scale_keys:
+        groups.append(scale_keys)
+    files = {
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": {k: tensors[k] for k in group}
+        for i, group in enumerate(groups)
+    }
+    return write_sharded(directory, files, config)
 
 
 def write_index(directory: str, weight_map: dict) -> None:

@@ -1,13 +1,23 @@
 """A real transformers Mistral3 model, loaded strict from its dawn-ridge FP8 checkpoint."""
 
+import os
+import re
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from lazyfp8 import LazyFP8View, init_empty_weights, load_into  # noqa: E402
-from lazyfp8.testing import DAWN_RIDGE_TO_DISK, dawn_ridge_fp8, quantize_per_tensor, write_checkpoint  # noqa: E402
+from lazyfp8.testing import quantize_per_tensor, write_checkpoint  # noqa: E402
 from tests.helpers import bits, reference  # noqa: E402
+
+#: The weights the dawn-ridge layout (Mistral-3.x releases) stores as FP8: the text layers' Linears.
+DAWN_RIDGE_FP8 = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+def dawn_ridge_fp8(key: str) -> bool:
+    return DAWN_RIDGE_FP8.match(key) is not None
 
 
 def config(tie: bool):
@@ -26,7 +36,11 @@ def dawn_ridge(request, tmp_path):
     sd = src.state_dict()
     if tie:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # tied checkpoints store no head
-    write_checkpoint(sd, str(tmp_path), quantize=dawn_ridge_fp8, to_disk=DAWN_RIDGE_TO_DISK, shards=3)
+    # on-disk names: the inverse of the "mistral3" mapping (language_model.model.*, vision_tower.*...)
+    write_checkpoint(
+        sd, tmp_path, quantize=dawn_ridge_fp8, key_mapping="mistral3", activation_scales=True, max_shard_size="40KB"
+    )
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) >= 3
     return str(tmp_path), src.state_dict(), tie
 
 

@@ -20,8 +20,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.quantized_hf_storage import QuantizedHuggingFaceStorageReader
 
 from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor
-from tests.builders import expected, fp8_block_config, quantize_state_dict, write_checkpoint
-from tests.helpers import bits, reference
+from tests.builders import expected, fp8_block_config, quantize_state_dict
+from tests.helpers import bits, reference, write_layout
 from tests.strategies import fp8_codes
 
 # dcp.load(no_dist=True) warns that torch.distributed is not initialized: that is the point.
@@ -66,7 +66,7 @@ def block_checkpoint(request, tmp_path_factory):
     q["raw.weight"] = (codes, scale)
     disk["norm.weight"] = torch.randn(64, generator=g).to(torch.bfloat16)
     path = str(tmp_path_factory.mktemp(f"dcp{b}"))
-    write_checkpoint(path, disk, fp8_block_config({}, (b, b)), shards=2, scales_apart=True)
+    write_layout(path, disk, fp8_block_config({}, (b, b)), shards=2, scales_apart=True)
     return path, b, q, disk
 
 
@@ -90,7 +90,7 @@ def test_scale_in_the_same_file_as_its_weight(tmp_path):
     # The other branch of the reader: scale read through the weight's own file handle.
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(4))
     disk, q = quantize_state_dict({"w.weight": w}, lambda k: True, PerBlock((128, 128)))
-    write_checkpoint(str(tmp_path), disk, fp8_block_config({}))
+    write_layout(str(tmp_path), disk, fp8_block_config({}))  # one file and an index, as DCP needs
     theirs = dcp_read(str(tmp_path), {"w.weight": (300, 200)}, torch.bfloat16, 128)
     ours = LazyFP8View(str(tmp_path)).get_tensor("w.weight")
     assert torch.equal(bits(ours), bits(theirs["w.weight"]))
@@ -104,7 +104,7 @@ def test_dcp_fails_on_a_0d_per_tensor_scale_lazyfp8_reads_it(tmp_path):
     w = torch.randn(64, 48, generator=torch.Generator().manual_seed(6))
     disk, q = quantize_state_dict({"w.weight": w}, lambda k: True, PerTensor())
     assert disk["w.weight_scale_inv"].shape == ()
-    write_checkpoint(str(tmp_path), disk, {"quantization_config": {"quant_method": "fp8"}})
+    write_layout(str(tmp_path), disk, {"quantization_config": {"quant_method": "fp8"}})
     with pytest.raises(CheckpointException, match="too many indices for tensor of dimension 0") as err:
         dcp_read(str(tmp_path), {"w.weight": (64, 48)}, torch.bfloat16, 128)
     ((failure, _trace),) = err.value.failures.values()
@@ -124,8 +124,8 @@ def test_dcp_misreads_a_per_channel_scale(tmp_path):
     wide, _ = quantize_state_dict(
         {"x.weight": torch.randn(64, 200, generator=g)}, lambda k: True, PerChannel()
     )
-    write_checkpoint(str(tmp_path / "narrow"), disk)
-    write_checkpoint(str(tmp_path / "wide"), wide)
+    write_layout(str(tmp_path / "narrow"), disk)
+    write_layout(str(tmp_path / "wide"), wide)
     codes, scale = q["w.weight"]
 
     theirs = dcp_read(str(tmp_path / "narrow"), {"w.weight": (64, 96)}, torch.float32, 128)["w.weight"]

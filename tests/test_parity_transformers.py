@@ -27,9 +27,8 @@ from tests.builders import (
     expected,
     fp8_block_config,
     quantize_state_dict,
-    write_checkpoint,
 )
-from tests.helpers import bits, reference, save
+from tests.helpers import bits, reference, save, write_layout
 from tests.strategies import fp8_codes
 
 TARGETS = [torch.bfloat16, torch.float16, torch.float32]
@@ -193,7 +192,7 @@ def qwen3_fp8(tmp_path_factory):
     disk, q = quantize_state_dict(src.state_dict(), is_fp8_linear, PerBlock((128, 128)))
     path = str(tmp_path_factory.mktemp("qwen3_fp8"))
     config = fp8_block_config({**cfg.to_dict(), "architectures": ["Qwen3ForCausalLM"]})
-    write_checkpoint(path, disk, config, shards=2, scales_apart=True)
+    write_layout(path, disk, config, shards=2, scales_apart=True)
     return path, q
 
 

@@ -1,6 +1,6 @@
 """Three released FP8 checkpoint styles, generated here, loaded strict into real transformers models.
 
-Each checkpoint is written by ``tests.builders`` (``lazyfp8.quantize`` + safetensors ``save_file``)
+Each checkpoint is written by ``tests.builders`` (``lazyfp8.quantize``, then ``lazyfp8.testing.write_checkpoint``)
 with the config.json its style ships, read with no ``scheme=`` (the scheme comes from the config,
 or from the scale dtype), loaded with ``load_into(model_on_meta, path)`` strict, and every model
 tensor compared bit for bit with the reference dequantization of the codes and scales written.

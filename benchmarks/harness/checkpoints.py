@@ -1,9 +1,11 @@
 """The checkpoints the benchmarks read: writing (or reusing, by a manifest matched against
 the spec) bench_load's FP8 "dawn-ridge" + bf16 pair (:func:`ensure_checkpoints`) and the
 block-FP8 Qwen3 checkpoint (:func:`ensure_block_checkpoint`); facts read from the files without
-lazyfp8 (shards, sizes, headers, the largest stored tensor, a digest of the stored tensors); the
-reference dequantized state every correct loader must produce (:func:`reference_dequantized`) and
-what a script without any library does (:func:`naive_block_dequantized`)."""
+lazyfp8 (shards, sizes, headers, the largest stored tensor, a digest of the stored tensors), and
+what a script without any library does with a block-FP8 checkpoint
+(:func:`naive_block_dequantized`). Checkpoints are written with ``lazyfp8.testing.write_checkpoint``
+or ``lazyfp8.save``; the state a correct loader must produce is
+``lazyfp8.testing.reference_state_dict``."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .measure import MiB
 from .models import (
     BLOCK,
     FP8_QUANTIZATION_CONFIG,
+    MISTRAL3_FP8,
     CausalLMSpec,
     ModelSpec,
     build_model,
@@ -31,7 +34,7 @@ from .models import (
 
 #: Bump when the checkpoint layout written by :func:`ensure_checkpoints` changes, so a reused
 #: ``--workdir`` is regenerated instead of silently benchmarking stale files.
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,33 +101,38 @@ def _write_checkpoints(fp8_dir: str, bf16_dir: str, spec: ModelSpec) -> dict[str
     """Generate the model and write both checkpoints; return the manifest's facts."""
     import torch
 
-    from lazyfp8.testing import DAWN_RIDGE_TO_DISK, dawn_ridge_fp8, quantize_per_tensor, write_checkpoint
+    from lazyfp8.testing import quantize_per_tensor, reference, write_checkpoint
 
     config = spec.config_dict()
     model = build_model(config, params="empty")
     fill_random_(model, spec.seed)
     sd = model.state_dict()
-    write_checkpoint(
+    # The released layout: on-disk names are the inverse of the "mistral3" mapping
+    # (language_model.model.*, language_model.lm_head.*, vision_tower.*...).
+    res = write_checkpoint(
         sd,
         fp8_dir,
-        quantize=dawn_ridge_fp8,
-        to_disk=DAWN_RIDGE_TO_DISK,
-        shards=spec.shards,
+        quantize=MISTRAL3_FP8,
+        key_mapping="mistral3",
+        activation_scales=True,
+        max_shard_size=spec.max_shard_size,
         config=dict(config, quantization_config=FP8_QUANTIZATION_CONFIG),
+        overwrite=True,
     )
     # The reference result of loading fp8/: quantize exactly as write_checkpoint did (it is
     # deterministic) and dequantize with the reference formula, in place.
-    fp8_keys = [k for k in sd if dawn_ridge_fp8(k)]
+    fp8_keys = res.quantized
     with torch.no_grad():
         for key in fp8_keys:
-            codes, scale = quantize_per_tensor(sd[key])
-            sd[key].copy_((codes.to(torch.float32) * scale).to(torch.bfloat16))
-    write_checkpoint(sd, bf16_dir, shards=spec.shards, config=config)
+            sd[key].copy_(reference(*quantize_per_tensor(sd[key]), torch.bfloat16))
+    plain = write_checkpoint(sd, bf16_dir, scheme=None, max_shard_size=spec.max_shard_size, config=config, overwrite=True)
     return {
         "digest": state_digest(sd),
         "params": sum(p.numel() for p in model.parameters()),
         "model_bytes": model_bytes(model),
         "fp8_tensors": len(fp8_keys),
+        "fp8_shards": len(res.files),
+        "bf16_shards": len(plain.files),
         "fp8_disk_bytes": dir_bytes(fp8_dir),
         "bf16_disk_bytes": dir_bytes(bf16_dir),
         "largest_fp8_tensor": largest_tensor(fp8_dir),
@@ -168,32 +176,7 @@ def largest_tensor(path: str) -> dict[str, Any]:
 
 
 #: Bump when :func:`ensure_block_checkpoint`'s output changes.
-BLOCK_CHECKPOINT_FORMAT_VERSION = 1
-
-
-def reference_dequantized(path: str, dtype: Any = None) -> dict[str, Any]:
-    """The state every correct loader must produce from a ``_scale_inv`` checkpoint, computed
-    without lazyfp8's reader: ``safetensors.torch.load_file`` of each shard and the reference
-    formula ``(w.float() * s).to(dtype)`` with the scale grid expanded over ``BLOCK`` blocks (or
-    a 0-d scale). Memory-hungry (the whole state plus a float32 copy of one weight)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from lazyfp8.testing import reference
-
-    dtype = dtype or torch.bfloat16
-    disk: dict[str, Any] = {}
-    for file in safetensors_files(path):
-        disk.update(load_file(file))
-    out = {}
-    for key, t in disk.items():
-        if key.endswith("_scale_inv"):
-            continue
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            s = disk[key + "_scale_inv"]
-            t = reference(t, s, dtype, BLOCK if s.dim() == 2 else None)
-        out[key] = t
-    return out
+BLOCK_CHECKPOINT_FORMAT_VERSION = 2
 
 
 def checkpoint_digest(path: str) -> str:
@@ -233,10 +216,11 @@ def ensure_block_checkpoint(workdir: str, spec: CausalLMSpec, log: Any = print) 
 
     The manifest holds the digest of the source model (``source_digest``), of the stored tensors
     (``disk_digest``, see :func:`checkpoint_digest`) and of the reference dequantized state
-    (``digest``, see :func:`reference_dequantized`). ``Checkpoints.bf16_dir`` is unused ("")."""
+    (``digest``, see ``lazyfp8.testing.reference_state_dict``). ``Checkpoints.bf16_dir`` is unused ("")."""
     import torch
 
     import lazyfp8
+    from lazyfp8.testing import reference_state_dict
 
     fp8_dir = os.path.join(workdir, "fp8-block")
     manifest_path = os.path.join(workdir, "manifest-block.json")
@@ -255,7 +239,7 @@ def ensure_block_checkpoint(workdir: str, spec: CausalLMSpec, log: Any = print) 
     )
     params, pbytes = sum(p.numel() for p in model.parameters()), model_bytes(model)
     del model, sd
-    ref = reference_dequantized(fp8_dir, torch.bfloat16)
+    ref = reference_state_dict(fp8_dir, dtype=torch.bfloat16)
     with open(os.path.join(fp8_dir, "config.json")) as f:
         qconfig = json.load(f).get("quantization_config")
     manifest = dict(

@@ -50,7 +50,7 @@ class ModelSpec(TextSizes):
     vision_heads: int
     image_size: int = 224
     patch_size: int = 14
-    shards: int = 2
+    max_shard_size: str = "8MB"
     seed: int = 0
 
     def config_dict(self) -> dict[str, Any]:
@@ -98,6 +98,9 @@ FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
     "modules_to_not_convert": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
 }
 
+#: The runtime keys those checkpoints store as FP8: the text layers' attention and MLP Linears.
+MISTRAL3_FP8 = r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$"
+
 
 #: ``--quick``: ~17 MB, seconds per case; for CI, so the benchmark code never rots. The MLP
 #: weights (8256 x 256 = 2,113,536 elements) are just over lazyfp8's default chunk of 2**21
@@ -115,7 +118,7 @@ QUICK = ModelSpec(
     vision_layers=1,
     vision_heads=2,
     image_size=56,
-    shards=2,
+    max_shard_size="8MB",  # FP8: 2 shards, bf16: 3
 )
 
 
@@ -133,7 +136,7 @@ FULL = ModelSpec(
     vision_layers=2,
     vision_heads=4,
     image_size=224,
-    shards=4,
+    max_shard_size="300MB",
 )
 
 
