@@ -75,9 +75,9 @@ def _regex(value: str) -> str:
 
 
 def _mapping(value: str | None) -> Any:
-    """A preset name, ``auto``, or a JSON object of ``{regex: replacement}``; checked here, before
-    anything is read."""
-    if value is None or value == "auto":
+    """A preset name, ``auto``, ``transformers``, or a JSON object of ``{regex: replacement}``;
+    checked here, before anything is read."""
+    if value is None or value in ("auto", "transformers"):
         return value
     from .errors import KeyMappingError
     from .keymap import KeyMapping
@@ -132,6 +132,12 @@ def _print_report(report: Any) -> None:
             print(f"  {rule}")
         for disk, runtime in list(report.runtime_names.items())[:4]:
             print(f"  e.g. {disk} -> {runtime}")
+    if report.composites:
+        print(f"composite keys (several on-disk tensors each): {len(report.composites)}")
+        for key, parts in list(report.composites.items())[:3]:
+            print(f"  {key} <- {len(parts)} part(s), e.g. {parts[0]}")
+    if report.materialized:
+        print(f"converted by materializing (not a layout): {', '.join(report.materialized[:4])}")
     if report.problems:
         print(f"{len(report.problems)} problem(s):")
         for p in report.problems:
@@ -317,7 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="what a checkpoint holds and every problem in it (exit 1 on problems)")
     s.add_argument("path")
     s.add_argument("--key-mapping", type=_mapping,
-                   help="a preset (mistral3), 'auto' (needs transformers), or a JSON {regex: replacement}")
+                   help="a preset (mistral3), 'auto' (needs transformers), 'transformers' (its conversion mapping: fused experts), or a JSON {regex: replacement}")
     s.add_argument("--scheme", type=_scheme, help="override the detected scheme (per-tensor, per-channel, block, mx, auto)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)

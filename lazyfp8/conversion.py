@@ -24,11 +24,20 @@ import torch
 
 from .composite import CompositeSource, Conversion, Layout, cat, chunk, interleave, leaf, stack, transpose
 from .errors import KeyMappingError
+from .keymap import KeyMapping, KeyMappingSpec
 
-__all__ = ["Conversion", "TransformersMapping", "transformers_conversion", "TRANSFORMERS"]
+__all__ = ["Conversion", "TransformersMapping", "transformers_conversion", "mapping_of", "TRANSFORMERS"]
 
 #: The key-mapping spec that selects transformers' conversion mapping.
 TRANSFORMERS = "transformers"
+
+
+def mapping_of(spec: "KeyMappingSpec | TransformersMapping") -> "KeyMapping | TransformersMapping":
+    """A key-mapping argument as the object that converts keys: ``"transformers"`` (or a
+    :class:`TransformersMapping`) asks transformers; anything else is a :class:`KeyMapping`."""
+    if isinstance(spec, TransformersMapping):
+        return spec
+    return TransformersMapping() if isinstance(spec, str) and spec == TRANSFORMERS else KeyMapping.from_spec(spec)
 
 
 def _transformers() -> tuple[Any, Any]:

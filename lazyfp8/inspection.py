@@ -7,6 +7,9 @@ import os
 from collections import Counter
 from typing import Any
 
+import torch
+
+from .conversion import mapping_of
 from .errors import CheckpointError, LazyFP8Error
 from .formats.catalogue import build_catalogue
 from .keymap import KeyMapping, KeyMappingSpec
@@ -31,6 +34,9 @@ class Report:
         orphan_scales: scale-named tensors no FP8 tensor uses.
         config: what config.json says (model type, architectures, quantization_config).
         key_mapping: the rules used, and ``runtime_names`` (disk -> runtime) under them.
+        composites: runtime key -> one line per part (which on-disk tensor, which box of it,
+            where it lands) for the values made of several on-disk tensors (fused experts).
+        materialized: composite keys whose conversion is not a layout (read whole).
         problems: one line per problem, naming file and key.
     """
 
@@ -47,6 +53,8 @@ class Report:
     key_mapping: list[str]
     runtime_names: dict[str, str]
     problems: list[str]
+    composites: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    materialized: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,11 +121,23 @@ def inspect_checkpoint(
         summary[(w.dtype.code, g.name, suffix, entry.dtype.code)] += 1
     rules: list[str] = []
     runtime: dict[str, str] = {}
+    composites: dict[str, list[str]] = {}
+    materialized: list[str] = []
     if key_mapping is not None:
         try:
-            km = KeyMapping.infer(exposed, _model_keys(ckpt.root)) if key_mapping == "auto" else KeyMapping.from_spec(key_mapping)
+            km = KeyMapping.infer(exposed, _model_keys(ckpt.root)) if key_mapping == "auto" else mapping_of(key_mapping)
             rules = km.describe()
-            runtime = {d: r for r, d in km.build(exposed).items()}
+            # Shapes and dtypes from the headers are all a layout needs: nothing is read.
+            paired = set(pairing.scales)
+            conversion = km.convert(
+                exposed,
+                lambda d: _HeaderTensor(d, ckpt.tensors[d][1].shape, torch.bfloat16 if d in paired else ckpt.tensors[d][1].dtype.torch),
+                os.fspath(path),
+                config=ckpt.config,
+            )
+            runtime = {d: r for r, d in conversion.renamed.items()}
+            composites = {k: source.describe() for k, source in conversion.composites.items()}
+            materialized = list(conversion.materialized)
         except LazyFP8Error as e:
             lines.append(str(e))
     for orphan in pairing.orphans:
@@ -141,4 +161,16 @@ def inspect_checkpoint(
         key_mapping=rules,
         runtime_names=runtime,
         problems=lines,
+        composites=composites,
+        materialized=materialized,
     )
+
+
+class _HeaderTensor:
+    """A stored tensor as far as its header tells: what a layout checks, nothing to read."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: Any):
+        self.key, self.shape, self.dtype, self.device = key, torch.Size(shape), dtype, torch.device("meta")
+
+    def read_box_into(self, dst: Any, offsets: Any, lengths: Any) -> None:  # pragma: no cover - never called
+        raise RuntimeError("inspect reads no data")

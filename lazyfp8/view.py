@@ -11,14 +11,14 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from .composite import CompositeSource
-from .conversion import TRANSFORMERS, TransformersMapping
+from .conversion import mapping_of
 from .errors import KeyMappingError, ShardChangedError, TensorNotFoundError
 from .formats.catalogue import build_catalogue
 from .formats.pairing import QUANT_SIBLINGS
 from .formats.schemes import Granularity, Scheme
 from .kernels.parallel import default_threads
 from .kernels.source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
-from .keymap import KeyMapping, KeyMappingSpec
+from .keymap import KeyMappingSpec
 from .lazy import LazyTensor
 from .storage.checkpoint import open_checkpoint
 from .storage.dtypes import TARGETS
@@ -99,13 +99,6 @@ def _shared_ends(a: str, b: str) -> float:
     return (p + s) / max(len(a), len(b), 1)
 
 
-def _mapping_of(spec: KeyMappingSpec | TransformersMapping) -> KeyMapping | TransformersMapping:
-    # "transformers" is not a list of rules: the view asks transformers for each key (conversion).
-    if isinstance(spec, TransformersMapping):
-        return spec
-    return TransformersMapping() if isinstance(spec, str) and spec == TRANSFORMERS else KeyMapping.from_spec(spec)
-
-
 def _reopen(path: str, kwargs: dict, pinned: dict) -> "LazyFP8View":
     """Unpickle a view: open it again, and refuse shards that are no longer the files it read."""
     view = LazyFP8View(path, **kwargs)
@@ -145,9 +138,13 @@ class LazyFP8View(Mapping[str, LazyTensor]):
     Args:
         path (`str` or `os.PathLike`): a directory holding ``model.safetensors.index.json`` and
             its shards, a directory holding one ``*.safetensors`` file, or one file.
-        key_mapping (`str`, `dict` or `KeyMapping`, *optional*): ``None`` keeps on-disk names; a
-            preset name (``"mistral3"``); or ``{checkpoint_regex: runtime_replacement}`` as in
-            transformers' ``from_pretrained(key_mapping=...)``, first matching rule wins.
+        key_mapping (`str`, `dict`, `list` or `KeyMapping`, *optional*): ``None`` keeps on-disk
+            names; ``"transformers"`` applies the installed transformers' conversion mapping for
+            ``config.json``'s ``model_type`` (renames, and fused experts as composite values); a
+            preset name (``"mistral3"``); ``{checkpoint_regex: runtime_replacement}`` as in
+            transformers' ``from_pretrained(key_mapping=...)``, first matching rule wins; or a
+            list of rules, :class:`~lazyfp8.Fuse` and :class:`~lazyfp8.Split`. A composite value
+            (several stored tensors as one) reads each part straight into its place.
         dtype (`torch.dtype`, defaults to `torch.bfloat16`): what FP8 tensors dequantize to.
         device (`str` or `torch.device`, defaults to ``"cpu"``): where tensors are produced.
         scheme (`Scheme`, granularity or `str`, *optional*): how FP8 weights are scaled. Default:
@@ -203,7 +200,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         )
         self.dtype = dtype
         self.device = torch.device(device)
-        self.key_mapping = _mapping_of(key_mapping)
+        self.key_mapping = mapping_of(key_mapping)
         ckpt = open_checkpoint(self.path)
         self._checkpoint = ckpt
         catalogue = build_catalogue(ckpt, scheme=scheme, block_size=block_size, include_quant_params=include_quant_params)
@@ -247,7 +244,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
     def remap(self, key_mapping: KeyMappingSpec) -> "LazyFP8View":
         """The same checkpoint under another key mapping, without reading headers again."""
         other = copy.copy(self)
-        other.key_mapping = _mapping_of(key_mapping)
+        other.key_mapping = mapping_of(key_mapping)
         other._apply_mapping()
         return other
 

@@ -384,3 +384,19 @@ def test_interleave_chunk_and_a_non_layout_op_against_transformers_own_ops(tmp_p
     assert not view.info("model.mlp.experts.gate_up_proj").materialized
     assert torch.equal(view.get_tensor("model.mlp.doubled.weight"), tensors["model.mlp.scaled.weight"] * 2)
     assert view["model.mlp.doubled.weight"].shape == (2, 2)
+
+
+def test_inspect_shows_composites_from_headers_alone(deepseek, capsys):
+    from lazyfp8.cli import main
+    from lazyfp8.inspection import inspect_checkpoint
+
+    path, _, _, _ = deepseek
+    report = inspect_checkpoint(path, key_mapping="transformers")
+    assert not report.problems
+    parts = report.composites["model.layers.1.mlp.experts.gate_up_proj"]
+    assert len(parts) == 8 and parts[0] == "model.layers.1.mlp.experts.0.gate_proj.weight -> [0:1, 0:128, 0:256]"
+    assert report.runtime_names["model.layers.0.mlp.gate_proj.weight"] == "model.layers.0.mlp.gate_proj.weight"
+    assert main(["inspect", path, "--key-mapping", "transformers"]) == 0
+    out = capsys.readouterr().out
+    assert "composite keys (several on-disk tensors each): 2" in out
+    assert "model.layers.1.mlp.experts.down_proj <- 4 part(s)" in out
