@@ -400,3 +400,26 @@ def test_inspect_shows_composites_from_headers_alone(deepseek, capsys):
     out = capsys.readouterr().out
     assert "composite keys (several on-disk tensors each): 2" in out
     assert "model.layers.1.mlp.experts.down_proj <- 4 part(s)" in out
+
+
+def test_mx_scales_inside_fused_experts(tmp_path):
+    """ue8m0 1x32 blocks (MX) per expert, fused by transformers' mapping: each slice is that
+    expert's reference dequantization."""
+    from lazyfp8 import PerBlock
+    from tests.builders import mx_config
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        num_experts=3, num_experts_per_tok=1, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    torch.manual_seed(4)
+    src = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    per_expert = unfuse_experts(src.state_dict())
+    select = lambda k: ".mlp.experts." in k  # noqa: E731
+    disk, quantized = quantize_state_dict(per_expert, select, PerBlock((1, 32)), scale_dtype=torch.uint8)
+    write_checkpoint(str(tmp_path), disk, mx_config(cfg.to_dict()))
+    view = LazyFP8View(tmp_path, key_mapping="transformers")
+    gate_up, down = fused_expected(quantized, disk, "model.layers.0.mlp.experts", 3, ("gate_proj", "up_proj", "down_proj"), (1, 32))
+    assert torch.equal(bits(view.get_tensor("model.layers.0.mlp.experts.gate_up_proj")), bits(gate_up))
+    assert torch.equal(bits(view.get_tensor("model.layers.0.mlp.experts.down_proj")), bits(down))
