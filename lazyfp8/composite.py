@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import KeyMappingError
+from .kernels.parallel import run_split
 
 __all__ = ["Piece", "Layout", "CompositeSource", "Conversion", "stack", "cat", "narrow", "chunk", "transpose", "interleave", "leaf"]
 
@@ -269,6 +270,7 @@ class CompositeSource:
         if tuple(dst.shape) != lengths:
             raise ValueError(f"the box of {self.key!r} has shape {list(lengths)}, the destination {list(dst.shape)}")
         dst = dst.detach()
+        parallel, serial = [], []
         for p in self.layout.pieces:
             lo = [max(a, o) for a, o in zip(p.at, offsets)]
             hi = [min(a + e, o + n) for a, e, o, n in zip(p.at, p.extent, offsets, lengths)]
@@ -285,7 +287,18 @@ class CompositeSource:
                 s = p.dims[d]
                 src_off[s] = p.offsets[s] + lo[d] - p.at[d]
                 src_len[s] = hi[d] - lo[d]
-            p.source.read_box_into(part, src_off, src_len)
+            # A part that is one contiguous run of the destination is written in place; others
+            # go through a temporary of the part's size, so those run one at a time to keep the
+            # memory bound at one part.
+            (parallel if part.is_contiguous() else serial).append((p.source, part, src_off, src_len))
+
+        def read(tasks: Sequence[tuple]) -> None:
+            for source, part, src_off, src_len in tasks:
+                source.read_box_into(part, src_off, src_len)
+
+        # Experts are often one chunk each: reading them side by side keeps every worker busy.
+        run_split(parallel, max((getattr(s, "threads", 1) for s, *_ in parallel), default=1), read)
+        read(serial)
 
     def describe(self) -> list[str]:
         """One line per piece, in the order they lie in the value: which stored tensor (and which
