@@ -5,10 +5,12 @@ instructions where the builder stands, in the order they run:
 
 - ``Int`` values are integers of the kernel (unsigned, like C's ``size_t``): ``+ - * // % & >> <<``,
   ``<`` and ``.min()`` write the matching instructions, so index arithmetic reads as it would in C;
-- ``with loop(b, n) as i:`` is ``for (i = 0; i < n; i += i.step)``;
+- ``with loop(b, n) as i:`` is ``for (i.index = 0; i.index < n; i.index += i.step)``;
 - ``at(b, p, i, T)`` is ``&((T *)p)[i]``, ``load``/``store`` read and write through it;
-- a Python function that takes the builder (``_rows``, ``_lookup_row``) writes its code inline
-  where it is called, like a C macro.
+- a Python function that takes the builder (``_Rows.row``, ``_lookup_row``) writes its code
+  inline where it is called, like a C macro.
+
+How to change a kernel, see it compiled, and test it: docs/kernels.md.
 
 The exported functions and their parameters are declared once, in ``SIGNATURES``; ``jit``
 derives the ctypes call types from that table and calls each function by parameter name:
