@@ -53,7 +53,8 @@ def _load_child(path: str) -> None:
     # The compiled kernels load once per process, like an import: timed apart from the load.
     t0 = time.perf_counter()
     k = _jit.kernels()
-    kernels = "pure torch" if k is None else "compiled, " + ("AVX-512 VBMI" if k.vector else "portable")
+    names = {"vbmi": "AVX-512 VBMI", "neon": "NEON", "neon-emulated": "NEON (emulated)", "portable": "portable"}
+    kernels = "pure torch" if k is None else "compiled, " + names.get(k.variant, k.variant)
     kernels += f", ready in {(time.perf_counter() - t0) * 1000:.0f} ms" if k is not None else ""
     with torch.device("meta"):
         DemoModel()  # first construction initializes torch's module machinery: not the load's cost

@@ -13,4 +13,4 @@ def test_demo_reports_a_bounded_load():
     assert re.search(r"loaded it into a meta-device model in [\d.]+ s", out), out
     peak = float(re.search(r"peak memory above the model's parameters: ([\d.]+) MiB", out).group(1))
     assert peak < 64, out
-    assert re.search(r"dequantization kernels: (pure torch|compiled, (AVX-512 VBMI|portable), ready in \d+ ms)", out), out
+    assert re.search(r"dequantization kernels: (pure torch|compiled, (AVX-512 VBMI|NEON|NEON \(emulated\)|portable), ready in \d+ ms)", out), out

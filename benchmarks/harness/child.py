@@ -84,7 +84,7 @@ def prepare_lazyfp8() -> dict[str, Any]:
     k = _jit.kernels()
     after = proc_status()
     return {
-        "kernels": "off" if k is None else ("avx512-vbmi" if k.vector else "scalar"),
+        "kernels": "off" if k is None else {"vbmi": "avx512-vbmi", "portable": "scalar"}.get(k.variant, k.variant),
         "seconds": round(time.perf_counter() - t0, 4),
         "rss_mib": round(mib(after["VmRSS"] - before["VmRSS"]), 1),
     }

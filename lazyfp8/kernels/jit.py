@@ -98,11 +98,6 @@ class JitKernels:
         self._grid = entry("grid_bf16")
         self._grid_stream = entry(variant.grid_bf16_stream)
 
-    @property
-    def vector(self) -> bool:
-        """The AVX-512 VBMI kernels (what reports printed before ``variant`` named them all)."""
-        return self.variant == "vbmi"
-
     @staticmethod
     def table16(table: torch.Tensor) -> torch.Tensor:
         """The 1024-byte block ``lut16`` reads, from 256 two-byte results."""
