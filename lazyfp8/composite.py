@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -76,6 +76,14 @@ class Layout:
     @property
     def sources(self) -> list[str]:
         return list(dict.fromkeys(p.source.key for p in self.pieces))
+
+
+def missing_indices(found: Iterable[int], limit: int = 8) -> list[int]:
+    """The first ``limit`` numbers of ``0..max(found)`` not in ``found``, in time and memory
+    linear in ``found`` (an index of 10**12 in a hostile header must not build a range)."""
+    have = set(found)
+    end = min(max(have, default=-1) + 1, len(have) + limit)
+    return [n for n in range(end) if n not in have][:limit]
 
 
 def leaf(source: _Stored) -> Layout:
@@ -163,6 +171,10 @@ def chunk(layout: Layout, chunks: int, dim: int = 0) -> list[Layout]:
     return [narrow(layout, dim, s, min(size, layout.shape[dim] - s)) for s in range(0, layout.shape[dim], size)]
 
 
+#: The most slabs :func:`interleave` makes pieces of; a larger interleave is not read as a layout.
+MAX_SLABS = 1 << 16
+
+
 def interleave(layout: Layout, dim: int, inverse: bool = False) -> Layout:
     """transformers' ``Interleave``: along ``dim`` (of even size ``2n``), the even slabs then the
     odd ones (``inverse``: the first half and the second half taken in turn). A permutation of
@@ -171,6 +183,11 @@ def interleave(layout: Layout, dim: int, inverse: bool = False) -> Layout:
     size = layout.shape[dim]
     if size % 2:
         raise KeyMappingError(f"cannot interleave {', '.join(layout.sources)}: dimension {dim} has odd size {size}")
+    if size > MAX_SLABS:
+        raise KeyMappingError(
+            f"cannot interleave {', '.join(layout.sources)} as a layout: {size} slabs along dimension {dim} "
+            f"(at most {MAX_SLABS})"
+        )
     half = size // 2
     order = [half * (i % 2) + i // 2 for i in range(size)] if inverse else [*range(0, size, 2), *range(1, size, 2)]
     return cat([narrow(layout, dim, i, 1) for i in order], dim)

@@ -22,7 +22,18 @@ from typing import Any
 
 import torch
 
-from .composite import CompositeSource, Conversion, Layout, cat, chunk, interleave, leaf, stack, transpose
+from .composite import (
+    CompositeSource,
+    Conversion,
+    Layout,
+    cat,
+    chunk,
+    interleave,
+    leaf,
+    missing_indices,
+    stack,
+    transpose,
+)
 from .errors import KeyMappingError
 from .keymap import KeyMapping, KeyMappingSpec
 
@@ -188,7 +199,7 @@ def _check_experts(runtime: str, converter: Any, by_pattern: Mapping[str, list[s
             if n in seen:
                 raise KeyMappingError(f"{where}: {seen[n]!r} and {k!r} are both expert {n} of {runtime!r}")
             seen[n] = k
-        missing = sorted(set(range(max(seen) + 1)) - set(seen))
+        missing = missing_indices(seen)
         if missing:
             example = keys[0]
             raise KeyMappingError(
@@ -228,7 +239,10 @@ def _interpret(converter: Any, state: dict[str, list[Layout]]) -> dict[str, Layo
             current = dict(zip(targets, pieces))
         elif kind is core.Interleave and len(current) == 1:
             (value,) = current.values()
-            current = {targets[0]: interleave(_as_list(value)[0], op.dim, op.inverse)}
+            try:
+                current = {targets[0]: interleave(_as_list(value)[0], op.dim, op.inverse)}
+            except KeyMappingError as e:
+                raise _NotALayout(str(e)) from None
         elif kind is core.Transpose and not op.check_dims and len(current) == 1:
             # (check_dims asks the model whether to transpose: a view has no model to ask)
             (value,) = current.values()

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import torch
 
-from .composite import CompositeSource, Conversion, Layout, cat, leaf, narrow, stack
+from .composite import CompositeSource, Conversion, Layout, cat, leaf, missing_indices, narrow, stack
 from .errors import KeyMappingError
 
 __all__ = ["Rule", "Fuse", "Split", "KeyMapping", "PRESETS", "KeyMappingSpec", "prefix_rule"]
@@ -146,7 +146,7 @@ class Fuse:
             if "*" not in source:
                 pieces.append(leaf_of(found[None]))
                 continue
-            missing = sorted(set(range(max(found) + 1)) - set(found))
+            missing = missing_indices(found)
             if missing:
                 raise KeyMappingError(f"{runtime!r} is missing part(s) {missing[:8]} of {source!r} (e.g. {next(iter(found.values()))!r})")
             pieces.append(stack([leaf_of(found[i]) for i in range(len(found))], self.stack_dim))
