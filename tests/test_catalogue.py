@@ -66,3 +66,36 @@ def test_build_catalogue_collects_instead_of_raising(tmp_path):
     problems = []
     cat = build_catalogue(open_checkpoint(path), problems=problems)
     assert problems and "w.weight" not in cat.pairing.scales and "norm.weight" in cat.exposed
+
+
+def test_a_scale_shape_that_fits_one_granularity_is_that_one_whatever_the_config(tmp_path):
+    """A config that declares 128x128 blocks, and weights whose scales are one value (0-d and
+    [1]) or one per row: transformers loads such a checkpoint; each scale is read as the one
+    granularity its shape fits. An explicit scheme= still means what it says."""
+    from lazyfp8 import PerChannel, PerTensor, ScaleShapeError
+    from tests.builders import expected
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    quantized = {}
+    for name, gran in (("a", PerBlock((128, 128))), ("b", PerTensor()), ("c", PerChannel())):
+        codes, scale = quantize(torch.randn(256, 192, generator=g), gran)
+        tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = codes, scale
+        quantized[name] = (codes, scale, gran)
+    tensors["d.weight"], scale = quantize(torch.randn(64, 32, generator=g), PerTensor())
+    tensors["d.weight_scale_inv"] = scale.reshape(1)
+    quantized["d"] = (tensors["d.weight"], scale, PerTensor())
+    config = {"model_type": "toy", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    path = write_sharded(str(tmp_path), {"model-00001-of-00001.safetensors": tensors}, config)
+    view = LazyFP8View(path)
+    assert view.scheme.name == "fp8"
+    # d's one value also fits the declared 128x128 blocks (a 64x32 weight is one block): the
+    # config decides, and both mean one multiplier for the whole weight
+    assert [view.info(f"{n}.weight").granularity for n in "abcd"] == [PerBlock((128, 128)), PerTensor(), PerChannel(), PerBlock((128, 128))]
+    for name, (codes, scale, gran) in quantized.items():
+        block = (128, 128) if gran == PerBlock((128, 128)) else None  # d: one value, the same either way
+        want = expected(codes, scale, torch.bfloat16, block)
+        assert torch.equal(view.get_tensor(f"{name}.weight").view(torch.int16), want.view(torch.int16)), name
+    assert inspect_checkpoint(path).problems == []
+    with pytest.raises(ScaleShapeError, match="'b.weight'"):
+        LazyFP8View(path, scheme=PerBlock((128, 128)))

@@ -1,9 +1,15 @@
+import json
+
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfp8 import PerBlock, PerChannel, PerTensor, UnsupportedSchemeError
+from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor, UnsupportedSchemeError
 from lazyfp8.formats.config import scheme_from_config
+from lazyfp8.formats.quantize import quantize
+from tests.builders import expected
+from tests.helpers import write_sharded
 
 
 def qc(**kw):
@@ -123,3 +129,50 @@ def test_any_json_gives_a_scheme_none_or_an_unsupported_scheme_error(config):
         assert str(e).startswith("cfg.json: ") and e.file == "cfg.json"
     else:
         assert s is None or s.granularities
+
+
+# --- ModelOpt's FP8 variants, and hf_quant_config.json without a quantization_config -------------
+
+
+@pytest.mark.parametrize(
+    "algo, granularity, scale_of",
+    [
+        ("FP8", "PerTensor", lambda s: s.reshape(())),
+        ("FP8_PER_CHANNEL_PER_TOKEN", "PerChannel", lambda s: s.reshape(-1)),  # [N], as ModelOpt stores it
+        ("FP8_PB_WO", "block[128, 128]", lambda s: s),
+    ],
+)
+def test_modelopt_fp8_variants_from_hf_quant_config_json(tmp_path, algo, granularity, scale_of):
+    gran = {"PerTensor": PerTensor(), "PerChannel": PerChannel(), "block[128, 128]": PerBlock((128, 128))}[granularity]
+    codes, scale = quantize(torch.randn(256, 192, generator=torch.Generator().manual_seed(0)), gran)
+    tensors = {"self_attn.q_proj.weight": codes, "self_attn.q_proj.weight_scale": scale_of(scale),
+               "self_attn.q_proj.input_scale": torch.tensor(1.0), "self_attn.k_scale": torch.tensor(1.0),
+               "norm.weight": torch.ones(4).bfloat16()}  # fmt: skip
+    path = write_sharded(str(tmp_path), {"model-00001-of-00001.safetensors": tensors}, {"model_type": "llama"})
+    (tmp_path / "hf_quant_config.json").write_text(
+        json.dumps({"producer": {"name": "modelopt", "version": "0.29"}, "quantization": {"quant_algo": algo, "kv_cache_quant_algo": "FP8"}})
+    )
+    view = LazyFP8View(path)
+    assert view.scheme.name == "modelopt" and set(view) == {"self_attn.q_proj.weight", "norm.weight"}
+    assert view.info("self_attn.q_proj.weight").granularity.name == granularity
+    block = (128, 128) if algo == "FP8_PB_WO" else None
+    assert torch.equal(view.get_tensor("self_attn.q_proj.weight").view(torch.int16), expected(codes, scale, torch.bfloat16, block).view(torch.int16))
+
+
+def test_an_unknown_modelopt_algo_is_refused_naming_it_and_the_file(tmp_path):
+    path = write_sharded(str(tmp_path), {"model-00001-of-00001.safetensors": {"w.weight": torch.zeros(2, 2)}}, {"model_type": "llama"})
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "W4A8_AWQ"}}))
+    with pytest.raises(UnsupportedSchemeError, match=r"hf_quant_config\.json.*'W4A8_AWQ'"):
+        LazyFP8View(path)
+    # a config.json quantization_config wins over hf_quant_config.json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "fp8"}}))
+    assert LazyFP8View(path).scheme.name == "fp8"
+
+
+def test_compressed_tensors_output_scales_are_hidden_like_kv_scales(tmp_path):
+    codes, scale = quantize(torch.randn(8, 16), PerTensor())
+    tensors = {"k_proj.weight": codes, "k_proj.weight_scale": scale, "k_proj.output_scale": torch.tensor(0.5),
+               "v_proj.weight": codes.clone(), "v_proj.weight_scale": scale.clone(), "v_proj.output_scale": torch.tensor(0.5)}  # fmt: skip
+    path = write_sharded(str(tmp_path), {"model-00001-of-00001.safetensors": tensors}, None)
+    assert set(LazyFP8View(path)) == {"k_proj.weight", "v_proj.weight"}
+    assert set(LazyFP8View(path, include_quant_params=True)) >= {"k_proj.output_scale", "v_proj.output_scale"}

@@ -371,12 +371,17 @@ def test_compressed_tensors_config_selects_weight_scale(tmp_path):
     assert torch.equal(bits(view.get_tensor("l.weight")), bits(reference(w, s, torch.bfloat16)))
 
 
-def test_declared_scheme_rejects_a_mismatched_scale(tmp_path):
+def test_declared_scheme_reads_a_scale_by_the_one_granularity_its_shape_fits(tmp_path):
+    # The config says per-tensor; a [rows, 1] scale fits only per-channel, so it is per-channel
+    # (issue 14's rule, as transformers reads it). A shape no granularity fits stays an error.
     save({"l.weight": fp8_codes((8, 16), E4, 0), "l.weight_scale_inv": torch.ones(8, 1)}, str(tmp_path / "m.safetensors"))
     (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "fp8", "weight_block_size": null}}')
-    with pytest.raises(ScaleShapeError, match="scheme 'fp8' expects"):
+    assert LazyFP8View(tmp_path).info("l.weight").granularity == PerChannel()
+    save({"l.weight": fp8_codes((8, 16), E4, 0), "l.weight_scale_inv": torch.ones(3, 5)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ScaleShapeError, match=r"scheme 'fp8' expects"):
         LazyFP8View(tmp_path)
-    assert LazyFP8View(tmp_path, scheme="per-channel").info("l.weight").granularity == PerChannel()
+    with pytest.raises(ScaleShapeError):
+        LazyFP8View(tmp_path, scheme="per-channel")
 
 
 def test_unsupported_quant_method(tmp_path):

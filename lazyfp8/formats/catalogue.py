@@ -14,10 +14,10 @@ import dataclasses
 import os
 
 from ..errors import CheckpointError
-from ..storage.checkpoint import CONFIG_NAME, Checkpoint
+from ..storage.checkpoint import CONFIG_NAME, QUANT_CONFIG_NAME, Checkpoint
 from .config import scheme_from_config
 from .pairing import Pairing, pair_scales
-from .schemes import Granularity, PerBlock, Scheme, auto_scheme, make_scheme
+from .schemes import Granularity, PerBlock, PerChannel, PerTensor, Scheme, auto_scheme, make_scheme
 
 __all__ = ["Catalogue", "build_catalogue", "resolve_scheme"]
 
@@ -40,6 +40,15 @@ class Catalogue:
     exposed: list[str]
 
 
+def _declared(ckpt: Checkpoint) -> tuple[dict | None, str]:
+    """The config that declares the quantization, and its path: ``config.json``, or ModelOpt's
+    ``hf_quant_config.json`` when ``config.json`` has no ``quantization_config``."""
+    if ckpt.quant_config is not None and not (ckpt.config or {}).get("quantization_config"):
+        qc = {"quant_method": "modelopt", **ckpt.quant_config}
+        return {**(ckpt.config or {}), "quantization_config": qc}, os.path.join(ckpt.root, QUANT_CONFIG_NAME)
+    return ckpt.config, os.path.join(ckpt.root, CONFIG_NAME)
+
+
 def resolve_scheme(
     scheme: Scheme | Granularity | str | None,
     block_size: tuple[int, int] | None,
@@ -59,6 +68,9 @@ def resolve_scheme(
     declared = scheme_from_config(config, config_path)
     if declared is None:
         return auto_scheme(block_size)
+    # What a config declares decides between shapes that fit several granularities; a scale whose
+    # shape only one granularity explains (one value, one per row) is that one whatever it says.
+    declared = dataclasses.replace(declared, fallback=(PerTensor(), PerChannel()))
     if block_size is None:
         return declared
     gs = tuple(g for g in declared.granularities if g.weight_block_size is None)
@@ -80,7 +92,7 @@ def build_catalogue(
     cannot be paired is left unpaired and reported.
     """
     try:
-        sch = resolve_scheme(scheme, block_size, ckpt.config, os.path.join(ckpt.root, CONFIG_NAME))
+        sch = resolve_scheme(scheme, block_size, *_declared(ckpt))
     except (CheckpointError, ValueError) as e:
         if problems is None:
             raise

@@ -20,6 +20,15 @@ SUPPORTED_METHODS = ("fp8", "compressed-tensors", "fbgemm_fp8", "modelopt")
 _MAX_BLOCK = 2**62
 
 
+#: ModelOpt's FP8 ``quant_algo`` values and the weight scale each writes (``<module>.weight_scale``):
+#: one float32 value; one per output row, ``[N]``; a ``[N/128, K/128]`` block grid (weight only).
+_MODELOPT_FP8: dict[str, Granularity] = {
+    "FP8": PerTensor(),
+    "FP8_PER_CHANNEL_PER_TOKEN": PerChannel(),
+    "FP8_PB_WO": PerBlock((128, 128)),
+}
+
+
 def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _MAX_BLOCK
 
@@ -117,11 +126,15 @@ def scheme_from_config(config: dict[str, Any] | None, path: str) -> Scheme | Non
         if nested is not None and not isinstance(nested, dict):
             raise _bad(path, "quantization_config.quantization", nested, "an object")
         algo = qc.get("quant_algo") or (nested or {}).get("quant_algo")
-        if algo != "FP8":
+        granularity = _MODELOPT_FP8.get(algo) if isinstance(algo, str) else None
+        if granularity is None:
             raise UnsupportedSchemeError(
-                f"{path}: modelopt quant_algo {algo!r} is not FP8; lazyfp8 reads FP8 only", file=path
+                f"{path}: modelopt quant_algo {algo!r:.80} is not one lazyfp8 reads "
+                f"({', '.join(_MODELOPT_FP8)})",
+                file=path,
+                key="quant_algo",
             )
-        return Scheme("modelopt", (PerTensor(),), ("_scale",))
+        return Scheme("modelopt", (granularity,), ("_scale",))
     raise UnsupportedSchemeError(
         f"{path}: quantization_config.quant_method is {method!r:.80}; lazyfp8 reads "
         f"{', '.join(SUPPORTED_METHODS)} (pass scheme= to override)",

@@ -17,7 +17,8 @@ from .schemes import Granularity, Scheme
 
 __all__ = ["Pairing", "pair_scales", "QUANT_SIBLINGS"]
 
-_LINEAR_SIBLINGS = frozenset({"activation_scale", "input_scale", "input_scale_ub"})
+# output_scale: compressed-tensors' static KV-cache scale, on k_proj / v_proj beside the weight.
+_LINEAR_SIBLINGS = frozenset({"activation_scale", "input_scale", "input_scale_ub", "output_scale"})
 _KV_SIBLINGS = frozenset({"k_scale", "v_scale"})
 #: Quantization parameters that are not weights (static activation and KV-cache scales), hidden
 #: from a view's keys when they belong to a module with an FP8 weight (or its attention parent).

@@ -211,11 +211,17 @@ class Scheme:
         scale_suffixes: scale key = weight key + suffix; ``"_scale_inv"`` is the HF fp8 /
             DeepSeek / Mistral convention, ``"_scale"`` (``weight`` -> ``weight_scale``) that of
             compressed-tensors, ModelOpt and fbgemm.
+        fallback: granularities a scale may still have when none of ``granularities`` fits its
+            shape, the first that fits used. A config's scheme has the shape-only ones
+            (per-tensor, per-channel): a 0-d scale in a checkpoint whose config declares blocks
+            is per-tensor, as transformers reads it. The config decides between shapes that fit
+            several; only a shape that fits none is an error. An explicit ``scheme=`` has none.
     """
 
     name: str
     granularities: tuple[Granularity, ...]
     scale_suffixes: tuple[str, ...] = ("_scale_inv", "_scale")
+    fallback: tuple[Granularity, ...] = ()
 
     def scale_keys(self, weight_key: str) -> list[str]:
         """Candidate scale names for ``weight_key``. ``_scale`` applies to ``*.weight`` only."""
@@ -244,7 +250,7 @@ class Scheme:
         candidates = self.granularities
         if self.name == "auto" and scale_code in EXPONENT_SCALE_CODES:
             candidates = (PerBlock(MX_BLOCK),) + candidates
-        for g in candidates:
+        for g in (*candidates, *self.fallback):
             if g.matches(weight_shape, scale_shape):
                 return g
         expected = " or ".join(dict.fromkeys(g.describe(weight_shape) for g in candidates))

@@ -36,6 +36,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 CONFIG_NAME = "config.json"
+#: ModelOpt's own description of its quantization, beside (or instead of) config.json's.
+QUANT_CONFIG_NAME = "hf_quant_config.json"
 # The index of a model with a million tensors is about 60 MB; a larger JSON file is not one.
 MAX_JSON_BYTES = 256 << 20
 
@@ -50,6 +52,7 @@ class Checkpoint:
         tensors: on-disk key -> (shard path, entry), in index order.
         config: the parsed ``config.json`` beside the shards, or ``None``.
         index_path: the index file, or ``None`` for a single-file checkpoint.
+        quant_config: the parsed ``hf_quant_config.json`` (ModelOpt), or ``None``.
     """
 
     root: str
@@ -57,6 +60,7 @@ class Checkpoint:
     tensors: dict[str, tuple[str, TensorEntry]]
     config: dict[str, Any] | None
     index_path: str | None
+    quant_config: dict[str, Any] | None = None
 
     def locate(self, key: str) -> tuple[str, TensorEntry] | None:
         return self.tensors.get(key)
@@ -253,7 +257,7 @@ def _read_config(config_path: str, problems: list[CheckpointError] | None) -> di
     if not os.path.lexists(config_path):
         return None
     try:
-        config = _load_json(config_path, "config.json")
+        config = _load_json(config_path, os.path.basename(config_path))
         if not isinstance(config, dict):
             raise CorruptCheckpointError(
                 f"{config_path}: expected a JSON object, found {type(config).__name__}", file=config_path
@@ -346,6 +350,7 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
     if problems is not None and os.path.isdir(path) and explicit is None and index_path is None:
         if os.path.basename(files[0]) == SINGLE_NAME and (both := _both_forms(root)) is not None:
             problems.append(both)
+    quant_config = _read_config(os.path.join(root, QUANT_CONFIG_NAME), problems)
     return Checkpoint(
-        root=root, shards=shards, tensors=tensors, config=config, index_path=index_path
+        root=root, shards=shards, tensors=tensors, config=config, index_path=index_path, quant_config=quant_config
     )
