@@ -307,3 +307,26 @@ def test_open_checkpoint_collects_instead_of_raising(tmp_path):
     problems = []
     ck = open_checkpoint(tmp_path, problems)
     assert set(ck.tensors) == {"a", "b"} and ck.config is None and len(problems) == 1
+
+
+@given(st.binary(max_size=64) | _json.map(lambda x: json.dumps(x).encode()))
+def test_any_bytes_as_hf_quant_config_json(tmp_path_factory, body):
+    """ModelOpt's hf_quant_config.json is read when config.json declares nothing: whatever it
+    holds, the result is a view or a LazyFP8Error naming that file, and inspect still reports."""
+    d = tmp_path_factory.mktemp("q")
+    write_sharded(str(d), {"s.safetensors": T}, config={"model_type": "x"})
+    (d / "hf_quant_config.json").write_bytes(body)
+    try:
+        LazyFP8View(d)
+    except LazyFP8Error as e:
+        assert "hf_quant_config.json" in str(e)
+    report = inspect_checkpoint(d)
+    assert report.tensors == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_as_hf_quant_config_json_is_refused_not_waited_on(tmp_path):
+    write_sharded(str(tmp_path), {"s.safetensors": T}, config={"model_type": "x"})
+    os.mkfifo(tmp_path / "hf_quant_config.json")
+    with pytest.raises(UnsafePathError, match=r"hf_quant_config\.json.*not a regular file"):
+        LazyFP8View(tmp_path)
