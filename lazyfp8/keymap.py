@@ -279,6 +279,14 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
 }
 PRESETS["llava"] = PRESETS["mistral3"]
 
+#: What a family keeps unquantized by convention (runtime-name regexes), which ``save`` follows
+#: for its preset unless told otherwise: Mistral 3's releases quantize the language model's
+#: Linears only, the vision tower and projector stay BF16.
+PRESET_UNQUANTIZED: dict[str, tuple[str, ...]] = {
+    "mistral3": (r"(^|\.)vision_tower\.", r"(^|\.)multi_modal_projector\."),
+}
+PRESET_UNQUANTIZED["llava"] = PRESET_UNQUANTIZED["mistral3"]
+
 
 @dataclasses.dataclass(frozen=True)
 class KeyMapping:
@@ -294,6 +302,8 @@ class KeyMapping:
     inverse: tuple[Rule, ...] | None = None
     #: :class:`Fuse` and :class:`Split` rules, applied to the names the rules give.
     composites: tuple[Composite, ...] = ()
+    #: Runtime-name regexes of what the checkpoint family keeps unquantized (a preset's).
+    unquantized: tuple[str, ...] = ()
 
     def inverse_rules(self) -> tuple[Rule, ...]:
         """Runtime -> disk rules.
@@ -320,7 +330,7 @@ class KeyMapping:
                     f"unknown key mapping preset {spec!r}; presets: {', '.join(sorted(PRESETS))}, "
                     "or pass a {checkpoint_regex: runtime_replacement} dict"
                 )
-            return cls(PRESETS[spec], name=spec)
+            return cls(PRESETS[spec], name=spec, unquantized=PRESET_UNQUANTIZED.get(spec, ()))
         if isinstance(spec, Mapping):
             items: Iterable = spec.items()
         else:

@@ -193,6 +193,10 @@ def _materialize(value: Any) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
+#: Where each format's quantization_config lists the Linear modules left unquantized.
+_UNCONVERTED = {"fp8": "modules_to_not_convert", "compressed-tensors": "ignore"}
+
+
 def _quantization_config(g: Granularity, fmt: str, fp8_dtype: torch.dtype, ue8m0: bool) -> dict[str, Any]:
     if ue8m0:
         raise ValueError("no standard quantization_config describes ue8m0 scales; pass config=None")
@@ -363,7 +367,11 @@ def save(
         quantize: which runtime keys to quantize: a predicate or regexes. Default: the weights of
             ``nn.Linear`` modules for a model, 2-D floating ``*.weight`` tensors for a mapping;
             always minus ``exclude``.
-        exclude: regexes of runtime keys never quantized (default: ``lm_head`` and embeddings).
+        exclude: regexes of runtime keys never quantized (default: ``lm_head`` and embeddings,
+            plus what a preset ``key_mapping``'s family keeps unquantized: ``"mistral3"``'s
+            vision tower and projector). The Linear modules left unquantized are listed in the
+            written ``quantization_config`` (``modules_to_not_convert``; compressed-tensors
+            ``ignore``), so transformers keeps them plain.
         ue8m0: store power-of-two scales as exponent bytes (MX).
         scales: runtime key -> scale to reuse instead of ``amax / fp8_max``, or a
             :class:`LazyFP8View` whose stored scales to reuse: re-saving a view's tensors with its
@@ -405,18 +413,19 @@ def save(
     if gran is not None:
         fp8_max(fp8_dtype)  # an FP8 dtype, or a ValueError naming the allowed ones
     shard_bytes = parse_shard_size(max_shard_size)
-    cfg_text = None
     if config is not None:
         cfg = dict(config)
         if gran is not None:
             cfg["quantization_config"] = _quantization_config(gran, format, fp8_dtype, ue8m0)
-        cfg_text = _json_text(cfg, "config", path)
+        _json_text(cfg, "config", path)  # refused now if it cannot be written; written below
     extras = _extra_names(extra_files, path)
     suffix = _FORMATS[format]
     chosen = _selector(quantize)
-    excluded = _selector(exclude if isinstance(exclude, str) else list(exclude)) or (lambda key: False)
     items, tied, linear = _items(source, path)
     mapping = KeyMapping.from_spec(key_mapping)
+    if exclude is DEFAULT_EXCLUDE:  # the default follows the checkpoint family's convention too
+        exclude = DEFAULT_EXCLUDE + mapping.unquantized
+    excluded = _selector(exclude if isinstance(exclude, str) else list(exclude)) or (lambda key: False)
     if mapping.composites:
         # Fused values are written as their on-disk parts (views, not copies, where a part is a
         # slice); a part that is a 2-D weight is one Linear's weight on disk, quantized as such.
@@ -443,6 +452,16 @@ def save(
         if gran.needs_rows and len(items[k].shape) < 2:  # type: ignore[union-attr]
             raise ValueError(f"per-channel scales need a 2-D weight; {k!r} has shape {list(items[k].shape)}")
     _check_disk_names(disk_of, {k: disk_of[k] + suffix for k in quantized}, path)
+    cfg_text = None
+    if config is not None:
+        if gran is not None:
+            # The Linear weights left unquantized, by module: what a loader must not replace with
+            # a quantized layer (transformers' modules_to_not_convert, compressed-tensors' ignore).
+            weights = linear or {k for k, v in items.items() if k.endswith("weight") and len(v.shape) == 2}
+            kept = sorted({k.removesuffix(".weight") for k in weights if k not in qset and k in items})
+            if kept:
+                cfg["quantization_config"][_UNCONVERTED[format]] = kept
+        cfg_text = _json_text(cfg, "config", path)
 
     sizes = {}
     for k, v in items.items():

@@ -1,5 +1,6 @@
 """A real transformers Mistral3 model, loaded strict from its dawn-ridge FP8 checkpoint."""
 
+import json
 import os
 import re
 
@@ -8,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import lazyfp8
 from lazyfp8 import LazyFP8View, init_empty_weights, load_into  # noqa: E402
 from lazyfp8.testing import quantize_per_tensor, write_checkpoint  # noqa: E402
 from tests.helpers import bits, reference  # noqa: E402
@@ -95,3 +97,24 @@ def test_auto_key_mapping_finds_the_layout(dawn_ridge, caplog):
     assert "^language_model\\.model\\. -> model.language_model." in caplog.text
     for key, value in model.state_dict().items():
         assert torch.equal(bits(value), bits(expected(key, sd[key]))), key
+
+
+def test_save_with_the_preset_writes_what_transformers_loads(tmp_path):
+    """save(model, key_mapping="mistral3") keeps the vision tower and projector in BF16, as
+    Mistral 3's releases do, and lists the unquantized Linears in modules_to_not_convert, so
+    transformers' own from_pretrained loads the result: vision weights bit-exact, the language
+    model's FP8 weights as lazyfp8 dequantizes them."""
+    torch.manual_seed(1)
+    src = transformers.Mistral3ForConditionalGeneration(config(False)).to(torch.bfloat16)
+    lazyfp8.save(src, tmp_path, key_mapping="mistral3", config={**src.config.to_dict(), "architectures": ["Mistral3ForConditionalGeneration"]})
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "model.vision_tower.transformer.layers.0.attention.q_proj" in qc["modules_to_not_convert"]
+    hf, info = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = LazyFP8View(tmp_path, key_mapping="mistral3")
+    theirs = hf.state_dict()
+    for key in ("model.vision_tower.transformer.layers.0.attention.q_proj.weight", "model.multi_modal_projector.linear_1.weight"):
+        assert torch.equal(theirs[key], src.state_dict()[key]), key
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert ours.info(key).scale_key is not None
+    assert torch.equal(theirs[key].view(torch.int16), ours.get_tensor(key).view(torch.int16))

@@ -550,3 +550,47 @@ def test_property_overwrite_crash_loads_old_new_or_nothing(tmp_path_factory, old
     old_snap, new_snap = snapshot(ref_old), snapshot(ref_new)
     assert old_snap is not None and new_snap is not None
     assert_old_new_or_nothing(dst, old_snap, new_snap, f"{old} -> {new}, {mode} at {k}")
+
+
+# --- which modules stay unquantized, and the config that says so ---------------------------------
+
+
+def _mistral3_like():
+    from torch import nn
+
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.vision_tower = nn.Module()
+    m.model.vision_tower.attn = nn.Linear(32, 32, bias=False)
+    m.model.multi_modal_projector = nn.Module()
+    m.model.multi_modal_projector.linear_1 = nn.Linear(32, 32, bias=False)
+    m.model.language_model = nn.Module()
+    m.model.language_model.q_proj = nn.Linear(32, 32, bias=False)
+    m.model.language_model.embed_tokens = nn.Embedding(16, 32)
+    m.lm_head = nn.Linear(32, 16, bias=False)
+    return m.to(torch.bfloat16)
+
+
+def test_the_mistral3_preset_keeps_vision_and_projector_in_bf16_and_says_so(tmp_path):
+    from safetensors import safe_open
+
+    lazyfp8.save(_mistral3_like(), tmp_path, key_mapping="mistral3", config={"model_type": "mistral3"})
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["language_model.model.q_proj.weight"] == "F8_E4M3"
+    assert dtypes["vision_tower.attn.weight"] == dtypes["multi_modal_projector.linear_1.weight"] == "BF16"
+    assert dtypes["language_model.lm_head.weight"] == "BF16"
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["lm_head", "model.multi_modal_projector.linear_1", "model.vision_tower.attn"]
+    # an explicit exclude= is what the user asked for, family convention or not
+    lazyfp8.save(_mistral3_like(), tmp_path / "all", key_mapping="mistral3", exclude=[r"lm_head"], config={"model_type": "mistral3"})
+    qc = json.loads((tmp_path / "all" / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["lm_head"]
+
+
+def test_compressed_tensors_config_lists_unquantized_linears_as_ignore(tmp_path):
+    lazyfp8.save(_mistral3_like(), tmp_path, format="compressed-tensors", config={"model_type": "x"})
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head"] and "modules_to_not_convert" not in qc
+    view = lazyfp8.LazyFP8View(tmp_path)
+    assert view.info("model.vision_tower.attn.weight").scale_key is not None  # no preset: quantized
