@@ -317,6 +317,10 @@ class CompositeSource:
         run_split(parallel, max((getattr(s, "threads", 1) for s, *_ in parallel), default=1), read)
         read(serial)
 
+    def stored(self) -> list[_Stored]:
+        """The stored tensors it is made of, in the order they lie in the value."""
+        return list({id(p.source): p.source for p in sorted(self.layout.pieces, key=lambda p: p.at)}.values())
+
     def describe(self) -> list[str]:
         """One line per piece, in the order they lie in the value: which stored tensor (and which
         box of it) lands where."""

@@ -328,5 +328,9 @@ class _Materialized:
         full = self.to_tensor()
         dst.copy_(full[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))])
 
+    def stored(self) -> list[Any]:
+        """The stored tensors it is converted from."""
+        return [self._source_of(k) for ks in self._by_pattern.values() for k in ks]
+
     def describe(self) -> list[str]:
         return [f"{', '.join(ks)} -> materialized ({self.reason})" for ks in self._by_pattern.values()]

@@ -172,7 +172,7 @@ class Fuse:
     def split(self, runtime: str, value: Any) -> dict[str, Any] | None:
         """The inverse, for writing: ``{on-disk part name: view of value}``, or ``None`` if
         ``runtime`` is not a name this rule makes."""
-        m = re.match(rf"^(?P<pre>(?:.*\.)?){re.escape(self.target)}(?P<post>(?:\..*)?)$", runtime)
+        m = _part_regex(self.target).match(runtime)
         if m is None:
             return None
         extent = value.shape[self.cat_dim] if len(self.sources) > 1 else None

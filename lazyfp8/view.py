@@ -218,6 +218,9 @@ class LazyFP8View(Mapping[str, LazyTensor]):
     def _apply_mapping(self) -> None:
         self._hints: _Hints | None = None  # built on the first miss
         self._sources: dict[str, TensorSource | CompositeSource] = {}
+        # The values made of several stored tensors, also in _sources: what is one-to-one and
+        # what is not is known from where a key is, not from its value's type.
+        self._composites: dict[str, CompositeSource] = {}
         self.materialized: list[str] = []  #: keys whose conversion is not a layout (read whole)
         conversion = self.key_mapping.convert(
             self._exposed, lambda disk: self._tensor_source(disk, disk), self.path, config=self._checkpoint.config
@@ -225,7 +228,8 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._to_disk = conversion.renamed
         for runtime, disk in conversion.renamed.items():
             self._sources[runtime] = self._tensor_source(runtime, disk)
-        self._sources.update(conversion.composites)
+        self._composites = dict(conversion.composites)
+        self._sources.update(self._composites)
         self.materialized = conversion.materialized
 
     def _tensor_source(self, runtime: str, disk: str) -> TensorSource:
@@ -308,12 +312,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
 
     def _composite_parts(self) -> dict[str, str]:
         """On-disk key -> the composite runtime key it is a part of."""
-        return {
-            piece.source.entry.name: key
-            for key, source in self._sources.items()
-            if isinstance(source, CompositeSource)
-            for piece in source.layout.pieces
-        }
+        return {stored.entry.name: key for key, source in self._composites.items() for stored in source.stored()}
 
     # --- beyond Mapping --------------------------------------------------------------------
     def get_tensor(self, key: str) -> torch.Tensor:
@@ -359,7 +358,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         source = self._sources.get(key)
         if source is None:
             raise self._missing(key)
-        if not isinstance(source, TensorSource):
+        if key in self._composites:
             raise KeyMappingError(
                 f"{self.path}: {key!r} is made of several on-disk tensors ({len(source.describe())} parts); "
                 "view.info(key).parts lists them"
@@ -371,13 +370,13 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         source = self._sources.get(key)
         if source is None:
             raise self._missing(key)
-        if not isinstance(source, TensorSource):
-            first = source.layout.pieces[0].source if isinstance(source, CompositeSource) else None
+        if key in self._composites:
+            first = source.stored()[0]
             return TensorInfo(
                 key=key,
-                disk_key=first.entry.name if first is not None else "",
-                file=first.shard.path if first is not None else "",
-                disk_dtype=first.entry.dtype.torch if first is not None else source.dtype,
+                disk_key=first.entry.name,
+                file=first.shard.path,
+                disk_dtype=first.entry.dtype.torch,
                 shape=tuple(source.shape),
                 dtype=source.dtype,
                 parts=tuple(source.describe()),
