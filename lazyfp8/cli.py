@@ -117,11 +117,14 @@ def _print_report(report: Any) -> None:
         print(f"  ... {len(report.files) - 6} more")
     print("bytes by dtype: " + ", ".join(f"{d} {_mib(n)}" for d, n in sorted(report.bytes_by_dtype.items())))
     if report.fp8_summary:
-        print("FP8 tensors:")
+        print("quantized tensors:")
         for s in report.fp8_summary:
-            print(f"  {s['count']:6d} x {s['dtype']} {s['granularity']}, scale '<name>{s['scale_suffix']}' ({s['scale_dtype']})")
+            print(
+                f"  {s['count']:6d} x {s['format']} ({s['dtype']}) {s['granularity']}, "
+                f"scale '<name>{s['scale_suffix']}' ({s['scale_dtype']})"
+            )
     else:
-        print("FP8 tensors: none")
+        print("quantized tensors: none")
     if report.quant_params:
         print(f"ignored quantization parameters: {len(report.quant_params)} (e.g. {report.quant_params[0]})")
     if report.config is not None:

@@ -29,7 +29,7 @@ class Report:
         bytes_by_dtype: bytes of tensor data by stored dtype.
         scheme: the scheme name in force (explicit, from config.json, or ``auto``).
         fp8: per FP8 tensor: key, dtype, shape, scale key, granularity.
-        fp8_summary: counts by (dtype, granularity, scale suffix).
+        fp8_summary: counts by (format, dtype, granularity, scale suffix).
         quant_params: static activation / KV-cache scales (not weights).
         orphan_scales: scale-named tensors no FP8 tensor uses.
         config: what config.json says (model type, architectures, quantization_config).
@@ -113,12 +113,14 @@ def inspect_checkpoint(
     for _, entry in ckpt.tensors.values():
         by_dtype[entry.dtype.code] += entry.nbytes
     fp8, summary = [], Counter()
-    for key, (_, entry, g) in pairing.scales.items():
-        w = ckpt.tensors[key][1]
-        suffix = entry.name[len(key):]
-        fp8.append({"key": key, "dtype": w.dtype.code, "shape": list(w.shape), "scale_key": entry.name,
-                    "scale_dtype": entry.dtype.code, "granularity": g.name})
-        summary[(w.dtype.code, g.name, suffix, entry.dtype.code)] += 1
+    for key, q in pairing.scales.items():
+        w = catalogue.stored(key)[1]
+        entry, g = q.entry, q.granularity
+        # A module-level scale (``<module>.scale``) is named after the module, not the weight.
+        suffix = entry.name[len(key):] if entry.name.startswith(key) else "." + entry.name.rpartition(".")[2]
+        fp8.append({"key": key, "dtype": w.dtype.code, "shape": list(q.shape), "scale_key": entry.name,
+                    "scale_dtype": entry.dtype.code, "granularity": g.name, "format": q.form, "codec": q.codec.name})
+        summary[(q.form, w.dtype.code, g.name, suffix, entry.dtype.code)] += 1
     rules: list[str] = []
     runtime: dict[str, str] = {}
     composites: dict[str, list[str]] = {}
@@ -131,7 +133,11 @@ def inspect_checkpoint(
             paired = set(pairing.scales)
             conversion = km.convert(
                 exposed,
-                lambda d: _HeaderTensor(d, ckpt.tensors[d][1].shape, torch.bfloat16 if d in paired else ckpt.tensors[d][1].dtype.torch),
+                lambda d: _HeaderTensor(
+                    d,
+                    pairing.scales[d].shape if d in paired else catalogue.stored(d)[1].shape,
+                    torch.bfloat16 if d in paired else catalogue.stored(d)[1].dtype.torch,
+                ),
                 os.fspath(path),
                 config=ckpt.config,
             )
@@ -153,8 +159,8 @@ def inspect_checkpoint(
         bytes_by_dtype=dict(by_dtype),
         scheme=sch.name,
         fp8=fp8,
-        fp8_summary=[{"dtype": d, "granularity": g, "scale_suffix": s, "scale_dtype": sd, "count": n}
-                     for (d, g, s, sd), n in summary.most_common()],
+        fp8_summary=[{"format": f, "dtype": d, "granularity": g, "scale_suffix": s, "scale_dtype": sd, "count": n}
+                     for (f, d, g, s, sd), n in summary.most_common()],
         quant_params=sorted(pairing.quant_params),
         orphan_scales=list(pairing.orphans),
         config=cfg,

@@ -14,7 +14,7 @@ from .composite import CompositeSource
 from .conversion import mapping_of
 from .errors import KeyMappingError, ShardChangedError, TensorNotFoundError
 from .formats.catalogue import build_catalogue
-from .formats.pairing import QUANT_SIBLINGS
+from .formats.pairing import QUANT_SIBLINGS, Quantized
 from .formats.schemes import Granularity, Scheme
 from .kernels.parallel import default_threads
 from .kernels.source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
@@ -22,6 +22,7 @@ from .keymap import KeyMappingSpec
 from .lazy import LazyTensor
 from .storage.checkpoint import open_checkpoint
 from .storage.dtypes import TARGETS
+from .storage.header import TensorEntry
 from .storage.reader import ShardFile
 
 __all__ = ["LazyFP8View", "TensorInfo", "QUANT_SIBLINGS"]
@@ -208,10 +209,8 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._files = {p: ShardFile(p, h.identity) for p, h in ckpt.shards.items()}
         self._chunk = chunk_elements
         self._threads = default_threads() if threads is None else max(int(threads), 1)
-        self._scales = {
-            k: ScaleRef(self._files[file], entry, granularity)
-            for k, (file, entry, granularity) in catalogue.pairing.scales.items()
-        }
+        self._catalogue = catalogue
+        self._scales = {k: self._scale_ref(q) for k, q in catalogue.pairing.scales.items()}
         self._exposed = catalogue.exposed
         self._apply_mapping()
 
@@ -232,8 +231,18 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self._sources.update(self._composites)
         self.materialized = conversion.materialized
 
+    def _scale_ref(self, q: Quantized) -> ScaleRef:
+        def opened(part: tuple[str, TensorEntry] | None) -> tuple[ShardFile, TensorEntry] | None:
+            return None if part is None else (self._files[part[0]], part[1])
+
+        return ScaleRef(
+            self._files[q.file], q.entry, q.granularity,
+            codec=q.codec, shape=q.shape, global_scale=opened(q.global_scale), divide=q.divide,
+            zero_point=opened(q.zero_point),
+        )
+
     def _tensor_source(self, runtime: str, disk: str) -> TensorSource:
-        file, entry = self._checkpoint.tensors[disk]
+        file, entry = self._catalogue.stored(disk)
         return TensorSource(
             runtime,
             self._files[file],
@@ -388,7 +397,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
             disk_key=source.entry.name,
             file=source.shard.path,
             disk_dtype=source.entry.dtype.torch,
-            shape=source.entry.shape,
+            shape=tuple(source.shape),
             dtype=source.dtype,
             scale_key=None if scale is None else scale.entry.name,
             scale_file=None if scale is None else scale.shard.path,

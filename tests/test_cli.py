@@ -24,7 +24,7 @@ def fp8_ckpt(tmp_path):
 def test_inspect_reports_and_exit_status(fp8_ckpt, capsys):
     assert main(["inspect", str(fp8_ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "3 x F8_E4M3 block[128, 128], scale '<name>_scale_inv' (F32)" in out
+    assert "3 x fp8 (F8_E4M3) block[128, 128], scale '<name>_scale_inv' (F32)" in out
     assert "no problems found" in out and '"quant_method": "fp8"' in out
 
 

@@ -73,9 +73,10 @@ def test_declared_scheme_is_strict():
 
 def test_scale_keys_by_convention():
     both = auto_scheme()
-    assert both.scale_keys("a.weight") == ["a.weight_scale_inv", "a.weight_scale"]
+    assert both.scale_keys("a.weight") == ["a.weight_scale_inv", "a.weight_scale", "a.scale", "a.qscale_weight"]
     assert both.scale_keys("a.w") == ["a.w_scale_inv"]
-    assert Scheme("ct", (PerTensor(),), ("_scale",)).scale_keys("x.weight") == ["x.weight_scale"]
+    ct = Scheme("ct", (PerTensor(),), ("_scale",), module_scales=())
+    assert ct.scale_keys("x.weight") == ["x.weight_scale"]
 
 
 def test_make_scheme_forms():

@@ -15,6 +15,7 @@ import os
 
 from ..errors import CheckpointError
 from ..storage.checkpoint import CONFIG_NAME, QUANT_CONFIG_NAME, Checkpoint
+from ..storage.header import TensorEntry
 from .config import scheme_from_config
 from .pairing import Pairing, pair_scales
 from .schemes import Granularity, PerBlock, PerChannel, PerTensor, Scheme, auto_scheme, make_scheme
@@ -29,15 +30,21 @@ class Catalogue:
     Attributes:
         checkpoint: the located files and their headers.
         scheme: how FP8 weights are scaled.
-        pairing: each FP8 weight's scale, the quantization parameters, orphan scales.
-        exposed: the on-disk keys that are tensors of the model (scales, and unless asked for,
-            quantization parameters, hidden), in checkpoint order.
+        pairing: each quantized weight's scale, the quantization parameters, orphan scales.
+        exposed: the keys that are tensors of the model (scales, and unless asked for,
+            quantization parameters, hidden), in checkpoint order: on-disk names, except that a
+            packed weight is exposed under the name it stands for (``weight_packed`` ->
+            ``weight``, ``gate_up_proj_blocks`` -> ``gate_up_proj``).
     """
 
     checkpoint: Checkpoint
     scheme: Scheme
     pairing: Pairing
     exposed: list[str]
+
+    def stored(self, key: str) -> tuple[str, TensorEntry]:
+        """The file and header entry of exposed key ``key`` (for a packed weight: its codes)."""
+        return self.checkpoint.tensors[self.pairing.stored.get(key, key)]
 
 
 def _declared(ckpt: Checkpoint) -> tuple[dict | None, str]:
@@ -99,6 +106,7 @@ def build_catalogue(
         problems.append(e)  # type: ignore[arg-type]
         sch = auto_scheme(block_size)
     pairing = pair_scales(ckpt.tensors, sch, problems)
-    hidden = pairing.scale_keys | (set() if include_quant_params else pairing.quant_params)
-    exposed = [k for k in ckpt.tensors if k not in hidden]
+    hidden = pairing.consumed | (set() if include_quant_params else pairing.quant_params)
+    renamed = {disk: key for key, disk in pairing.stored.items()}
+    exposed = [renamed.get(k, k) for k in ckpt.tensors if k not in hidden]
     return Catalogue(checkpoint=ckpt, scheme=sch, pairing=pairing, exposed=exposed)

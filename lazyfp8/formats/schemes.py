@@ -216,20 +216,28 @@ class Scheme:
             (per-tensor, per-channel): a 0-d scale in a checkpoint whose config declares blocks
             is per-tensor, as transformers reads it. The config decides between shapes that fit
             several; only a shape that fits none is an error. An explicit ``scheme=`` has none.
+        int_bits: bits of an int code (compressed-tensors ``num_bits``), which an int32-packed
+            weight's header cannot tell; ``None`` when the config declares no int weights.
+        module_scales: scale names beside a module's ``weight`` rather than derived from it:
+            ``<module>.scale`` (DeepSeek-V4), ``<module>.qscale_weight`` (Mistral's native format).
     """
 
     name: str
     granularities: tuple[Granularity, ...]
     scale_suffixes: tuple[str, ...] = ("_scale_inv", "_scale")
     fallback: tuple[Granularity, ...] = ()
+    int_bits: int | None = None
+    module_scales: tuple[str, ...] = ("scale", "qscale_weight")
 
     def scale_keys(self, weight_key: str) -> list[str]:
-        """Candidate scale names for ``weight_key``. ``_scale`` applies to ``*.weight`` only."""
-        return [
-            weight_key + sfx
-            for sfx in self.scale_suffixes
-            if sfx != "_scale" or weight_key == "weight" or weight_key.endswith(".weight")
-        ]
+        """Candidate scale names for ``weight_key``. ``_scale`` and the module's scales apply to
+        ``*.weight`` only."""
+        is_weight = weight_key == "weight" or weight_key.endswith(".weight")
+        keys = [weight_key + sfx for sfx in self.scale_suffixes if sfx != "_scale" or is_weight]
+        if is_weight:
+            module = weight_key.removesuffix("weight")
+            keys += [module + name for name in self.module_scales]
+        return keys
 
     def granularity(
         self,

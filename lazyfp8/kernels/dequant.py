@@ -23,10 +23,11 @@ from typing import Protocol
 
 import torch
 
+from ..formats.codecs import Codec, fp8_codec
 from . import jit as _jit
-from .plan import Rect
+from .plan import Rect, code_span
 
-__all__ = ["Backend", "TORCH", "choose_backend", "backend_for", "Kernel", "PerTensorKernel", "GridKernel", "Workspace"]
+__all__ = ["Backend", "TORCH", "choose_backend", "backend_for", "Kernel", "PerTensorKernel", "GridKernel", "GroupKernel", "Workspace"]
 
 # Below this many elements building the 65,536-entry pair table costs more than it saves.
 _PAIR_TABLE_MIN_ELEMENTS = 1 << 17
@@ -141,29 +142,27 @@ def thread_workspace() -> Workspace:
     return work
 
 
-@functools.cache
-def _codes(fp8_dtype: torch.dtype) -> torch.Tensor:
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype)
+def _codec(codes: Codec | torch.dtype) -> Codec:
+    return codes if isinstance(codes, Codec) else fp8_codec(codes)
+
+
+def code_values(codes: Codec | torch.dtype) -> torch.Tensor:
+    """The exact float32 value of each code of an 8-bit codec or FP8 dtype (NaN codes give NaN)."""
+    return _codec(codes).values()
 
 
 @functools.cache
-def code_values(fp8_dtype: torch.dtype) -> torch.Tensor:
-    """The exact float32 value of each of the 256 codes (NaN codes give NaN)."""
-    return _codes(fp8_dtype).to(torch.float32)
-
-
-@functools.cache
-def _nan_bf16(fp8_dtype: torch.dtype) -> torch.Tensor:
+def _nan_bf16(codes: Codec | torch.dtype) -> torch.Tensor:
     """What torch's float32 -> bfloat16 conversion writes for each code's value (used for the
     NaN codes, whose payload bits are torch's choice, not IEEE's)."""
-    return code_values(fp8_dtype).to(torch.bfloat16).view(torch.int16)
+    return code_values(codes).to(torch.bfloat16).view(torch.int16)
 
 
 @functools.cache
-def _value_pairs(fp8_dtype: torch.dtype) -> torch.Tensor:
+def _value_pairs(codes: Codec | torch.dtype) -> torch.Tensor:
     """For each little-endian code pair ``hi * 256 + lo``: the float32 values of ``lo`` and ``hi``
-    packed in one int64 (512 KiB, scale-free, built once per FP8 dtype)."""
-    bits = code_values(fp8_dtype).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    packed in one int64 (512 KiB, scale-free, built once per codec)."""
+    bits = code_values(codes).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     return (bits.view(1, 256) | (bits.view(256, 1) << 32)).reshape(-1)
 
 
@@ -180,7 +179,7 @@ class PerTensorKernel:
 
     def __init__(
         self,
-        fp8_dtype: torch.dtype,
+        codes: Codec | torch.dtype,
         scale: torch.Tensor,
         out_dtype: torch.dtype,
         numel: int,
@@ -191,7 +190,7 @@ class PerTensorKernel:
         _check_backend(backend, device)
         s = scale.reshape(()).to(device=device, dtype=torch.float32)
         self.out_dtype = out_dtype
-        self.table = (code_values(fp8_dtype).to(device) * s).to(out_dtype)
+        self.table = (code_values(codes).to(device) * s).to(out_dtype)
         self.pairs: torch.Tensor | None = None
         self.compiled = backend.compiled if out_dtype.itemsize in (2, 4) else None
         if self.compiled is not None:
@@ -242,7 +241,7 @@ class GridKernel:
 
     def __init__(
         self,
-        fp8_dtype: torch.dtype,
+        codes: Codec | torch.dtype,
         scale_grid: torch.Tensor,
         block: tuple[int, int],
         period: int,
@@ -251,8 +250,8 @@ class GridKernel:
         device: torch.device = torch.device("cpu"),
     ):
         _check_backend(backend, device)
-        self.values = code_values(fp8_dtype).to(device)
-        self.pairs = _value_pairs(fp8_dtype) if device.type == "cpu" and sys.byteorder == "little" else None
+        self.values = code_values(codes).to(device)
+        self.pairs = _value_pairs(codes) if device.type == "cpu" and sys.byteorder == "little" else None
         self.scale = scale_grid.to(device=device, dtype=torch.float32).reshape(-1, scale_grid.shape[-1])
         self.block = block
         self.period = period
@@ -260,7 +259,7 @@ class GridKernel:
         self.compiled = backend.compiled
         if self.compiled is not None:
             self.scale = self.scale.contiguous()
-            self.nan = _nan_bf16(fp8_dtype)
+            self.nan = _nan_bf16(codes)
 
     def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None:
         """Dequantize rectangle ``rect`` (rows ``r0:r1`` x columns ``c0:c1``), given as flat
@@ -308,3 +307,98 @@ class GridKernel:
         if lead + full * b1 < w:
             vals[:, lead + full * b1 :].mul_(s[:, g : g + 1])
         out.view(nr, w).copy_(vals)
+
+
+def unpack_codes(codes: torch.Tensor, rect: Rect, bits: int) -> torch.Tensor:
+    """The codes of ``rect`` as a ``[rows, cols]`` uint8 tensor, one code an element, from what
+    ``TensorSource.read_rect`` read: for 4-bit codes, each row's bytes ``code_span(c0, c1)``
+    back to back, two codes a byte, low nibble first (a rectangle starting at an odd column
+    starts in a byte's high nibble)."""
+    nr, w = rect.r1 - rect.r0, rect.c1 - rect.c0
+    if bits == 8:
+        return codes[: nr * w].view(nr, w)
+    b0, b1 = code_span(rect.c0, rect.c1, bits)
+    packed = codes[: nr * (b1 - b0)].view(nr, b1 - b0)
+    both = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(nr, -1)
+    lead = rect.c0 - b0 * 2
+    return both[:, lead : lead + w]
+
+
+class GroupKernel:
+    """Codes of any codec (4-bit ones packed two a byte) against a scale grid, with an optional
+    zero point per block and an optional one-value global scale: the formula of
+    ``formats.pairing.Quantized``, evaluated in float32 and rounded once to ``out_dtype``.
+
+    Each block's results form a table of ``2**bits`` entries (a 4-bit codec's 16 values times the
+    block's scale, minus its zero point first), and every code looks its block's table up: the
+    formula, tabulated per block, with the bits of the reference. Tables cover the blocks one
+    rectangle touches: for NVFP4's 16-element blocks as many entries as the rectangle's elements.
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        scale_grid: torch.Tensor,
+        block: tuple[int, int],
+        period: int,
+        out_dtype: torch.dtype,
+        *,
+        zero_point: torch.Tensor | None = None,
+        global_scale: torch.Tensor | None = None,
+        divide: bool = False,
+        backend: Backend,
+        device: torch.device = torch.device("cpu"),
+    ):
+        _check_backend(backend, device)
+        self.codec = codec
+        self.values = codec.values().to(device)
+        scale = scale_grid.to(device=device, dtype=torch.float32).reshape(-1, scale_grid.shape[-1])
+        self.after: torch.Tensor | None = None
+        if global_scale is not None:
+            g = global_scale.to(device=device, dtype=torch.float32).reshape(())
+            if divide:
+                scale = scale / g  # compressed-tensors: the group scale over the global one, in float32
+            else:
+                self.after = g  # ModelOpt: the product times the global scale
+        self.scale = scale.contiguous()
+        self.zero = None if zero_point is None else zero_point.to(device=device, dtype=torch.float32).reshape(self.scale.shape)
+        self.block = block
+        self.period = period
+        self.out_dtype = out_dtype
+        self.device = device
+        self.compiled = backend.compiled
+
+    def scale_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The scale-grid row of each of rows ``r0:r1``."""
+        rows = torch.arange(r0, r1, device=self.device)
+        per_matrix = -(-self.period // self.block[0])
+        return rows // self.period * per_matrix + rows % self.period // self.block[0]
+
+    def tables(self, rect: Rect) -> tuple[torch.Tensor, int]:
+        """The results of every code in every block ``rect`` touches: ``[rows, blocks, 2**bits]``
+        of ``out_dtype``, and the first block's column index."""
+        b1 = self.block[1]
+        g0, g1 = rect.c0 // b1, (rect.c1 - 1) // b1 + 1
+        srows = self.scale_rows(rect.r0, rect.r1)
+        s = self.scale.index_select(0, srows)[:, g0:g1, None]
+        t = self.values.view(1, 1, -1)
+        if self.zero is not None:
+            t = t - self.zero.index_select(0, srows)[:, g0:g1, None]
+        t = t * s
+        if self.after is not None:
+            t = t * self.after
+        return t.to(self.out_dtype), g0
+
+    def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None:
+        nr, w = rect.r1 - rect.r0, rect.c1 - rect.c0
+        if out.numel() != nr * w:
+            raise ValueError(f"{out.numel()} outputs for a rectangle of {nr} x {w}")
+        table, g0 = self.tables(rect)
+        blocks, size = table.shape[1], table.shape[2]
+        code = unpack_codes(codes, rect, self.codec.bits)
+        idx = work.indices(nr * w).view(nr, w)
+        cols = torch.arange(rect.c0, rect.c1, device=self.device, dtype=torch.int32) // self.block[1] - g0
+        rows = torch.arange(nr, device=self.device, dtype=torch.int32).view(nr, 1) * blocks
+        torch.add(rows, cols.view(1, w), out=idx)
+        idx.mul_(size).add_(code)
+        torch.index_select(table.view(-1), 0, idx.view(-1), out=out.view(-1))

@@ -14,20 +14,38 @@ from collections.abc import Iterator, Sequence
 
 from ..formats.schemes import matrix_shape
 
-__all__ = ["Rect", "Plan", "plan_box"]
+__all__ = ["Rect", "Plan", "plan_box", "code_span"]
+
+
+def code_span(c0: int, c1: int, bits: int) -> tuple[int, int]:
+    """The bytes ``[b0, b1)`` of a stored row that hold its codes ``c0:c1`` of ``bits`` bits each
+    (a 4-bit code at an odd column shares its byte with its left neighbour)."""
+    return c0 * bits // 8, -(-c1 * bits // 8)
 
 
 def plan_box(
-    shape: Sequence[int], offsets: Sequence[int], lengths: Sequence[int], budget: int, data_offset: int, itemsize: int
+    shape: Sequence[int],
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    budget: int,
+    data_offset: int,
+    itemsize: int,
+    *,
+    bits: int | None = None,
+    row_bytes: int | None = None,
 ) -> "Plan":
     """The rectangles covering box ``[offsets, offsets + lengths)`` of a tensor of ``shape``
-    stored at byte ``data_offset``, each at most ``budget`` elements."""
+    stored at byte ``data_offset``, each at most ``budget`` elements. Elements are ``itemsize``
+    bytes, or ``bits`` bits packed into rows of ``row_bytes`` bytes."""
     shape, offsets, lengths = tuple(shape), tuple(offsets), tuple(lengths)
     rows, cols = matrix_shape(shape)
+    bits = itemsize * 8 if bits is None else bits
+    row_bytes = code_span(0, cols, bits)[1] if row_bytes is None else row_bytes
     chunks: list[Rect] = []
     spans: list[tuple[int, int]] = []
     for r0, r1, c0, c1, local in _box_rects(shape, offsets, lengths, rows, cols):
-        spans.append((data_offset + (r0 * cols + c0) * itemsize, data_offset + ((r1 - 1) * cols + c1) * itemsize))
+        first, last = code_span(c0, c1, bits)
+        spans.append((data_offset + r0 * row_bytes + first, data_offset + (r1 - 1) * row_bytes + last))
         chunks.extend(_split(r0, r1, c0, c1, local, budget))
     return Plan(chunks, spans)
 

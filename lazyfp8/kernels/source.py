@@ -10,17 +10,19 @@ allocated besides the destination.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
 
-from ..errors import InvalidScaleError
+from ..errors import CheckpointError, InvalidScaleError
+from ..formats.codecs import Codec
 from ..formats.schemes import Granularity, grid_shape, matrix_shape
 from ..storage.header import TensorEntry
 from ..storage.reader import ShardFile
-from .dequant import GridKernel, Kernel, PerTensorKernel, backend_for, thread_workspace
+from .dequant import GridKernel, GroupKernel, Kernel, PerTensorKernel, backend_for, thread_workspace
 from .parallel import run_split
-from .plan import Plan, Rect, plan_box
+from .plan import Plan, Rect, code_span, plan_box
 
 __all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS"]
 
@@ -32,33 +34,73 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 @dataclasses.dataclass(frozen=True)
 class ScaleRef:
-    """Where an FP8 weight's scale lives and how it covers the weight."""
+    """Where a quantized weight's scale lives, how it covers the weight, and what the weight's
+    codes mean (the fields of ``formats.pairing.Quantized``, with open files). ``codec`` and
+    ``shape`` default to an FP8 weight's: its dtype's codes, its stored shape."""
 
     shard: ShardFile
     entry: TensorEntry
     granularity: Granularity
+    codec: Codec | None = None
+    shape: tuple[int, ...] | None = None
+    global_scale: tuple[ShardFile, TensorEntry] | None = None
+    divide: bool = False
+    zero_point: tuple[ShardFile, TensorEntry] | None = None
+
+
+def _read_small(shard: ShardFile, e: TensorEntry) -> torch.Tensor:
+    raw = torch.empty(e.shape, dtype=e.dtype.torch)
+    shard.check(e.name)
+    shard.read_into(raw, e.offset, e.name)
+    if e.dtype.code == "U8":  # ue8m0 stored as bytes: the exponent, 2^(b - 127)
+        raw = raw.view(torch.float8_e8m0fnu)
+    return raw.to(torch.float32)
+
+
+def _validated(scale: torch.Tensor, path: str, name: str, weight_key: str) -> torch.Tensor:
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        value = scale.reshape(-1)[bad.reshape(-1)][0].item()
+        raise InvalidScaleError(
+            f"{path}: scale {name!r} of {weight_key!r} holds {value}; scales must be "
+            "finite and positive (the file is damaged or was written wrongly)",
+            file=path,
+            key=name,
+        )
+    return scale
 
 
 def read_scale(ref: ScaleRef, weight_key: str) -> torch.Tensor:
     """The scale as float32 multipliers, validated (finite and positive). Its dtype was checked
     against ``_dtypes.SCALE_CODES`` when the scale was paired with its weight."""
-    e = ref.entry
-    raw = torch.empty(e.shape, dtype=e.dtype.torch)
-    ref.shard.check(e.name)
-    ref.shard.read_into(raw, e.offset, e.name)
-    if e.dtype.code == "U8":  # ue8m0 stored as bytes: the exponent, 2^(b - 127)
-        raw = raw.view(torch.float8_e8m0fnu)
-    scale = raw.to(torch.float32)
-    bad = ~(torch.isfinite(scale) & (scale > 0))
-    if bool(bad.any()):
-        value = scale.reshape(-1)[bad.reshape(-1)][0].item()
-        raise InvalidScaleError(
-            f"{ref.shard.path}: scale {e.name!r} of {weight_key!r} holds {value}; scales must be "
-            "finite and positive (the file is damaged or was written wrongly)",
-            file=ref.shard.path,
+    return _validated(_read_small(ref.shard, ref.entry), ref.shard.path, ref.entry.name, weight_key)
+
+
+def read_global_scale(ref: ScaleRef, weight_key: str) -> torch.Tensor | None:
+    """The one-value global scale (float32, validated), or ``None``."""
+    if ref.global_scale is None:
+        return None
+    shard, e = ref.global_scale
+    return _validated(_read_small(shard, e), shard.path, e.name, weight_key)
+
+
+def read_zero_point(ref: ScaleRef, weight_key: str, grid: tuple[int, ...]) -> torch.Tensor | None:
+    """The zero point as float32 in the scale's shape, or ``None`` for a symmetric weight.
+
+    Raises:
+        CheckpointError: a zero point whose size is not the scale's, or that is not finite."""
+    if ref.zero_point is None:
+        return None
+    shard, e = ref.zero_point
+    zp = _read_small(shard, e)
+    if zp.numel() != math.prod(grid) or not bool(torch.isfinite(zp).all()):
+        raise CheckpointError(
+            f"{shard.path}: zero point {e.name!r} of {weight_key!r} has shape {list(e.shape)}; expected "
+            f"{list(grid)} finite values, one per scale",
+            file=shard.path,
             key=e.name,
         )
-    return scale
+    return zp.reshape(grid)
 
 
 class TensorSource:
@@ -93,11 +135,27 @@ class TensorSource:
 
     @property
     def shape(self) -> torch.Size:
+        """The values' shape: the stored shape, or a packed weight's codes unpacked."""
+        if self.scale is not None and self.scale.shape is not None:
+            return torch.Size(self.scale.shape)
         return torch.Size(self.entry.shape)
 
     @property
     def numel(self) -> int:
-        return self.entry.numel
+        return math.prod(self.shape)
+
+    @property
+    def bits(self) -> int:
+        """Bits of one stored element (a code of a packed codec: 4)."""
+        if self.scale is not None and self.scale.codec is not None:
+            return self.scale.codec.bits
+        return self.entry.dtype.itemsize * 8
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row of the ``[rows, cols]`` view (a packed row may end in padding)."""
+        rows = matrix_shape(self.shape)[0]
+        return self.entry.nbytes // rows if rows else 0
 
     def to_tensor(self) -> torch.Tensor:
         """A new tensor of ``dtype`` on ``device`` holding the (dequantized) values."""
@@ -109,7 +167,7 @@ class TensorSource:
         """Write the values into ``dst`` (same shape; any dtype or device), exactly as
         ``dst.copy_(self.to_tensor())`` would, without a temporary of the tensor's size
         unless ``dst`` is not contiguous."""
-        self.read_box_into(dst, (0,) * len(self.entry.shape), self.entry.shape)
+        self.read_box_into(dst, (0,) * len(self.shape), tuple(self.shape))
 
     def read_box_into(self, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> None:
         """Write the box ``[offsets, offsets + lengths)`` of the values into ``dst`` (of shape
@@ -119,7 +177,7 @@ class TensorSource:
         Raises:
             ValueError: a box outside the tensor, or a destination of another shape.
         """
-        shape = self.entry.shape
+        shape = tuple(self.shape)
         offsets, lengths = tuple(int(o) for o in offsets), tuple(int(n) for n in lengths)
         if (
             len(offsets) != len(shape)
@@ -162,7 +220,7 @@ class TensorSource:
                 if kernel is None:
                     self.read_rect(out, rect)
                 else:
-                    codes = work.codes(n)
+                    codes = work.codes(self.code_bytes(rect))
                     self.read_rect(codes, rect)
                     kernel(codes, out, rect, work, direct)
                 if not direct:
@@ -170,46 +228,76 @@ class TensorSource:
 
         run_split(plan.chunks, self.threads, work_on)
 
+    def code_bytes(self, rect: Rect) -> int:
+        """Bytes ``read_rect`` writes for ``rect``: each row's ``code_span``."""
+        first, last = code_span(rect.c0, rect.c1, self.bits)
+        return (rect.r1 - rect.r0) * (last - first)
+
     def read_rect(self, buf: torch.Tensor, rect: Rect) -> None:
         """The stored bytes of ``rect`` (row-major) into contiguous CPU tensor ``buf``: one read
-        for whole rows, one per row for a column range."""
+        for whole rows, one per row for a column range. A packed tensor's rows are each row's
+        ``code_span``, back to back."""
         e = self.entry
-        isz = e.dtype.itemsize
-        cols = matrix_shape(e.shape)[1]
-        w = rect.c1 - rect.c0
-        if w == cols or rect.r1 - rect.r0 == 1:
-            self.shard.read_into(buf, e.offset + (rect.r0 * cols + rect.c0) * isz, e.name)
+        if self.bits % 8 == 0:
+            isz = self.bits // 8
+            cols = matrix_shape(self.shape)[1]
+            w = rect.c1 - rect.c0
+            if w == cols or rect.r1 - rect.r0 == 1:
+                self.shard.read_into(buf, e.offset + (rect.r0 * cols + rect.c0) * isz, e.name)
+                return
+            for i, r in enumerate(range(rect.r0, rect.r1)):
+                self.shard.read_into(buf[i * w : (i + 1) * w], e.offset + (r * cols + rect.c0) * isz, e.name)
+            return
+        raw = buf.view(torch.uint8) if buf.dtype != torch.uint8 else buf
+        first, last = code_span(rect.c0, rect.c1, self.bits)
+        width, stride = last - first, self.row_bytes
+        if width == stride or rect.r1 - rect.r0 == 1:
+            self.shard.read_into(raw[: (rect.r1 - rect.r0) * width], e.offset + rect.r0 * stride + first, e.name)
             return
         for i, r in enumerate(range(rect.r0, rect.r1)):
-            self.shard.read_into(buf[i * w : (i + 1) * w], e.offset + (r * cols + rect.c0) * isz, e.name)
+            self.shard.read_into(raw[i * width : (i + 1) * width], e.offset + r * stride + first, e.name)
 
     def plan(self, offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> Plan:
         """The rectangles of the ``[rows, cols]`` view that cover the box (default: the whole
         tensor), each at most one chunk, with where each lands in the destination."""
-        shape = self.entry.shape
+        shape = tuple(self.shape)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
         lengths = tuple(lengths) if lengths is not None else shape
-        grid = self.scale is not None and self.scale.granularity.grid
+        grid = self.scale is not None and (self.scale.granularity.grid or self.bits < 8)
         # A scale grid needs float32 products besides the codes and indices: half the chunk keeps
         # each worker's buffers near those of the per-tensor path.
         budget = max(self.chunk // 2, 1) if grid else self.chunk
-        return plan_box(shape, offsets, lengths, budget, self.entry.offset, self.entry.dtype.itemsize)
+        return plan_box(
+            shape, offsets, lengths, budget, self.entry.offset, self.entry.dtype.itemsize,
+            bits=self.bits, row_bytes=self.row_bytes,
+        )
 
     def kernel(self, device: torch.device) -> Kernel | None:
         """The ``dequant.Kernel`` that dequantizes this tensor's chunks on ``device``, on the
         process's backend for that device, or ``None`` for a tensor that is not FP8. Reads the
         scale."""
-        if self.scale is None:
+        ref = self.scale
+        if ref is None:
             return None
-        scale = read_scale(self.scale, self.key).to(device)
-        e = self.entry
-        fp8 = e.dtype.torch
-        g = self.scale.granularity
+        scale = read_scale(ref, self.key).to(device)
+        shape = tuple(self.shape)
+        codes = ref.codec if ref.codec is not None else self.entry.dtype.torch
+        g = ref.granularity
         backend = backend_for(device)
-        if not g.grid:
-            return PerTensorKernel(fp8, scale, self.dtype, self.numel, backend=backend, device=device)
-        rows, cols = matrix_shape(e.shape)
-        block = g.block_size(e.shape)
-        period = g.period(e.shape)
+        rows, cols = matrix_shape(shape)
+        block = g.block_size(shape)
+        period = g.period(shape)
         grid = scale.reshape(-1, grid_shape(1, cols, block)[1])
-        return GridKernel(fp8, grid, block, period, backend=backend, device=device)
+        if self.bits == 8 and ref.zero_point is None and ref.global_scale is None:
+            if not g.grid:
+                return PerTensorKernel(codes, scale, self.dtype, self.numel, backend=backend, device=device)
+            return GridKernel(codes, grid, block, period, backend=backend, device=device)
+        assert ref.codec is not None  # only a codec's weight has a zero point or a global scale
+        return GroupKernel(
+            ref.codec, grid, block, period, self.dtype,
+            zero_point=read_zero_point(ref, self.key, tuple(grid.shape)),
+            global_scale=read_global_scale(ref, self.key),
+            divide=ref.divide,
+            backend=backend,
+            device=device,
+        )

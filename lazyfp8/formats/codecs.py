@@ -1,0 +1,99 @@
+"""Codecs: what each stored code means, and how codes are packed into bytes.
+
+One table, ``CODECS``. A codec maps each ``bits``-bit code to an exact float32 value; a weight's
+element ``[i, j]`` is that value, shifted by a zero point and scaled as its format says (see
+``formats.quantized``). 8-bit codecs sit one per byte (FP8, int8); 4-bit codecs two per byte, the
+low nibble first (element ``2k`` in bits 0-3 of byte ``k``), which is also the order of eight
+nibbles in a little-endian int32 word as compressed-tensors packs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Codec", "CODECS", "E2M1", "INT4", "INT8", "UINT4", "UINT8", "fp8_codec", "codec"]
+
+#: The OCP e2m1 (FP4) values of codes 0-7; codes 8-15 are their negatives (code 8 is -0).
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """Attributes:
+    name: how docs, reports and ``inspect`` call it (``e2m1``, ``int4``, ``e4m3``...).
+    bits: bits per code, 4 or 8.
+    values: the exact value of each of the ``2**bits`` codes, as a function building the float32
+        table (NaN codes of FP8 give NaN).
+    """
+
+    name: str
+    bits: int
+    _values: Callable[[], torch.Tensor] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def per_byte(self) -> int:
+        """Codes in one byte."""
+        return 8 // self.bits
+
+    def values(self) -> torch.Tensor:
+        """float32 ``[2**bits]``: the value of each code."""
+        return _table(self)
+
+    def logical_cols(self, stored_bytes_per_row: int) -> int:
+        """Elements in a stored row of ``stored_bytes_per_row`` bytes."""
+        return stored_bytes_per_row * self.per_byte
+
+    def row_bytes(self, cols: int) -> int:
+        """Bytes holding ``cols`` codes (a last odd nibble takes a whole byte)."""
+        return -(-cols * self.bits // 8)
+
+
+@functools.cache
+def _table(codec: Codec) -> torch.Tensor:
+    t = codec._values().to(torch.float32).contiguous()
+    if t.shape != (1 << codec.bits,):
+        raise AssertionError(f"codec {codec.name} has {t.numel()} values for {codec.bits} bits")
+    return t
+
+
+def _e2m1() -> torch.Tensor:
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32)
+    return torch.cat([mags, -mags])
+
+
+#: FP4 (e2m1): MXFP4, NVFP4.
+E2M1 = Codec("e2m1", 4, _e2m1)
+#: Signed int4 stored offset by 8 (code ``u`` is ``u - 8``), as compressed-tensors packs it.
+INT4 = Codec("int4", 4, lambda: torch.arange(16, dtype=torch.float32) - 8)
+#: Unsigned int4 (code ``u`` is ``u``): an asymmetric scheme's codes before the zero point.
+UINT4 = Codec("uint4", 4, lambda: torch.arange(16, dtype=torch.float32))
+#: Unsigned int8 (code ``u`` is ``u``): an asymmetric 8-bit scheme's codes before the zero point.
+UINT8 = Codec("uint8", 8, lambda: torch.arange(256, dtype=torch.float32))
+#: Signed int8, two's complement (an ``I8`` tensor's bytes).
+INT8 = Codec("int8", 8, lambda: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.float32))
+
+
+@functools.cache
+def fp8_codec(fp8_dtype: torch.dtype) -> Codec:
+    """The codec of one FP8 format: each byte read as ``fp8_dtype``."""
+    return Codec(
+        str(fp8_dtype).removeprefix("torch.float8_"),
+        8,
+        lambda: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype).to(torch.float32),
+    )
+
+
+#: The integer and FP4 codecs by name (FP8 codecs come from the dtype table: ``fp8_codec``).
+CODECS: dict[str, Codec] = {c.name: c for c in (E2M1, INT4, UINT4, INT8, UINT8)}
+
+
+def codec(name: str) -> Codec:
+    """The codec called ``name``. Raises ``KeyError`` naming the known ones."""
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise KeyError(f"unknown codec {name!r}; known: {', '.join(CODECS)}") from None
