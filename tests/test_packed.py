@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from lazyfp8 import LazyFP8View
-from lazyfp8.inspection import inspect_checkpoint
 from lazyfp8.errors import CheckpointError, ScaleShapeError, UnsupportedDtypeError
 from lazyfp8.formats.codecs import E2M1, INT4, INT8, UINT4
+from lazyfp8.inspection import inspect_checkpoint
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
