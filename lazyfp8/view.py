@@ -17,7 +17,7 @@ from .formats.catalogue import build_catalogue
 from .formats.pairing import QUANT_SIBLINGS, Quantized
 from .formats.schemes import Granularity, Scheme
 from .kernels.parallel import default_threads
-from .kernels.source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, read_scale
+from .kernels.source import DEFAULT_CHUNK_ELEMENTS, ScaleRef, TensorSource, TransposedSource, read_scale
 from .keymap import KeyMappingSpec
 from .lazy import LazyTensor
 from .storage.checkpoint import open_checkpoint
@@ -243,7 +243,9 @@ class LazyFP8View(Mapping[str, LazyTensor]):
 
     def _tensor_source(self, runtime: str, disk: str) -> TensorSource:
         file, entry = self._catalogue.stored(disk)
-        return TensorSource(
+        q = self._catalogue.pairing.scales.get(disk)
+        cls = TransposedSource if q is not None and q.transposed else TensorSource
+        return cls(
             runtime,
             self._files[file],
             entry,

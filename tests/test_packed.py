@@ -213,9 +213,9 @@ def test_gpt_oss_mxfp4_blocks(tmp_path, dtype):
     view = LazyFP8View(tmp_path, dtype=dtype)
     key = "model.layers.0.mlp.experts.gate_up_proj"
     assert sorted(view) == [key, key + "_bias"]
-    assert view[key].shape == (2, 64, 96)
-    want = expected(codes, E2M1.values(), e8m0(exps), 32, dtype)
-    assert torch.equal(view.get_tensor(key).view(torch.uint8), want.view(torch.uint8))
+    assert view[key].shape == (2, 96, 64)  # [E, in, out], as transformers' GptOssExperts holds it
+    want = expected(codes, E2M1.values(), e8m0(exps), 32, dtype).transpose(1, 2)
+    assert torch.equal(view.get_tensor(key).view(torch.uint8), want.contiguous().view(torch.uint8))
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
@@ -275,9 +275,14 @@ def test_box_of_stacked_mxfp4_experts(tmp_path):
     view = LazyFP8View(tmp_path, chunk_elements=50)
     key = "model.layers.0.mlp.experts.gate_up_proj"
     full = view.get_tensor(key)
-    dst = torch.empty(2, 5, 33, dtype=torch.bfloat16)
-    view.read_box(key, dst, (1, 3, 17), (2, 5, 33))
-    assert torch.equal(dst, full[1:3, 3:8, 17:50])
+    assert full.shape == (3, 64, 8)
+    dst = torch.empty(2, 33, 5, dtype=torch.bfloat16)
+    view.read_box(key, dst, (1, 17, 3), (2, 33, 5))
+    assert torch.equal(dst, full[1:3, 17:50, 3:8])
+    # the same through a strided destination: a column block of a wider parameter
+    wide = torch.zeros(2, 33, 9, dtype=torch.bfloat16)
+    view.read_box(key, wide[:, :, 2:7], (1, 17, 3), (2, 33, 5))
+    assert torch.equal(wide[:, :, 2:7], full[1:3, 17:50, 3:8]) and not wide[:, :, :2].any()
 
 
 def test_padded_int4_rows_read_at_an_offset(tmp_path):

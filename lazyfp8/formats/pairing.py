@@ -58,6 +58,9 @@ class Quantized:
         global_scale: a second, one-value scale (file, entry), or ``None``.
         divide: the global scale divides the group scale (else multiplies the product).
         zero_point: the zero point (file, entry) of an asymmetric int weight, or ``None``.
+        transposed: the weight is exposed with its last two dims swapped (``shape`` is as
+            stored): gpt-oss's MXFP4 experts, stored ``[E, out, in]`` and held by transformers'
+            ``GptOssExperts`` as ``[E, in, out]``.
     """
 
     file: str
@@ -69,6 +72,7 @@ class Quantized:
     global_scale: tuple[str, TensorEntry] | None = None
     divide: bool = False
     zero_point: tuple[str, TensorEntry] | None = None
+    transposed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +208,8 @@ class _FP8(Form):
 
 class _MXBlocks(Form):
     """gpt-oss MXFP4: ``<name>_blocks`` U8 ``[..., C/32, 16]`` (32 e2m1 codes a block) and
-    ``<name>_scales`` U8 ``[..., C/32]`` ue8m0; the weight is ``<name>`` ``[..., C]``."""
+    ``<name>_scales`` U8 ``[..., C/32]`` ue8m0; the weight is ``<name>`` ``[..., C]``, stacked
+    experts ``[E, R, C]`` exposed as ``[E, C, R]``."""
 
     name = "mxfp4"
 
@@ -228,7 +233,10 @@ class _MXBlocks(Form):
         mx = Scheme("mxfp4", (PerBlock(MX_BLOCK),))
         g = _granularity(mx, shape, tensors, scale_key, key, file)
         scale_file, scale_entry = tensors[scale_key]
-        return _Claim(base, Quantized(scale_file, scale_entry, g, E2M1, shape, self.name), (scale_key,))
+        # Stacked experts come out as transformers' GptOssExperts holds them (its own MXFP4
+        # dequantization transposes them the same way).
+        q = Quantized(scale_file, scale_entry, g, E2M1, shape, self.name, transposed=len(shape) >= 3)
+        return _Claim(base, q, (scale_key,))
 
 
 class _PackedU8FP4(Form):

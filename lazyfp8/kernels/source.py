@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from .dequant import GridKernel, GroupKernel, Kernel, PerTensorKernel, backend_f
 from .parallel import run_split
 from .plan import Plan, Rect, code_span, plan_box
 
-__all__ = ["ScaleRef", "TensorSource", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["ScaleRef", "TensorSource", "TransposedSource", "DEFAULT_CHUNK_ELEMENTS"]
 
 # 2M elements per step and worker: 2 MiB of codes and 4 MiB of pair indices for a per-tensor scale;
 # a scale grid works on 1M at a time (1 + 4 + 4 MiB of codes, indices and float32 products).
@@ -134,11 +134,18 @@ class TensorSource:
         self.threads = max(int(threads), 1)
 
     @property
-    def shape(self) -> torch.Size:
-        """The values' shape: the stored shape, or a packed weight's codes unpacked."""
+    def stored_shape(self) -> torch.Size:
+        """The shape of the values as stored: the stored shape, or a packed weight's codes
+        unpacked. Boxes, plans and kernels work on it."""
         if self.scale is not None and self.scale.shape is not None:
             return torch.Size(self.scale.shape)
         return torch.Size(self.entry.shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the values are exposed in (``stored_shape``, unless a subclass lays them
+        out otherwise)."""
+        return self.stored_shape
 
     @property
     def numel(self) -> int:
@@ -154,7 +161,7 @@ class TensorSource:
     @property
     def row_bytes(self) -> int:
         """Bytes of one stored row of the ``[rows, cols]`` view (a packed row may end in padding)."""
-        rows = matrix_shape(self.shape)[0]
+        rows = matrix_shape(self.stored_shape)[0]
         return self.entry.nbytes // rows if rows else 0
 
     def to_tensor(self) -> torch.Tensor:
@@ -177,7 +184,7 @@ class TensorSource:
         Raises:
             ValueError: a box outside the tensor, or a destination of another shape.
         """
-        shape = tuple(self.shape)
+        shape = tuple(self.stored_shape)
         offsets, lengths = tuple(int(o) for o in offsets), tuple(int(n) for n in lengths)
         if (
             len(offsets) != len(shape)
@@ -192,7 +199,7 @@ class TensorSource:
         # Grad mode is per thread and the pool's threads have it on: write through a detached
         # alias so a parameter that requires grad is filled like under the caller's no_grad.
         dst = dst.detach()
-        if not dst.is_contiguous():
+        if not dst.is_contiguous() and dst.device.type != "cpu":
             tmp = torch.empty(lengths, dtype=self.dtype, device=dst.device)
             self.read_box_into(tmp, offsets, lengths)
             dst.copy_(tmp)
@@ -200,14 +207,33 @@ class TensorSource:
         # Once per tensor read, not per chunk: a file rewritten in place since its header was
         # read is refused before any of its bytes are used.
         self.shard.check(self.entry.name)
-        plan = self.plan(offsets, lengths)
         if dst.device.type == "cuda":
             from .cuda import read_into_cuda
 
-            read_into_cuda(self, dst, plan)
+            read_into_cuda(self, dst, self.plan(offsets, lengths))
             return
-        flat = dst.view(-1)
         kernel = self.kernel(torch.device("cpu"))
+        if dst.is_contiguous():
+            self._read_cpu(dst, offsets, lengths, kernel)
+            return
+        # A strided destination (a transposed view, a column of a fused parameter) is filled a
+        # band of at most one chunk at a time through a buffer, the scale read once.
+        buf: torch.Tensor | None = None
+        for band, off, ln in _bands(dst, offsets, lengths, self.chunk):
+            if band.is_contiguous():
+                self._read_cpu(band, off, ln, kernel)
+                continue
+            n = math.prod(ln)
+            if buf is None or buf.numel() < n:
+                buf = torch.empty(n, dtype=self.dtype)
+            tmp = buf[:n].view(ln)
+            self._read_cpu(tmp, off, ln, kernel)
+            band.copy_(tmp)
+
+    def _read_cpu(self, dst: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...], kernel: Kernel | None) -> None:
+        """The box into contiguous CPU tensor ``dst`` with ``kernel`` (``None``: stored values)."""
+        plan = self.plan(offsets, lengths)
+        flat = dst.view(-1)
         direct = dst.dtype == self.dtype
         for start, stop in plan.spans:
             self.shard.will_need(start, stop - start)
@@ -240,7 +266,7 @@ class TensorSource:
         e = self.entry
         if self.bits % 8 == 0:
             isz = self.bits // 8
-            cols = matrix_shape(self.shape)[1]
+            cols = matrix_shape(self.stored_shape)[1]
             w = rect.c1 - rect.c0
             if w == cols or rect.r1 - rect.r0 == 1:
                 self.shard.read_into(buf, e.offset + (rect.r0 * cols + rect.c0) * isz, e.name)
@@ -260,7 +286,7 @@ class TensorSource:
     def plan(self, offsets: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> Plan:
         """The rectangles of the ``[rows, cols]`` view that cover the box (default: the whole
         tensor), each at most one chunk, with where each lands in the destination."""
-        shape = tuple(self.shape)
+        shape = tuple(self.stored_shape)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
         lengths = tuple(lengths) if lengths is not None else shape
         grid = self.scale is not None and (self.scale.granularity.grid or self.bits < 8)
@@ -280,7 +306,7 @@ class TensorSource:
         if ref is None:
             return None
         scale = read_scale(ref, self.key).to(device)
-        shape = tuple(self.shape)
+        shape = tuple(self.stored_shape)
         codes = ref.codec if ref.codec is not None else self.entry.dtype.torch
         g = ref.granularity
         backend = backend_for(device)
@@ -301,3 +327,46 @@ class TensorSource:
             backend=backend,
             device=device,
         )
+
+
+def _bands(
+    dst: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...], chunk: int
+) -> Iterator[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]]:
+    """``dst`` (the box ``offsets``/``lengths``) cut along its leading dims into sub-boxes of at
+    most ``chunk`` elements (or one row of the last dim, if that is longer): ``(part of dst,
+    its offsets, its lengths)``."""
+    if math.prod(lengths) <= chunk or len(lengths) <= 1:
+        yield dst, offsets, lengths
+        return
+    d = next(i for i, n in enumerate(lengths) if n > 1) if any(n > 1 for n in lengths[:-1]) else len(lengths) - 1
+    if d == len(lengths) - 1:
+        yield dst, offsets, lengths
+        return
+    inner = math.prod(lengths[d + 1 :])
+    step = max(chunk // max(inner, 1), 1)
+    for i in range(0, lengths[d], step):
+        k = min(step, lengths[d] - i)
+        off = offsets[:d] + (offsets[d] + i,) + offsets[d + 1 :]
+        ln = lengths[:d] + (k,) + lengths[d + 1 :]
+        yield from _bands(dst.narrow(d, i, k), off, ln, chunk)
+
+
+class TransposedSource(TensorSource):
+    """A stored tensor exposed with its last two dims swapped: gpt-oss's MXFP4 experts, stored
+    ``[E, out, in]`` like Linear weights and held by transformers as ``[E, in, out]``."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> torch.Size:
+        s = super().shape
+        return torch.Size((*s[:-2], s[-1], s[-2]))
+
+    def read_box_into(self, dst: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        def swap(t: Sequence[int]) -> tuple[int, ...]:
+            t = tuple(int(x) for x in t)
+            return (*t[:-2], t[-1], t[-2]) if len(t) >= 2 else t
+
+        if tuple(dst.shape) != tuple(int(n) for n in lengths):
+            raise ValueError(f"the box of {self.key!r} has shape {list(lengths)}, the destination {list(dst.shape)}")
+        super().read_box_into(dst.transpose(-1, -2), swap(offsets), swap(lengths))
