@@ -238,7 +238,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         return ScaleRef(
             self._files[q.file], q.entry, q.granularity,
             codec=q.codec, shape=q.shape, global_scale=opened(q.global_scale), divide=q.divide,
-            zero_point=opened(q.zero_point),
+            zero_point=opened(q.zero_point), declared_shape=opened(q.declared_shape),
         )
 
     def _tensor_source(self, runtime: str, disk: str) -> TensorSource:

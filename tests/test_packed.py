@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lazyfp8 import LazyFP8View
 from lazyfp8.errors import CheckpointError, ScaleShapeError, UnsupportedDtypeError
-from lazyfp8.formats.codecs import E2M1, INT4, INT8, UINT4
+from lazyfp8.formats.codecs import E2M1, INT4, INT8, INT8_OFFSET
 from lazyfp8.inspection import inspect_checkpoint
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -34,19 +34,16 @@ def pack_int32(codes: torch.Tensor) -> torch.Tensor:
 
 def expected(codes, values, scale, group, dtype, *, zero=None, global_scale=None, divide=False):
     """The formula of ``formats.pairing.Quantized`` on whole tensors: every code's value, minus
-    its group's zero point, times its group's scale (over, or then times, the global scale)."""
+    its group's zero point, times its group's scale (over, or times, the global scale)."""
     cols = codes.shape[-1]
     v = values[codes.long()]
     s = scale.to(torch.float32)
-    if global_scale is not None and divide:
-        s = s / global_scale
+    if global_scale is not None:
+        s = s / global_scale if divide else s * global_scale
     s = s.repeat_interleave(group, dim=-1)[..., :cols]
     if zero is not None:
         v = v - zero.to(torch.float32).repeat_interleave(group, dim=-1)[..., :cols]
-    t = v * s
-    if global_scale is not None and not divide:
-        t = t * global_scale
-    return t.to(dtype)
+    return (v * s).to(dtype)
 
 
 def write(path, tensors, config=None, name="model.safetensors"):
@@ -244,9 +241,10 @@ def test_deepseek_v4_fp4_experts(tmp_path):
     assert torch.equal(view.get_tensor(key).view(torch.int16), want.view(torch.int16))
 
 
-def test_uint4_codec_is_unsigned():
-    assert UINT4.values().tolist() == list(range(16))
-    assert INT4.values()[0].item() == -8 and INT4.values()[8].item() == 0
+def test_int_codecs_are_offset_like_compressed_tensors_packs_them():
+    assert INT4.values().tolist() == list(range(-8, 8))
+    assert INT8_OFFSET.values().tolist() == list(range(-128, 128))
+    assert INT8.values()[:128].tolist() == list(range(128)) and INT8.values()[255].item() == -1
     assert E2M1.values()[8].item() == 0.0 and str(E2M1.values()[8].item()) == "-0.0"
 
 
@@ -360,3 +358,20 @@ def test_a_plain_byte_tensor_is_not_mistaken_for_fp4(tmp_path):
     write(tmp_path, {"mask.weight": torch.ones(4, 4, dtype=torch.uint8), "other": torch.ones(2)})
     view = LazyFP8View(tmp_path)
     assert view["mask.weight"].dtype == torch.uint8 and view["mask.weight"].shape == (4, 4)
+
+
+# --- the DCP reader ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["nvfp4-ct", "modelopt", "mxfp4", "int4"])
+def test_dcp_load_reads_packed_weights(tmp_path, writer):
+    import torch.distributed.checkpoint as dcp
+
+    import lazyfp8
+
+    {"nvfp4-ct": ct_nvfp4, "modelopt": modelopt_nvfp4, "mxfp4": gpt_oss_mxfp4, "int4": ct_int4}[writer](tmp_path)
+    view = LazyFP8View(tmp_path)
+    sd = {k: torch.empty(view[k].shape, dtype=view[k].dtype) for k in view}
+    dcp.load(sd, storage_reader=lazyfp8.LazyFP8StorageReader(str(tmp_path), chunk_elements=100), no_dist=True)
+    for k, v in sd.items():
+        assert torch.equal(v, view.get_tensor(k)), k

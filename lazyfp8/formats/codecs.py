@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Codec", "CODECS", "E2M1", "INT4", "INT8", "UINT4", "UINT8", "fp8_codec", "codec"]
+__all__ = ["Codec", "CODECS", "E2M1", "INT4", "INT8", "INT8_OFFSET", "fp8_codec", "codec"]
 
 #: The OCP e2m1 (FP4) values of codes 0-7; codes 8-15 are their negatives (code 8 is -0).
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -67,12 +67,12 @@ def _e2m1() -> torch.Tensor:
 
 #: FP4 (e2m1): MXFP4, NVFP4.
 E2M1 = Codec("e2m1", 4, _e2m1)
-#: Signed int4 stored offset by 8 (code ``u`` is ``u - 8``), as compressed-tensors packs it.
+#: Signed int4 stored offset by 8 (code ``u`` is ``u - 8``), as compressed-tensors packs it
+#: (its zero points too).
 INT4 = Codec("int4", 4, lambda: torch.arange(16, dtype=torch.float32) - 8)
-#: Unsigned int4 (code ``u`` is ``u``): an asymmetric scheme's codes before the zero point.
-UINT4 = Codec("uint4", 4, lambda: torch.arange(16, dtype=torch.float32))
-#: Unsigned int8 (code ``u`` is ``u``): an asymmetric 8-bit scheme's codes before the zero point.
-UINT8 = Codec("uint8", 8, lambda: torch.arange(256, dtype=torch.float32))
+#: Signed int8 stored offset by 128 (code ``u`` is ``u - 128``): compressed-tensors' 8-bit
+#: ``pack-quantized``, four codes an int32 word.
+INT8_OFFSET = Codec("int8-offset", 8, lambda: torch.arange(256, dtype=torch.float32) - 128)
 #: Signed int8, two's complement (an ``I8`` tensor's bytes).
 INT8 = Codec("int8", 8, lambda: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.float32))
 
@@ -88,7 +88,7 @@ def fp8_codec(fp8_dtype: torch.dtype) -> Codec:
 
 
 #: The integer and FP4 codecs by name (FP8 codecs come from the dtype table: ``fp8_codec``).
-CODECS: dict[str, Codec] = {c.name: c for c in (E2M1, INT4, UINT4, INT8, UINT8)}
+CODECS: dict[str, Codec] = {c.name: c for c in (E2M1, INT4, INT8_OFFSET, INT8)}
 
 
 def codec(name: str) -> Codec:

@@ -89,7 +89,9 @@ def _compressed_tensors(qc: dict[str, Any], path: str) -> Scheme:
         raise UnsupportedSchemeError(
             f"{path}: compressed-tensors config has no config_groups", file=path, key="quantization_config.config_groups"
         )
-    _ct_format(qc.get("format"), "quantization_config.format", path)
+    # "mixed-precision": each group names its own format, checked below.
+    if qc.get("format") != "mixed-precision":
+        _ct_format(qc.get("format"), "quantization_config.format", path)
     found: list[Granularity] = []
     int_bits: int | None = None
     for name, group in groups.items():

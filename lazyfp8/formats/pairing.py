@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from ..errors import CheckpointError, MissingScaleError, UnsupportedDtypeError, raise_or_collect
 from ..storage.dtypes import SCALE_CODES
 from ..storage.header import TensorEntry
-from .codecs import E2M1, INT4, INT8, UINT4, UINT8, Codec, fp8_codec
+from .codecs import E2M1, INT4, INT8, INT8_OFFSET, Codec, fp8_codec
 from .schemes import MX_BLOCK, Granularity, PerBlock, Scheme
 
 __all__ = ["Pairing", "Quantized", "pair_scales", "QUANT_SIBLINGS", "FORMS"]
@@ -44,7 +44,7 @@ class Quantized:
 
         v = codec value of code[i, j]  (- zero_point[g] when there is one)
         v * s[g]                       no global scale
-        (v * s[g]) * global            ModelOpt NVFP4 (``weight_scale_2`` multiplies)
+        v * (s[g] * global)            ModelOpt NVFP4 (``weight_scale_2`` multiplies)
         v * (s[g] / global)            compressed-tensors NVFP4 (``weight_global_scale`` divides)
 
     where ``g`` is the block of ``granularity`` that holds ``[i, j]``.
@@ -56,7 +56,7 @@ class Quantized:
         shape: the weight's shape (its codes unpacked).
         form: the stored form's name (``FORMS``).
         global_scale: a second, one-value scale (file, entry), or ``None``.
-        divide: the global scale divides the group scale (else multiplies the product).
+        divide: the global scale divides the group scale (else multiplies it).
         zero_point: the zero point (file, entry) of an asymmetric int weight, or ``None``.
         transposed: the weight is exposed with its last two dims swapped (``shape`` is as
             stored): gpt-oss's MXFP4 experts, stored ``[E, out, in]`` and held by transformers'
@@ -73,6 +73,7 @@ class Quantized:
     divide: bool = False
     zero_point: tuple[str, TensorEntry] | None = None
     transposed: bool = False
+    declared_shape: tuple[str, TensorEntry] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +312,10 @@ def _check_one_value(file: str, entry: TensorEntry, key: str) -> None:
 class _PackedInt(Form):
     """compressed-tensors int ``pack-quantized``: ``weight_packed`` I32 ``[out, in * bits / 32]``
     (codes offset to unsigned, little-endian in each word), ``weight_scale`` per group, channel or
-    tensor, ``weight_shape``, and for an asymmetric scheme ``weight_zero_point``. How many bits a
-    code has is the config's ``num_bits`` (the header cannot tell 8 nibbles from 4 bytes)."""
+    tensor, ``weight_shape``, and for an asymmetric scheme ``weight_zero_point`` (I32, packed the
+    same way along the output rows). How many bits a code has is the config's ``num_bits`` (the
+    header cannot tell 8 nibbles from 4 bytes). The shape is the header's, every word's codes
+    unpacked; ``weight_shape`` is checked against it when the weight is read."""
 
     name = "int-packed"
 
@@ -334,19 +337,20 @@ class _PackedInt(Form):
             ))
         zp_key = prefix + "weight_zero_point"
         zero_point = tensors.get(zp_key)
-        if bits == 4:
-            codec = UINT4 if zero_point is not None else INT4
-        else:
-            codec = INT8 if zero_point is None else UINT8
+        codec = INT4 if bits == 4 else INT8_OFFSET
         shape = _packed_shape(entry, codec, key, file)
         scale_key = prefix + "weight_scale"
         if scale_key not in tensors:
             raise _missing(file, key, f"int{bits}-packed", [scale_key], scheme)
         _check_scale_dtype(tensors, scale_key, key)
         g = _granularity(scheme, shape, tensors, scale_key, key, file)
-        consumed = tuple(k for k in (scale_key, zp_key, prefix + "weight_shape") if k in tensors)
+        shape_key = prefix + "weight_shape"
+        consumed = tuple(k for k in (scale_key, zp_key, shape_key) if k in tensors)
         scale_file, scale_entry = tensors[scale_key]
-        q = Quantized(scale_file, scale_entry, g, codec, shape, self.name, zero_point=zero_point)
+        q = Quantized(
+            scale_file, scale_entry, g, codec, shape, self.name,
+            zero_point=zero_point, declared_shape=tensors.get(shape_key),
+        )
         return _Claim(prefix + "weight", q, consumed)
 
 

@@ -46,6 +46,7 @@ class ScaleRef:
     global_scale: tuple[ShardFile, TensorEntry] | None = None
     divide: bool = False
     zero_point: tuple[ShardFile, TensorEntry] | None = None
+    declared_shape: tuple[ShardFile, TensorEntry] | None = None
 
 
 def _read_small(shard: ShardFile, e: TensorEntry) -> torch.Tensor:
@@ -92,7 +93,20 @@ def read_zero_point(ref: ScaleRef, weight_key: str, grid: tuple[int, ...]) -> to
     if ref.zero_point is None:
         return None
     shard, e = ref.zero_point
-    zp = _read_small(shard, e)
+    if e.dtype.code == "I32" and ref.codec is not None and len(e.shape) == 2:
+        # compressed-tensors packs zero points like codes, but along the output rows: word
+        # [k, g] holds rows k * 32 / bits onwards of block column g, offset like the codes.
+        raw = torch.empty(e.shape, dtype=torch.int32)
+        shard.check(e.name)
+        shard.read_into(raw, e.offset, e.name)
+        stream = raw.t().contiguous().view(torch.uint8)
+        if ref.codec.bits == 4:
+            stream = torch.stack((stream & 0xF, stream >> 4), dim=-1).flatten(-2)
+        zp = ref.codec.values()[stream.long()][:, : grid[0]].t()
+        if zp.shape[1] != grid[1] or zp.shape[0] != grid[0]:
+            zp = torch.empty(0)  # refused below
+    else:
+        zp = _read_small(shard, e)
     if zp.numel() != math.prod(grid) or not bool(torch.isfinite(zp).all()):
         raise CheckpointError(
             f"{shard.path}: zero point {e.name!r} of {weight_key!r} has shape {list(e.shape)}; expected "
@@ -101,6 +115,30 @@ def read_zero_point(ref: ScaleRef, weight_key: str, grid: tuple[int, ...]) -> to
             key=e.name,
         )
     return zp.reshape(grid)
+
+
+def check_declared_shape(ref: ScaleRef, weight_key: str, shape: tuple[int, ...]) -> None:
+    """A packed weight's stored shape tensor (``weight_shape``) must be the shape its header
+    gives (every word's codes unpacked): a row whose length is not a whole number of words is
+    refused rather than read with padding as values.
+
+    Raises:
+        CheckpointError: naming both shapes."""
+    if ref.declared_shape is None:
+        return
+    shard, e = ref.declared_shape
+    raw = torch.empty(e.shape, dtype=e.dtype.torch)
+    shard.check(e.name)
+    shard.read_into(raw, e.offset, e.name)
+    declared = [int(x) for x in raw.reshape(-1).tolist()] if not raw.is_floating_point() else None
+    if declared != list(shape):
+        raise CheckpointError(
+            f"{shard.path}: {e.name!r} says {weight_key!r} has shape {declared if declared is not None else raw.tolist()}; "
+            f"its packed codes hold {list(shape)}. lazyfp8 reads packed rows that are whole words of codes "
+            f"(in a multiple of {32 // (ref.codec.bits if ref.codec else 8)})",
+            file=shard.path,
+            key=e.name,
+        )
 
 
 class TensorSource:
@@ -307,6 +345,7 @@ class TensorSource:
             return None
         scale = read_scale(ref, self.key).to(device)
         shape = tuple(self.stored_shape)
+        check_declared_shape(ref, self.key, shape)
         codes = ref.codec if ref.codec is not None else self.entry.dtype.torch
         g = ref.granularity
         backend = backend_for(device)
