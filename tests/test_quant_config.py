@@ -46,16 +46,31 @@ def test_compressed_tensors(weights, expected):
     assert s.granularities == (expected,) and s.scale_suffixes == ("_scale",)
 
 
-def test_compressed_tensors_int4_is_refused():
-    with pytest.raises(UnsupportedSchemeError, match="4-bit int"):
-        scheme_from_config(ct(type="int", num_bits=4, strategy="group", group_size=128), "c")
+def test_compressed_tensors_int4_groups_record_their_width():
+    s = scheme_from_config(ct(type="int", num_bits=4, strategy="group", group_size=128), "c")
+    assert s.granularities == (PerBlock((1, 128)),) and s.int_bits == 4
+
+
+@pytest.mark.parametrize("kind,bits", [("int", 2), ("int", 3), ("float", 16), ("float", 6)])
+def test_compressed_tensors_widths_not_read_are_refused(kind, bits):
+    with pytest.raises(UnsupportedSchemeError, match=f"{bits}-bit '{kind}'"):
+        scheme_from_config(ct(type=kind, num_bits=bits, strategy="group", group_size=128), "c")
+
+
+def test_compressed_tensors_nvfp4_tensor_group():
+    s = scheme_from_config(ct(type="float", num_bits=4, strategy="tensor_group", group_size=16), "c")
+    assert s.granularities == (PerBlock((1, 16)),) and s.int_bits is None
 
 
 def test_fbgemm_and_modelopt():
     assert scheme_from_config(qc(quant_method="fbgemm_fp8"), "c").granularities == (PerChannel(),)
     assert scheme_from_config(qc(quant_method="modelopt", quant_algo="FP8"), "c").granularities == (PerTensor(),)
-    with pytest.raises(UnsupportedSchemeError, match="NVFP4"):
-        scheme_from_config(qc(quant_method="modelopt", quant_algo="NVFP4"), "c")
+    assert scheme_from_config(qc(quant_method="modelopt", quant_algo="NVFP4"), "c").granularities == (PerBlock((1, 16)),)
+    mixed = qc(quant_method="modelopt", quant_algo="MIXED_PRECISION",
+               quantized_layers={"a": {"quant_algo": "NVFP4", "group_size": 16}, "b": {"quant_algo": "FP8"}})
+    assert scheme_from_config(mixed, "c").granularities == (PerBlock((1, 16)), PerTensor())
+    with pytest.raises(UnsupportedSchemeError, match="W4A8_AWQ"):
+        scheme_from_config(qc(quant_method="modelopt", quant_algo="W4A8_AWQ"), "c")
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", None])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import torch
 
@@ -26,13 +25,16 @@ class Codec:
     """Attributes:
     name: how docs, reports and ``inspect`` call it (``e2m1``, ``int4``, ``e4m3``...).
     bits: bits per code, 4 or 8.
-    values: the exact value of each of the ``2**bits`` codes, as a function building the float32
-        table (NaN codes of FP8 give NaN).
+    table: the exact value of each of the ``2**bits`` codes (NaN codes of FP8 give NaN).
     """
 
     name: str
     bits: int
-    _values: Callable[[], torch.Tensor] = dataclasses.field(repr=False, compare=False)
+    table: tuple[float, ...] = dataclasses.field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.table) != 1 << self.bits:
+            raise ValueError(f"codec {self.name} has {len(self.table)} values for {self.bits} bits")
 
     @property
     def per_byte(self) -> int:
@@ -54,37 +56,26 @@ class Codec:
 
 @functools.cache
 def _table(codec: Codec) -> torch.Tensor:
-    t = codec._values().to(torch.float32).contiguous()
-    if t.shape != (1 << codec.bits,):
-        raise AssertionError(f"codec {codec.name} has {t.numel()} values for {codec.bits} bits")
-    return t
-
-
-def _e2m1() -> torch.Tensor:
-    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32)
-    return torch.cat([mags, -mags])
+    return torch.tensor(codec.table, dtype=torch.float32)
 
 
 #: FP4 (e2m1): MXFP4, NVFP4.
-E2M1 = Codec("e2m1", 4, _e2m1)
+E2M1 = Codec("e2m1", 4, _E2M1_MAGNITUDES + tuple(-v for v in _E2M1_MAGNITUDES))
 #: Signed int4 stored offset by 8 (code ``u`` is ``u - 8``), as compressed-tensors packs it
 #: (its zero points too).
-INT4 = Codec("int4", 4, lambda: torch.arange(16, dtype=torch.float32) - 8)
+INT4 = Codec("int4", 4, tuple(float(u - 8) for u in range(16)))
 #: Signed int8 stored offset by 128 (code ``u`` is ``u - 128``): compressed-tensors' 8-bit
 #: ``pack-quantized``, four codes an int32 word.
-INT8_OFFSET = Codec("int8-offset", 8, lambda: torch.arange(256, dtype=torch.float32) - 128)
+INT8_OFFSET = Codec("int8-offset", 8, tuple(float(u - 128) for u in range(256)))
 #: Signed int8, two's complement (an ``I8`` tensor's bytes).
-INT8 = Codec("int8", 8, lambda: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.float32))
+INT8 = Codec("int8", 8, tuple(float(u - 256 if u >= 128 else u) for u in range(256)))
 
 
 @functools.cache
 def fp8_codec(fp8_dtype: torch.dtype) -> Codec:
     """The codec of one FP8 format: each byte read as ``fp8_dtype``."""
-    return Codec(
-        str(fp8_dtype).removeprefix("torch.float8_"),
-        8,
-        lambda: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype).to(torch.float32),
-    )
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype).to(torch.float32)
+    return Codec(str(fp8_dtype).removeprefix("torch.float8_"), 8, tuple(values.tolist()))
 
 
 #: The integer and FP4 codecs by name (FP8 codecs come from the dtype table: ``fp8_codec``).
