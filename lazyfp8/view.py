@@ -133,8 +133,12 @@ class LazyFP8View(Mapping[str, LazyTensor]):
 
     FP8 tensors (``F8_E4M3``, ``F8_E5M2``... in the header) are paired with their scale sibling
     and come out as ``dtype``: element-wise ``(w.to(float32) * scale.to(float32)).to(dtype)``
-    (bit-exact). Other tensors come out bit-exact in their stored dtype. Scale tensors and static
-    activation/KV scales of FP8 modules are not keys.
+    (bit-exact). Packed FP4 and int weights (gpt-oss MXFP4 ``*_blocks``, ModelOpt and
+    compressed-tensors NVFP4, int4/int8 ``pack-quantized``, DeepSeek-V4 FP4 experts) are
+    recognised from their tensors' names, dtypes and shapes, exposed under their runtime name and
+    unpacked shape, and dequantized by their format's formula (docs/formats.md). Other tensors
+    come out bit-exact in their stored dtype. Scale tensors, zero points, global scales and static
+    activation/KV scales of quantized modules are not keys.
 
     Args:
         path (`str` or `os.PathLike`): a directory holding ``model.safetensors.index.json`` and
@@ -146,7 +150,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
             transformers' ``from_pretrained(key_mapping=...)``, first matching rule wins; or a
             list of rules, :class:`~lazyfp8.Fuse` and :class:`~lazyfp8.Split`. A composite value
             (several stored tensors as one) reads each part straight into its place.
-        dtype (`torch.dtype`, defaults to `torch.bfloat16`): what FP8 tensors dequantize to.
+        dtype (`torch.dtype`, defaults to `torch.bfloat16`): what quantized tensors dequantize to.
         device (`str` or `torch.device`, defaults to ``"cpu"``): where tensors are produced.
         scheme (`Scheme`, granularity or `str`, *optional*): how FP8 weights are scaled. Default:
             what ``config.json``'s ``quantization_config`` declares (``quant_method`` ``fp8``,
@@ -166,7 +170,7 @@ class LazyFP8View(Mapping[str, LazyTensor]):
 
     Raises:
         MissingShardError, UnsafePathError, CorruptCheckpointError: a bad path, index or header.
-        UnsupportedSchemeError: a quantization_config that is not an FP8 scheme read here.
+        UnsupportedSchemeError: a quantization_config that is not a scheme read here.
         MissingScaleError: an FP8 tensor without a scale sibling.
         ScaleShapeError: a scale whose shape fits no granularity for its weight.
         KeyMappingError: an unknown preset, or two on-disk keys mapping to one runtime name.
