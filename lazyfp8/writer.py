@@ -33,7 +33,7 @@ from torch import nn
 
 from ._progress import ProgressSpec, make_progress
 from .errors import SaveError
-from .formats.quantize import fp8_max
+from .formats.quantize import MXFP4, NVFP4, Int4, PackedScheme, fp8_max
 from .formats.quantize import quantize as _quantize
 from .formats.schemes import Granularity, make_scheme
 from .keymap import KeyMapping, KeyMappingSpec
@@ -57,8 +57,6 @@ __all__ = ["save", "SaveResult", "SaveError", "DEFAULT_EXCLUDE"]
 
 #: Weights left unquantized unless ``exclude`` says otherwise: the output head and embeddings.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|\.)lm_head\.", r"(^|\.)embed")
-
-_FORMATS = {"fp8": "_scale_inv", "compressed-tensors": "_scale"}
 
 Selector = Union[Callable[[str], bool], Iterable[str], None]
 
@@ -167,20 +165,28 @@ def _check_value(key: str, value: Any, path: str) -> None:
     raise SaveError(f"{path}: cannot write {key!r}: it {problem}", path=path, key=key)
 
 
-def _check_disk_names(disk_of: dict[str, str], scale_names: dict[str, str], path: str) -> None:
-    """Every on-disk name storable, and no scale taking the name of another tensor."""
+def _check_disk_names(disk_of: dict[str, str], written: dict[str, list[tuple[str, str]]], path: str) -> None:
+    """Every on-disk name storable, and no two tensors written under one name (a scale or a
+    packed part taking the name of another tensor, or of another weight's part).
+
+    ``written``: for each quantized runtime key, the ``(name, what)`` of every tensor written for it.
+    """
     for runtime, disk in disk_of.items():
         _check_key(disk, path, runtime)
-    holder = {disk: runtime for runtime, disk in disk_of.items()}
-    for runtime, scale in scale_names.items():
-        if scale in holder:
-            raise SaveError(
-                f"{path}: the scale of {runtime!r} would be written as {scale!r}, the name of the tensor "
-                f"{holder[scale]!r}; rename one of them or leave {runtime!r} unquantized",
-                path=path,
-                key=scale,
-            )
-        _check_key(scale, path, runtime)
+    holder = {disk: (runtime, "tensor") for runtime, disk in disk_of.items() if runtime not in written}
+    for runtime, parts in written.items():
+        for name, what in parts:
+            if name in holder and holder[name][0] != runtime:
+                other, other_what = holder[name]
+                whose = f"the tensor {other!r}" if other_what == "tensor" else f"the {other_what} of {other!r}"
+                raise SaveError(
+                    f"{path}: the {what} of {runtime!r} would be written as {name!r}, the name of {whose}; "
+                    f"rename one of them or leave {runtime!r} unquantized",
+                    path=path,
+                    key=name,
+                )
+            _check_key(name, path, runtime)
+            holder[name] = (runtime, what)
 
 
 def _materialize(value: Any) -> torch.Tensor:
@@ -193,24 +199,306 @@ def _materialize(value: Any) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
-#: Where each format's quantization_config lists the Linear modules left unquantized.
-_UNCONVERTED = {"fp8": "modules_to_not_convert", "compressed-tensors": "ignore"}
+# ---------------------------------------------------------------------------------------------
+# What one quantized weight becomes on disk, per scheme and format
+
+#: Every ``format=``; the key of its ``quantization_config`` listing the Linear modules left
+#: unquantized.
+_UNCONVERTED = {
+    "fp8": "modules_to_not_convert",
+    "compressed-tensors": "ignore",
+    "modelopt": "exclude_modules",
+    "mxfp4": "modules_to_not_convert",
+}
+_FORMATS = tuple(_UNCONVERTED)
+
+#: The 4-bit schemes by name: the formats that store each (the first is the default) and the
+#: scheme object a format asks for.
+_PACKED: dict[str, tuple[str, ...]] = {
+    "nvfp4": ("compressed-tensors", "modelopt"),
+    "mxfp4": ("mxfp4", "compressed-tensors"),
+    "int4": ("compressed-tensors",),
+}
 
 
-def _quantization_config(g: Granularity, fmt: str, fp8_dtype: torch.dtype, ue8m0: bool) -> dict[str, Any]:
-    if ue8m0:
-        raise ValueError("no standard quantization_config describes ue8m0 scales; pass config=None")
-    if fp8_dtype != torch.float8_e4m3fn and fmt == "fp8":
-        raise ValueError("the HF 'fp8' quantization_config describes float8_e4m3fn only; pass config=None")
-    if fmt == "fp8":
-        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": g.weight_block_size}
-    weights: dict[str, Any] = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
-    weights.update(g.compressed_tensors_strategy())
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
-    }
+def _module_prefix(disk: str) -> str | None:
+    """``"a.b."`` for ``"a.b.weight"``, ``""`` for ``"weight"``, ``None`` for any other name."""
+    if disk == "weight":
+        return ""
+    if disk.endswith(".weight"):
+        return disk.removesuffix("weight")
+    return None
+
+
+class _Target:
+    """How one scheme in one format stores a quantized weight: its on-disk names, its size, its
+    tensors, and the ``quantization_config`` that tells readers so. One subclass per layout."""
+
+    format: str = ""
+
+    def check(self, key: str, disk: str, shape: tuple[int, ...]) -> None:
+        """Refuse (ValueError, naming ``key``) a weight this layout cannot store."""
+
+    def names(self, disk: str) -> list[tuple[str, str]]:
+        """``(on-disk name, what it is)`` of every tensor written for the weight stored as ``disk``."""
+        raise NotImplementedError
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes written for a weight of ``shape`` (codes and scales)."""
+        raise NotImplementedError
+
+    def tensors(self, key: str, disk: str, t: torch.Tensor, given: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The tensors to write for weight ``t`` (``given``: its scale, reused)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The ``quantization_config`` describing the weights, without the unquantized modules."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class _FP8(_Target):
+    """FP8 codes under the weight's name, the scale beside it: ``<name>_scale_inv`` (HF ``fp8``) or
+    ``<module>.weight_scale`` (compressed-tensors)."""
+
+    granularity: Granularity
+    fp8_dtype: torch.dtype
+    ue8m0: bool
+    format: str
+
+    @property
+    def suffix(self) -> str:
+        return "_scale_inv" if self.format == "fp8" else "_scale"
+
+    def check(self, key: str, disk: str, shape: tuple[int, ...]) -> None:
+        if self.format == "compressed-tensors" and not disk.endswith("weight"):
+            raise ValueError(f"format='compressed-tensors' names scales '<module>.weight_scale'; {key!r} is not a weight")
+        if self.granularity.needs_rows and len(shape) < 2:
+            raise ValueError(f"per-channel scales need a 2-D weight; {key!r} has shape {list(shape)}")
+
+    def names(self, disk: str) -> list[tuple[str, str]]:
+        return [(disk, "codes"), (disk + self.suffix, "scale")]
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        n = int(torch.Size(shape).numel())
+        return n + 4 * int(torch.Size(self.granularity.scale_shape(shape)).numel())
+
+    def tensors(self, key: str, disk: str, t: torch.Tensor, given: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        codes, s = _quantize(t, self.granularity, self.fp8_dtype, ue8m0=self.ue8m0, scale=given, name=key)
+        return {disk: codes, disk + self.suffix: s.contiguous()}
+
+    def config(self) -> dict[str, Any]:
+        if self.ue8m0:
+            raise ValueError("no standard quantization_config describes ue8m0 scales; pass config=None")
+        if self.fp8_dtype != torch.float8_e4m3fn and self.format == "fp8":
+            raise ValueError("the HF 'fp8' quantization_config describes float8_e4m3fn only; pass config=None")
+        if self.format == "fp8":
+            return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": self.granularity.weight_block_size}
+        weights: dict[str, Any] = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+        weights.update(self.granularity.compressed_tensors_strategy())
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed(_Target):
+    """A 4-bit scheme's codes (two a byte) and scales, named as one producer names them."""
+
+    scheme: PackedScheme
+
+    def check(self, key: str, disk: str, shape: tuple[int, ...]) -> None:
+        self.scheme.check_shape(shape, key)
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        groups = int(torch.Size(self.scheme.granularity.scale_shape(shape)).numel())
+        extra = {"weight_global_scale": 4, "weight_scale_2": 4, "weight_shape": 16}
+        return (
+            int(torch.Size(shape).numel()) // 2
+            + groups * self.scheme.scale_dtype.itemsize
+            + sum(extra.get(name.rpartition(".")[2], 0) for name, _ in self.names("weight"))
+        )
+
+    def _module(self, key: str, disk: str, what: str) -> str:
+        prefix = _module_prefix(disk)
+        if prefix is None:
+            raise ValueError(
+                f"format={self.format!r} names a packed weight's parts '<module>.{what}'; {key!r} is stored as "
+                f"{disk!r}, not '<module>.weight': leave it unquantized or rename it (key_mapping=...)"
+            )
+        return prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompressedTensorsPacked(_Packed):
+    """compressed-tensors ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (``weight_packed`` U8
+    ``[out, in/2]``, ``weight_scale``, NVFP4's ``weight_global_scale`` F32 ``[1]``) and int4
+    ``pack-quantized`` (``weight_packed`` I32 ``[out, in/8]``, eight codes ``q + 8`` a word, low
+    nibble first; ``weight_scale``; ``weight_shape`` I64 ``[2]``)."""
+
+    format: str = "compressed-tensors"
+
+    def check(self, key: str, disk: str, shape: tuple[int, ...]) -> None:
+        self._module(key, disk, "weight_packed")
+        super().check(key, disk, shape)
+
+    def names(self, disk: str) -> list[tuple[str, str]]:
+        m = _module_prefix(disk) or ""
+        second = {"nvfp4": [(m + "weight_global_scale", "global scale")], "int4": [(m + "weight_shape", "shape")]}
+        return [(m + "weight_packed", "codes"), (m + "weight_scale", "scale"), *second.get(self.scheme.name, [])]
+
+    def tensors(self, key: str, disk: str, t: torch.Tensor, given: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        p = self.scheme.quantize(t, name=key)
+        m = self._module(key, disk, "weight_packed")
+        out = {m + "weight_packed": p.codes, m + "weight_scale": p.scale}
+        if self.scheme.name == "int4":
+            out[m + "weight_packed"] = p.codes.view(torch.int32)  # little-endian words: nibble 0 lowest
+            out[m + "weight_shape"] = torch.tensor(t.shape, dtype=torch.int64)
+        if p.global_scale is not None:
+            out[m + "weight_global_scale"] = p.global_scale.reshape(1)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        weights: dict[str, Any] = {
+            "num_bits": 4,
+            "type": "int" if self.scheme.name == "int4" else "float",
+            "strategy": {"nvfp4": "tensor_group"}.get(self.scheme.name, "group"),
+            "group_size": self.scheme.group,
+            "symmetric": True,
+            "dynamic": False,
+        }
+        if self.scheme.name != "int4":
+            weights["scale_dtype"] = str(self.scheme.scale_dtype)
+        fmt = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "int4": "pack-quantized"}[self.scheme.name]
+        return {
+            "quant_method": "compressed-tensors",
+            "format": fmt,
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": fmt}},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelOptNVFP4(_Packed):
+    """ModelOpt NVFP4: ``weight`` U8 ``[out, in/2]``, ``weight_scale`` F8_E4M3 ``[out, in/16]``,
+    ``weight_scale_2`` F32 0-d (multiplies)."""
+
+    format: str = "modelopt"
+
+    def check(self, key: str, disk: str, shape: tuple[int, ...]) -> None:
+        self._module(key, disk, "weight_scale")
+        super().check(key, disk, shape)
+
+    def names(self, disk: str) -> list[tuple[str, str]]:
+        m = _module_prefix(disk) or ""
+        return [(disk, "codes"), (m + "weight_scale", "scale"), (m + "weight_scale_2", "global scale")]
+
+    def tensors(self, key: str, disk: str, t: torch.Tensor, given: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        p = self.scheme.quantize(t, name=key)
+        m = self._module(key, disk, "weight_scale")
+        assert p.global_scale is not None
+        return {disk: p.codes, m + "weight_scale": p.scale, m + "weight_scale_2": p.global_scale}
+
+    def config(self) -> dict[str, Any]:
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": self.scheme.group}
+
+
+@dataclasses.dataclass(frozen=True)
+class _GptOssMXFP4(_Packed):
+    """gpt-oss MXFP4 (``quant_method: mxfp4``): ``<name>_blocks`` U8 ``[..., R, C/32, 16]`` (32 codes
+    in 16 bytes a block) and ``<name>_scales`` U8 ``[..., R, C/32]`` biased exponents. Stacked
+    experts are held as transformers' ``GptOssExperts`` holds them, ``[E, in, out]``, and stored
+    ``[E, out, in]`` (blocks along ``in``): the inverse of what the view exposes."""
+
+    format: str = "mxfp4"
+
+    @staticmethod
+    def _stored_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*shape[:-2], shape[-1], shape[-2]) if len(shape) >= 3 else shape
+
+    def check(self, key: str, disk: str, shape: tuple[int, ...]) -> None:
+        self.scheme.check_shape(self._stored_shape(shape), key)
+
+    def names(self, disk: str) -> list[tuple[str, str]]:
+        return [(disk + "_blocks", "codes"), (disk + "_scales", "scale")]
+
+    def tensors(self, key: str, disk: str, t: torch.Tensor, given: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if t.dim() >= 3:
+            # Expert by expert, each a transposed view: bands are copied, never a whole expert.
+            mats = t.reshape(-1, *t.shape[-2:])
+            parts = [self.scheme.quantize(m.transpose(0, 1), name=key) for m in mats]
+            stored = self._stored_shape(tuple(t.shape))
+            codes = torch.stack([p.codes for p in parts]).reshape(*stored[:-1], -1)
+            scale = torch.stack([p.scale for p in parts]).reshape(*stored[:-1], -1)
+        else:
+            p = self.scheme.quantize(t, name=key)
+            stored, codes, scale = tuple(t.shape), p.codes, p.scale
+        return {disk + "_blocks": codes.reshape(*stored[:-1], stored[-1] // 32, 16), disk + "_scales": scale}
+
+    def config(self) -> dict[str, Any]:
+        return {"quant_method": "mxfp4"}
+
+
+def _target(
+    scheme: Granularity | PackedScheme | str | None,
+    block_size: tuple[int, int] | None,
+    group_size: int | None,
+    fp8_dtype: torch.dtype,
+    fmt: str | None,
+    ue8m0: bool,
+) -> tuple[_Target | None, str]:
+    """The layout ``save``'s arguments ask for, and the format (``format=None``: the scheme's
+    usual one). Raises ValueError for a combination no producer writes."""
+    if fmt is not None and fmt not in _FORMATS:
+        raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {fmt!r}")
+    packed: PackedScheme | None = None
+    if isinstance(scheme, PackedScheme):
+        packed = scheme
+    elif isinstance(scheme, str) and scheme in _PACKED:
+        if block_size is not None:
+            raise ValueError(f"scheme={scheme!r} takes group_size=, not block_size=")
+        if scheme == "int4":
+            packed = Int4(128 if group_size is None else group_size)
+        else:
+            fixed = {"nvfp4": NVFP4, "mxfp4": MXFP4}[scheme]
+            packed = fixed() if group_size is None else fixed(group=group_size)
+    if packed is None:
+        if group_size is not None:
+            raise ValueError(f"group_size= is for the 4-bit schemes ({', '.join(_PACKED)}); FP8 schemes take block_size=")
+        fmt = fmt or "fp8"
+        if fmt not in ("fp8", "compressed-tensors"):
+            raise ValueError(
+                f"format={fmt!r} stores 4-bit weights ({', '.join(k for k, v in _PACKED.items() if fmt in v)}); "
+                "FP8 weights are written with format='fp8' or 'compressed-tensors'"
+            )
+        if scheme is None:
+            return None, fmt
+        gran = make_scheme(scheme, block_size).granularities[0]  # type: ignore[union-attr]
+        if fmt == "fp8" and gran.grid and gran.weight_block_size is None:
+            raise ValueError("the HF 'fp8' format has no per-channel scales; use format='compressed-tensors'")
+        fp8_max(fp8_dtype)  # an FP8 dtype, or a ValueError naming the allowed ones
+        return _FP8(gran, fp8_dtype, ue8m0, fmt), fmt
+    formats = _PACKED[packed.name]
+    fmt = fmt or formats[0]
+    if fmt not in formats:
+        raise ValueError(
+            f"{packed.name} is written with format={' or '.join(map(repr, formats))}, not {fmt!r}"
+        )
+    if ue8m0 or fp8_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"ue8m0= and fp8_dtype= are for FP8 schemes; {packed.name} fixes its own code and scale types")
+    if isinstance(packed, NVFP4):
+        divide = fmt == "compressed-tensors"  # ModelOpt's weight_scale_2 multiplies
+        if isinstance(scheme, str):
+            packed = NVFP4(divide=divide)
+        elif packed.divide != divide:
+            raise ValueError(
+                f"format={fmt!r} stores NVFP4 with a global scale that {'divides' if divide else 'multiplies'}: "
+                f"pass NVFP4(divide={divide}) or scheme='nvfp4'"
+            )
+    layout = {"compressed-tensors": _CompressedTensorsPacked, "modelopt": _ModelOptNVFP4, "mxfp4": _GptOssMXFP4}[fmt]
+    return layout(packed), fmt
 
 
 def parse_shard_size(value: int | str) -> int:
@@ -335,10 +623,11 @@ def save(
     source: nn.Module | Mapping[str, Any],
     path: str | os.PathLike[str],
     *,
-    scheme: Granularity | str | None = "per-tensor",
+    scheme: Granularity | PackedScheme | str | None = "per-tensor",
     block_size: tuple[int, int] | None = None,
+    group_size: int | None = None,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-    format: str = "fp8",
+    format: str | None = None,
     key_mapping: KeyMappingSpec = None,
     quantize: Selector = None,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
@@ -350,17 +639,26 @@ def save(
     overwrite: bool = False,
     progress: ProgressSpec = None,
 ) -> SaveResult:
-    """Write ``source`` to directory ``path`` as a (sharded) FP8 safetensors checkpoint.
+    """Write ``source`` to directory ``path`` as a (sharded) quantized safetensors checkpoint.
 
     Args:
         source: an ``nn.Module``, a state dict, or a :class:`LazyFP8View` (tensors are read one
             at a time). Tensors shared under several names (tied weights) are written once.
-        scheme: granularity of the quantized weights: ``PerTensor()``, ``PerChannel()``,
-            ``PerBlock((r, c))``, ``"per-tensor"``, ``"per-channel"``, ``"block"`` (with
-            ``block_size``), ``"mx"``; ``None`` quantizes nothing (rename and shard only).
-        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
-        format: ``"fp8"`` (scales as ``<name>_scale_inv``, HF/DeepSeek/Mistral) or
-            ``"compressed-tensors"`` (``<module>.weight_scale``).
+        scheme: FP8 with a granularity: ``PerTensor()``, ``PerChannel()``, ``PerBlock((r, c))``,
+            ``"per-tensor"``, ``"per-channel"``, ``"block"`` (with ``block_size``), ``"mx"``; or a
+            4-bit scheme: ``"nvfp4"`` (e2m1, e4m3 scale per 16, global scale), ``"mxfp4"`` (e2m1,
+            power-of-two scale per 32), ``"int4"`` (symmetric, float32 scale per ``group_size``,
+            default 128), or a :class:`~lazyfp8.formats.quantize.PackedScheme`; ``None``
+            quantizes nothing (rename and shard only).
+        group_size: the int4 group (a positive even number dividing each weight's columns).
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (FP8 schemes).
+        format: how the quantized weights are named and described, as one producer does it:
+            ``"fp8"`` (FP8; scales ``<name>_scale_inv``, HF/DeepSeek/Mistral),
+            ``"compressed-tensors"`` (FP8 ``<module>.weight_scale``; NVFP4, MXFP4 and int4
+            ``weight_packed``), ``"modelopt"`` (NVFP4: ``weight``, ``weight_scale``,
+            ``weight_scale_2``), ``"mxfp4"`` (gpt-oss: ``<name>_blocks``, ``<name>_scales``).
+            ``None`` (default): ``"fp8"`` for FP8, ``"compressed-tensors"`` for NVFP4 and int4,
+            ``"mxfp4"`` for MXFP4. See ``docs/writing.md`` for the names and error bounds.
         key_mapping: the same disk -> runtime mapping a view of the result would use (a preset,
             a dict, a :class:`KeyMapping`); keys are written under its inverse, checked to
             round-trip on every key.
@@ -375,7 +673,7 @@ def save(
         ue8m0: store power-of-two scales as exponent bytes (MX).
         scales: runtime key -> scale to reuse instead of ``amax / fp8_max``, or a
             :class:`LazyFP8View` whose stored scales to reuse: re-saving a view's tensors with its
-            own scales reproduces its FP8 bytes exactly.
+            own scales reproduces its FP8 bytes exactly. FP8 schemes only.
         max_shard_size: as in ``huggingface_hub`` (``"5GB"``, or bytes); must be positive.
         config: written as ``config.json`` with ``quantization_config`` describing the result.
         extra_files: file name -> path or binary file object, copied byte for byte beside the
@@ -405,21 +703,16 @@ def save(
     path = os.fspath(path)
     check_name(path, "destination")
     # -- Everything that can be refused is refused here, before the destination is touched. --
-    if format not in _FORMATS:
-        raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
-    gran = None if scheme is None else make_scheme(scheme, block_size).granularities[0]  # type: ignore[union-attr]
-    if format == "fp8" and gran is not None and gran.grid and gran.weight_block_size is None:
-        raise ValueError("the HF 'fp8' format has no per-channel scales; use format='compressed-tensors'")
-    if gran is not None:
-        fp8_max(fp8_dtype)  # an FP8 dtype, or a ValueError naming the allowed ones
+    target, format = _target(scheme, block_size, group_size, fp8_dtype, format, ue8m0)
+    if scales is not None and target is not None and not isinstance(target, _FP8):
+        raise ValueError("scales= reuses FP8 scales; the 4-bit schemes compute their own (pass scales=None)")
     shard_bytes = parse_shard_size(max_shard_size)
     if config is not None:
         cfg = dict(config)
-        if gran is not None:
-            cfg["quantization_config"] = _quantization_config(gran, format, fp8_dtype, ue8m0)
+        if target is not None:
+            cfg["quantization_config"] = target.config()
         _json_text(cfg, "config", path)  # refused now if it cannot be written; written below
     extras = _extra_names(extra_files, path)
-    suffix = _FORMATS[format]
     chosen = _selector(quantize)
     items, tied, linear = _items(source, path)
     mapping = KeyMapping.from_spec(key_mapping)
@@ -436,7 +729,7 @@ def save(
     disk_of = {runtime: disk for disk, runtime in mapping.build_inverse(items).items()}
 
     def should_quantize(key: str, value: Any) -> bool:
-        if gran is None or excluded(key) or not value.dtype.is_floating_point or value.dtype.itemsize == 1:
+        if target is None or excluded(key) or not value.dtype.is_floating_point or value.dtype.itemsize == 1:
             return False
         if chosen is not None:
             return chosen(key)
@@ -447,14 +740,12 @@ def save(
     quantized = [k for k, v in items.items() if should_quantize(k, v)]
     qset = set(quantized)
     for k in quantized:
-        if suffix == "_scale" and not disk_of[k].endswith("weight"):
-            raise ValueError(f"format='compressed-tensors' names scales '<module>.weight_scale'; {k!r} is not a weight")
-        if gran.needs_rows and len(items[k].shape) < 2:  # type: ignore[union-attr]
-            raise ValueError(f"per-channel scales need a 2-D weight; {k!r} has shape {list(items[k].shape)}")
-    _check_disk_names(disk_of, {k: disk_of[k] + suffix for k in quantized}, path)
+        target.check(k, disk_of[k], tuple(items[k].shape))  # type: ignore[union-attr]
+    written = {k: target.names(disk_of[k]) for k in quantized}  # type: ignore[union-attr]
+    _check_disk_names(disk_of, written, path)
     cfg_text = None
     if config is not None:
-        if gran is not None:
+        if target is not None:
             # The Linear weights left unquantized, by module: what a loader must not replace with
             # a quantized layer (transformers' modules_to_not_convert, compressed-tensors' ignore).
             weights = linear or {k for k, v in items.items() if k.endswith("weight") and len(v.shape) == 2}
@@ -465,20 +756,18 @@ def save(
 
     sizes = {}
     for k, v in items.items():
-        n = int(torch.Size(v.shape).numel())
         if k in qset:
-            sizes[k] = n + 4 * int(torch.Size(gran.scale_shape(tuple(v.shape))).numel())  # type: ignore[union-attr]
+            sizes[k] = target.nbytes(tuple(v.shape))  # type: ignore[union-attr]
         else:
-            sizes[k] = n * v.dtype.itemsize
+            sizes[k] = int(torch.Size(v.shape).numel()) * v.dtype.itemsize
     files, metadata = _plan(sizes, shard_bytes)
     index_text = None
     if len(files) > 1:
         weight_map = {}
         for fname, keys in files.items():
             for k in keys:
-                weight_map[disk_of[k]] = fname
-                if k in qset:
-                    weight_map[disk_of[k] + suffix] = fname
+                for name, _ in written.get(k, [(disk_of[k], "tensor")]):
+                    weight_map[name] = fname
         index_text = _json_text({"metadata": metadata, "weight_map": weight_map}, "the index", path)
     _check_not_source(path, [source, scales])
     survey(path, overwrite)
@@ -498,10 +787,7 @@ def save(
                     t = _materialize(items[k])
                     disk = disk_of[k]
                     if k in qset:
-                        given = scale_source(k)
-                        codes, s = _quantize(t, gran, fp8_dtype, ue8m0=ue8m0, scale=given, name=k)  # type: ignore[arg-type]
-                        shard[disk] = codes
-                        shard[disk + suffix] = s.contiguous()
+                        shard.update(target.tensors(k, disk, t, scale_source(k)))  # type: ignore[union-attr]
                     else:
                         shard[disk] = t
                     del t

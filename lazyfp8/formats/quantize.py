@@ -69,7 +69,7 @@ def _bands(w2: torch.Tensor, step: int, name: str, every: int | None = None) -> 
         r1 = min(r0 + step, rows)
         if every is not None:
             r1 = min(r1, (r0 // every + 1) * every)
-        x = w2[r0:r1].to(torch.float32, copy=True)
+        x = w2[r0:r1].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteError(f"cannot quantize {name!r}: it holds NaN or an infinity")
         yield r0, r1, x
