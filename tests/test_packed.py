@@ -375,3 +375,56 @@ def test_dcp_load_reads_packed_weights(tmp_path, writer):
     dcp.load(sd, storage_reader=lazyfp8.LazyFP8StorageReader(str(tmp_path), chunk_elements=100), no_dist=True)
     for k, v in sd.items():
         assert torch.equal(v, view.get_tensor(k)), k
+
+
+# --- composite keys: per-expert NVFP4 weights fused the way transformers 5 holds them ---------
+
+
+def test_per_expert_nvfp4_fused_into_a_transformers_moe(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import re
+
+    from tests.builders import unfuse_experts
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    per_expert = unfuse_experts(transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).state_dict())
+    linear = re.compile(r"model\.layers\.\d+\.(self_attn|mlp\.experts\.\d+)\.\w+_proj\.weight$")
+    gen = torch.Generator().manual_seed(1)
+    disk, want = {}, {}
+    for key, value in per_expert.items():
+        if not linear.match(key):
+            disk[key] = want[key] = value.contiguous()
+            continue
+        module = key.removesuffix(".weight")
+        codes = rand_codes(gen, value.shape)
+        scale = e4m3_scales(gen, (value.shape[0], value.shape[1] // 16))
+        g = torch.tensor([100.0 + len(disk)])
+        disk |= {module + ".weight_packed": pack_nibbles(codes), module + ".weight_scale": scale, module + ".weight_global_scale": g}
+        want[key] = expected(codes, E2M1.values(), scale, 16, torch.bfloat16, global_scale=g, divide=True)
+    config = {**cfg.to_dict(), "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}},
+    }}
+    write(tmp_path, disk, config)
+    view = LazyFP8View(tmp_path, key_mapping="transformers")
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    result = model.load_state_dict(view, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    p = "model.layers.0.mlp.experts"
+    gate_up = torch.stack([torch.cat([want[f"{p}.{e}.gate_proj.weight"], want[f"{p}.{e}.up_proj.weight"]]) for e in range(4)])
+    down = torch.stack([want[f"{p}.{e}.down_proj.weight"] for e in range(4)])
+    sd = model.state_dict()
+    assert torch.equal(sd[f"{p}.gate_up_proj"], gate_up) and torch.equal(sd[f"{p}.down_proj"], down)
+    assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], want["model.layers.0.self_attn.q_proj.weight"])
+    # one expert's rows of the fused value read only that expert's bytes
+    fresh = LazyFP8View(tmp_path, key_mapping="transformers")
+    assert torch.equal(fresh[f"{p}.gate_up_proj"][2], gate_up[2])
+    codes_and_scales = sum(disk[f"{p}.2.{w}.{t}"].nbytes for w in ("gate_proj", "up_proj")
+                           for t in ("weight_packed", "weight_scale", "weight_global_scale"))
+    assert fresh.bytes_read == codes_and_scales
