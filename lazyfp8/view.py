@@ -14,6 +14,7 @@ from .composite import CompositeSource
 from .conversion import mapping_of
 from .errors import KeyMappingError, ShardChangedError, TensorNotFoundError
 from .formats.catalogue import build_catalogue
+from .formats.codecs import fp8_codec
 from .formats.pairing import QUANT_SIBLINGS, Quantized
 from .formats.schemes import Granularity, Scheme
 from .kernels.parallel import default_threads
@@ -46,6 +47,10 @@ class TensorInfo:
         parts: for a composite value (fused experts), one line per on-disk tensor: which one,
             which box of it, and where it lands; else empty.
         materialized: a composite whose conversion is not a layout: read whole, then converted.
+        codec: what a quantized tensor's stored codes are (``e4m3fn``, ``e2m1``, ``int4``...),
+            else ``None``.
+        quant_keys: the on-disk keys read with a quantized tensor besides its codes (scale,
+            global scale, zero point, ``weight_shape``), else empty.
     """
 
     key: str
@@ -59,6 +64,8 @@ class TensorInfo:
     granularity: Granularity | None = None
     parts: tuple[str, ...] = ()
     materialized: bool = False
+    codec: str | None = None
+    quant_keys: tuple[str, ...] = ()
 
 
 class _Hints:
@@ -408,6 +415,8 @@ class LazyFP8View(Mapping[str, LazyTensor]):
             scale_key=None if scale is None else scale.entry.name,
             scale_file=None if scale is None else scale.shard.path,
             granularity=None if scale is None else scale.granularity,
+            codec=None if scale is None else (scale.codec or fp8_codec(source.entry.dtype.torch)).name,
+            quant_keys=() if scale is None else scale.keys(),
         )
 
     @property

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from lazyfp8 import LazyFP8View
 from lazyfp8.errors import CheckpointError, ScaleShapeError, UnsupportedDtypeError
 from lazyfp8.formats.codecs import E2M1, INT4, INT8, INT8_OFFSET
+from lazyfp8.formats.schemes import PerBlock
 from lazyfp8.inspection import inspect_checkpoint
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -428,3 +429,57 @@ def test_per_expert_nvfp4_fused_into_a_transformers_moe(tmp_path):
     codes_and_scales = sum(disk[f"{p}.2.{w}.{t}"].nbytes for w in ("gate_proj", "up_proj")
                            for t in ("weight_packed", "weight_scale", "weight_global_scale"))
     assert fresh.bytes_read == codes_and_scales
+
+
+# --- FP8 under the newer names: DeepSeek-V4, Mistral's native format, MXFP8 -------------------
+
+
+def e4m3_codes(gen, shape):
+    return torch.randint(0, 0x7F, shape, generator=gen, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def test_deepseek_v4_fp8_with_module_scale_grid(tmp_path):
+    gen = torch.Generator().manual_seed(6)
+    w = e4m3_codes(gen, (300, 256))
+    exps = torch.randint(110, 130, (3, 2), generator=gen, dtype=torch.int32).to(torch.uint8)
+    write(tmp_path, {"layers.0.attn.wq.weight": w, "layers.0.attn.wq.scale": exps.view(torch.float8_e8m0fnu)},
+          {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}})
+    view = LazyFP8View(tmp_path)
+    assert list(view) == ["layers.0.attn.wq.weight"]
+    s = e8m0(exps).repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :256]
+    assert torch.equal(view.get_tensor("layers.0.attn.wq.weight"), (w.to(torch.float32) * s).to(torch.bfloat16))
+
+
+def test_mistral_native_qscale_weight(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    w = e4m3_codes(gen, (32, 48))
+    write(tmp_path, {"layers.0.attention.wq.weight": w, "layers.0.attention.wq.qscale_weight": torch.tensor(0.013),
+                     "layers.0.attention.wq.qscale_act": torch.tensor(0.5)})
+    view = LazyFP8View(tmp_path)
+    assert list(view) == ["layers.0.attention.wq.weight"]  # the activation scale is not a key
+    assert view.info("layers.0.attention.wq.weight").scale_key == "layers.0.attention.wq.qscale_weight"
+    want = (w.to(torch.float32) * torch.tensor(0.013)).to(torch.bfloat16)
+    assert torch.equal(view.get_tensor("layers.0.attention.wq.weight"), want)
+
+
+def test_mxfp8(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    w = e4m3_codes(gen, (8, 96))
+    exps = torch.randint(115, 130, (8, 3), generator=gen, dtype=torch.int32).to(torch.uint8)
+    write(tmp_path, {"l.weight": w, "l.weight_scale": exps}, {"quantization_config": {"quant_method": "mxfp8"}})
+    view = LazyFP8View(tmp_path)
+    assert view.info("l.weight").granularity == PerBlock((1, 32))
+    want = (w.to(torch.float32) * e8m0(exps).repeat_interleave(32, 1)).to(torch.bfloat16)
+    assert torch.equal(view.get_tensor("l.weight"), want)
+
+
+@pytest.mark.parametrize("tensors,what", [
+    ({"l.qweight": torch.zeros(4, 8, dtype=torch.int32), "l.qzeros": torch.zeros(1, 1, dtype=torch.int32),
+      "l.scales": torch.ones(1, 8, dtype=torch.float16)}, "GPTQ/AWQ"),
+    ({"l.weight": torch.zeros(16, 1, dtype=torch.uint8), "l.weight.absmax": torch.ones(1),
+      "l.weight.quant_state.bitsandbytes__nf4": torch.zeros(8, dtype=torch.uint8)}, "bitsandbytes"),
+])
+def test_formats_not_read_are_refused_naming_what_was_found(tmp_path, tensors, what):
+    write(tmp_path, tensors)
+    with pytest.raises(UnsupportedDtypeError, match=f"{what}.*does not read"):
+        LazyFP8View(tmp_path)

@@ -377,8 +377,36 @@ class _Int8(Form):
         return _Claim(key, q, tuple(k for k in (scale_key, zp_key) if k in tensors))
 
 
+class _Unread(Form):
+    """Packed weights lazyfp8 does not read, refused naming what was found rather than shown as
+    the integer tensors they are stored as: GPTQ / AWQ (``qweight`` beside ``scales`` and
+    ``qzeros``) and bitsandbytes 4-bit (``weight.quant_state.bitsandbytes__nf4`` / ``__fp4``)."""
+
+    name = "unread"
+
+    def claim(self, key: str, tensors: _Tensors, scheme: Scheme) -> _Claim | None:
+        module, _, leaf = key.rpartition(".")
+        prefix = module + "." if module else ""
+        what = None
+        if leaf == "qweight" and (prefix + "scales" in tensors or prefix + "qzeros" in tensors):
+            what = "GPTQ/AWQ-packed (qweight, qzeros, scales)"
+        elif leaf in ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4") or key.endswith(
+            (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+        ):
+            what = "bitsandbytes 4-bit"
+        if what is None:
+            return None
+        file = tensors[key][0]
+        raise _Problem(UnsupportedDtypeError(
+            f"{os.path.basename(file)}: {key!r} is a {what} weight, a format lazyfp8 does not read "
+            "(it reads FP8, MXFP4, NVFP4 and compressed-tensors int weights)",
+            file=file,
+            key=key,
+        ))
+
+
 #: The stored forms, each offered every tensor no earlier form claimed or took as a part.
-FORMS: tuple[Form, ...] = (_MXBlocks(), _PackedInt(), _PackedU8FP4(), _Int8(), _FP8())
+FORMS: tuple[Form, ...] = (_Unread(), _MXBlocks(), _PackedInt(), _PackedU8FP4(), _Int8(), _FP8())
 
 
 def pair_scales(

@@ -48,6 +48,12 @@ class ScaleRef:
     zero_point: tuple[ShardFile, TensorEntry] | None = None
     declared_shape: tuple[ShardFile, TensorEntry] | None = None
 
+    def keys(self) -> tuple[str, ...]:
+        """The on-disk keys read with the weight: its scale, then any global scale, zero point
+        and shape tensor."""
+        extra = (self.global_scale, self.zero_point, self.declared_shape)
+        return (self.entry.name, *(e.name for part in extra if part is not None for e in part[1:]))
+
 
 def _read_small(shard: ShardFile, e: TensorEntry) -> torch.Tensor:
     raw = torch.empty(e.shape, dtype=e.dtype.torch)
