@@ -93,3 +93,22 @@ def test_load_into_a_meta_model_on_cuda(ckpt):
     cpu = LazyFP8View(ckpt, block_size=(128, 128))
     for k, v in model.state_dict().items():
         assert v.device.type == "cuda" and same_but_nan_payload(v.cpu(), cpu.get_tensor(k))
+
+
+@pytest.mark.parametrize("form", ["modelopt", "nvfp4-ct", "mxfp4", "int4"])
+@pytest.mark.parametrize("chunk", [100, 1 << 21])
+def test_packed_weights_on_cuda_equal_the_cpu(tmp_path, form, chunk):
+    """Packed FP4 / int4 codes cross to the GPU packed and are dequantized there: the same values
+    as the CPU path (NaN payloads aside), whole and as boxes that start inside a byte."""
+    from tests import test_packed as P
+
+    {"modelopt": P.modelopt_nvfp4, "nvfp4-ct": P.ct_nvfp4, "mxfp4": P.gpt_oss_mxfp4, "int4": P.ct_int4}[form](tmp_path)
+    cpu = LazyFP8View(tmp_path)
+    gpu = LazyFP8View(tmp_path, device="cuda", chunk_elements=chunk)
+    for k in cpu:
+        want = cpu.get_tensor(k)
+        assert same_but_nan_payload(gpu.get_tensor(k).cpu(), want), k
+        box = tuple(slice(1, n - 1) if n > 2 else slice(None) for n in want.shape[:-1]) + (slice(3, want.shape[-1] - 1),)
+        dst = torch.empty(want[box].shape, dtype=want.dtype, device="cuda")
+        gpu.read_box(k, dst, [s.start or 0 for s in box], list(want[box].shape))
+        assert same_but_nan_payload(dst.cpu(), want[box]), k
