@@ -16,8 +16,9 @@ the records in this (parent) process against the single-process ``LazyFP8View.ge
   dicts and into an FSDP2 model's state dict, for every scale format;
 - FSDP2 over TP (``_StridedShard``): refused loudly, nothing wrong is loaded.
 
-The shapes put shard boundaries inside 128x128 blocks (300 rows / 4 ranks = 75; 300 columns / 4 =
-75; 130 rows / 2 ranks ...) and inside 1x32 MX blocks, give uneven last shards (301 rows over 4:
+Every scale format includes the packed ones (NVFP4, MXFP4, int4 groups: codes two a byte). The
+shapes put shard boundaries inside 128x128 blocks (300 rows / 4 ranks = 75; 224 columns / 4 = 56;
+130 rows / 2 ranks ...) and inside 16- and 32-element groups, give uneven last shards (301 rows over 4:
 76, 76, 76, 73) and empty shards (3 rows over 4 ranks). The expected box of every rank is computed
 here from torch's chunking rule (``ceil(n / ranks)`` per rank), not taken from torch or lazyfp8.
 """
@@ -39,6 +40,8 @@ from torch import nn
 
 import lazyfp8
 from lazyfp8 import LazyFP8View, PerBlock, PerChannel, PerTensor
+from lazyfp8.formats.codecs import E2M1, INT4
+from lazyfp8.storage.checkpoint import open_checkpoint
 from tests.builders import expected as reference_dequant
 from tests.helpers import bits
 
@@ -83,13 +86,15 @@ IDS = torch.tensor([[0, 5, 75, 76, 151, 152, 227, 228, 299, 300]])
 #: Stored names are ``model.*``; runtime names drop the prefix.
 KEY_MAPPING = {r"^model\.": ""}
 
+#: Quantized columns are whole 32-element groups (what FP4 and int4 producers require); their
+#: shards still split 128-column blocks and 16- and 32-element groups.
 SHAPES = {
     "model.embed.weight": (301, 200),  # bf16
-    "model.layers.0.up.weight": (300, 200),  # FP8
-    "model.layers.0.down.weight": (260, 300),  # FP8
+    "model.layers.0.up.weight": (300, 224),  # quantized
+    "model.layers.0.down.weight": (260, 320),  # quantized
     "model.layers.0.down.bias": (260,),  # bf16
-    "model.layers.0.experts.weight": (3, 200, 136),  # FP8, fused experts [E, R, C]
-    "model.layers.0.tiny.weight": (3, 64),  # FP8, fewer rows than ranks
+    "model.layers.0.experts.weight": (3, 200, 160),  # quantized, fused experts [E, R, C]
+    "model.layers.0.tiny.weight": (3, 64),  # quantized, fewer rows than ranks
     "model.norm.weight": (260,),  # bf16
 }
 FP8_KEYS = ("up.weight", "down.weight", "experts.weight", "tiny.weight")
@@ -100,7 +105,14 @@ SCHEMES = {
     "per_channel": {"scheme": PerChannel(), "format": "compressed-tensors", "config": {}},  # [rows, 1]
     "block128": {"scheme": PerBlock((128, 128)), "format": "fp8", "config": {}},  # ragged grids
     "mx_ue8m0": {"scheme": "mx", "ue8m0": True, "config": None},  # uint8 exponents over 1x32 blocks
+    # packed codes: two a byte, e4m3 scales per 16 and a global scale; ue8m0 per 32; int4 in int32 words
+    "nvfp4": {"scheme": "nvfp4", "format": "compressed-tensors", "config": {}},
+    "mxfp4": {"scheme": "mxfp4", "format": "compressed-tensors", "config": {}},
+    # compressed-tensors packs 2-D weights only: the 3-D experts stay unquantized here
+    "int4": {"scheme": "int4", "group_size": 32, "config": {}, "keys": tuple(k for k in FP8_KEYS if k != "experts.weight")},
 }
+#: The schemes whose codes are packed: their bytes are counted per row's code span.
+PACKED = ("nvfp4", "mxfp4", "int4")
 
 # Placements per runtime key: "S<d>" is Shard(d), "R" Replicate(); None: a plain tensor, which every
 # rank reads whole. One entry per mesh dimension.
@@ -108,10 +120,10 @@ LAYOUTS_1D = {
     # dicts of DTensors
     "a": {
         "embed.weight": ("S1",),  # columns: one read per row
-        "layers.0.up.weight": ("S1",),  # 200 cols / 4 = 50: inside 128-col blocks, MX blocks
+        "layers.0.up.weight": ("S1",),  # 224 cols / 4 = 56: inside 128-col blocks, 16- and 32-groups
         "layers.0.down.weight": ("S0",),
         "layers.0.down.bias": ("R",),
-        "layers.0.experts.weight": ("S2",),  # 136 / 4 = 34: crosses the 128 boundary on rank 3
+        "layers.0.experts.weight": ("S2",),  # 160 / 4 = 40: crosses the 128 boundary on rank 3
         "layers.0.tiny.weight": ("S0",),  # 3 rows: rank 3 of 4 is empty
         "norm.weight": ("S0",),
     },
@@ -119,7 +131,7 @@ LAYOUTS_1D = {
     "b": {
         "embed.weight": ("S0",),  # 301 rows: uneven last shard
         "layers.0.up.weight": ("S0",),  # 300 / 4 = 75, 300 / 2 = 150: inside 128-row blocks
-        "layers.0.down.weight": ("S1",),  # 300 / 4 = 75 columns
+        "layers.0.down.weight": ("S1",),  # 320 / 4 = 80 columns
         "layers.0.down.bias": None,
         "layers.0.experts.weight": ("S1",),  # rows of each expert: 200 / 4 = 50
         "layers.0.tiny.weight": ("S1",),
@@ -139,7 +151,7 @@ LAYOUTS_2D = {  # a (2, 2) mesh, 4 ranks
     "b": {
         "embed.weight": ("R", "S1"),
         "layers.0.up.weight": ("S0", "S1"),
-        "layers.0.down.weight": ("S1", "S1"),  # dim 1 split twice: 75 columns per rank
+        "layers.0.down.weight": ("S1", "S1"),  # dim 1 split twice: 80 columns per rank
         "layers.0.down.bias": ("S0", "R"),
         "layers.0.experts.weight": ("S1", "S0"),
         "layers.0.tiny.weight": ("S0", "S0"),  # 3 rows over 4: 1, 1, 1, 0
@@ -425,28 +437,41 @@ def _launch(world: int, ckpts: dict[str, str], out_dir: Path, device: str = "cpu
 # Parent side: checkpoints, references, expected boxes and bytes
 # ------------------------------------------------------------------------------------------------
 class Checkpoint:
-    """A checkpoint, its single-process tensors (the reference), and per key the stored
-    itemsize and the scale's stored bytes (0 for a tensor that is not FP8)."""
+    """A checkpoint, its single-process tensors (the reference), and per key the stored bits per
+    element and the bytes of what is read with each quantized tensor whole (its scale, and a
+    packed weight's global scale, zero point, shape tensor; 0 for a tensor that is not
+    quantized)."""
 
     def __init__(self, path: str, key_mapping=None):
         self.path = path
         view = LazyFP8View(path, key_mapping=key_mapping)
+        stored = open_checkpoint(path).tensors
         self.full = {k: view.get_tensor(k) for k in view}
-        self.itemsize, self.scale_bytes, self.raw = {}, {}, {}
+        self.bits, self.scale_bytes, self.raw = {}, {}, {}
         for k in view:
             info = view.info(k)
-            self.itemsize[k] = info.disk_dtype.itemsize
+            self.bits[k] = 4 if info.codec in ("e2m1", "int4") else info.disk_dtype.itemsize * 8
             self.scale_bytes[k] = 0
             if info.scale_key is not None:
-                with safe_open(info.file, "pt") as f:
-                    codes = f.get_tensor(info.disk_key)
                 with safe_open(info.scale_file, "pt") as f:
                     scale = f.get_tensor(info.scale_key)
-                self.scale_bytes[k] = scale.numel() * scale.element_size()
+                with safe_open(info.file, "pt") as f:
+                    codes = f.get_tensor(info.disk_key)
+                self.scale_bytes[k] = sum(stored[q][1].nbytes for q in info.quant_keys)
                 self.raw[k] = (codes, scale, info.granularity)
 
+    def box_bytes(self, key: str, lengths: tuple[int, ...], offsets: tuple[int, ...] | None = None) -> int:
+        """Stored bytes of a box: its rows times each row's code span (a packed row's span may
+        start and end inside a byte)."""
+        if not math.prod(lengths):
+            return 0
+        rows, cols = math.prod(lengths[:-1]), lengths[-1]
+        c0 = 0 if offsets is None else offsets[-1]
+        bits = self.bits[key]
+        return rows * (-(-(c0 + cols) * bits // 8) - c0 * bits // 8)
+
     def data_bytes(self, key: str) -> int:
-        return math.prod(self.full[key].shape) * self.itemsize[key]
+        return self.box_bytes(key, tuple(self.full[key].shape))
 
 
 def expected_box(shape, mesh_shape, coord, placements) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -477,11 +502,11 @@ def expected_bytes(ckpt: Checkpoint, tensors: dict) -> int:
     total = 0
     for key, rec in tensors.items():
         if rec["placements"] is None:
-            lengths = rec["shape"]
+            offsets, lengths = None, tuple(rec["shape"])
         else:
-            lengths = expected_box(rec["shape"], rec["mesh_shape"], rec["coord"], rec["placements"])[1]
+            offsets, lengths = expected_box(rec["shape"], rec["mesh_shape"], rec["coord"], rec["placements"])
         n = math.prod(lengths)
-        total += n * ckpt.itemsize[key] + (ckpt.scale_bytes[key] if n else 0)
+        total += ckpt.box_bytes(key, lengths, offsets) + (ckpt.scale_bytes[key] if n else 0)
     return total
 
 
@@ -535,7 +560,9 @@ def build_checkpoints(root: Path) -> dict[str, Checkpoint]:
             t = t * torch.logspace(-2, 2, math.prod(shape[:-1])).reshape(*shape[:-1], 1)
         sd[key] = t if key.endswith(FP8_KEYS) else t.to(torch.bfloat16)
     for name, kwargs in SCHEMES.items():
-        lazyfp8.save(sd, root / name, quantize=lambda k: k.endswith(FP8_KEYS), exclude=(), max_shard_size=150_000, **kwargs)
+        kwargs = dict(kwargs)
+        keys = kwargs.pop("keys", FP8_KEYS)
+        lazyfp8.save(sd, root / name, quantize=lambda k, keys=keys: k.endswith(keys), exclude=(), max_shard_size=150_000, **kwargs)
         out[name] = Checkpoint(str(root / name), key_mapping=KEY_MAPPING)
     return out
 
@@ -578,14 +605,33 @@ def test_single_process_reference_is_the_reference_formula(ckpts):
     for name, ckpt in ckpts.items():
         assert ckpt.raw, name
         for key, (codes, scale, granularity) in ckpt.raw.items():
-            block = blocks.get(name)
-            want = reference_dequant(codes, scale, torch.bfloat16, block)
+            if name in PACKED:
+                want = packed_reference(ckpt, name, key, codes, scale)
+            else:
+                want = reference_dequant(codes, scale, torch.bfloat16, blocks.get(name))
             assert torch.equal(bits(ckpt.full[key]), bits(want)), (name, key, granularity)
     assert {ckpts[s].raw["layers.0.up.weight"][2] for s in SCHEMES} == {
-        PerTensor(), PerChannel(), PerBlock((128, 128)), PerBlock((1, 32))
+        PerTensor(), PerChannel(), PerBlock((128, 128)), PerBlock((1, 32)), PerBlock((1, 16))
     }
     assert ckpts["per_tensor"].raw["layers.0.up.weight"][1].shape == ()
     assert ckpts["mx_ue8m0"].raw["layers.0.up.weight"][1].dtype == torch.uint8
+
+
+def packed_reference(ckpt: Checkpoint, name: str, key: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A packed weight by its format's formula (tests/test_packed.py's ``expected``), from its
+    stored codes, scale and global scale."""
+    from tests.test_packed import expected
+
+    nibbles = codes.contiguous().view(torch.uint8)
+    nibbles = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).flatten(-2)
+    if name == "int4":
+        return expected(nibbles, INT4.values(), scale, 32, torch.bfloat16)
+    if name == "mxfp4":
+        return expected(nibbles, E2M1.values(), torch.exp2(scale.to(torch.float32) - 127), 32, torch.bfloat16)
+    info = LazyFP8View(ckpt.path, key_mapping=KEY_MAPPING).info(key)
+    with safe_open(info.file, "pt") as f:
+        g = f.get_tensor(next(q for q in info.quant_keys if q.endswith("global_scale")))
+    return expected(nibbles, E2M1.values(), scale, 16, torch.bfloat16, global_scale=g, divide=True)
 
 
 def test_expected_box_follows_torch_chunking():
@@ -743,7 +789,7 @@ def test_fsdp2_ranks_read_one_nth_of_the_data_between_them(run, ckpts, scenario)
     ckpt = ckpts["model"]
     total = sum(ckpt.data_bytes(k) for k in ckpt.full)
     per_rank_bound = sum(
-        -(-ckpt.full[k].shape[0] // world) * math.prod(ckpt.full[k].shape[1:]) * ckpt.itemsize[k] for k in ckpt.full
+        -(-ckpt.full[k].shape[0] // world) * math.prod(ckpt.full[k].shape[1:]) * (ckpt.bits[k] // 8) for k in ckpt.full
     )
     data = []
     for rec in records:
@@ -752,7 +798,7 @@ def test_fsdp2_ranks_read_one_nth_of_the_data_between_them(run, ckpts, scenario)
         data.append(res["bytes_read"] - scales)
     assert sum(data) == total
     assert max(data) <= per_rank_bound < total  # about 1/N each
-    assert per_rank_bound <= total / world + sum(math.prod(t.shape[1:]) * ckpt.itemsize[k] for k, t in ckpt.full.items())
+    assert per_rank_bound <= total / world + sum(math.prod(t.shape[1:]) * (ckpt.bits[k] // 8) for k, t in ckpt.full.items())
 
 
 # ------------------------------------------------------------------------------------------------
