@@ -42,10 +42,9 @@ __all__ = [
 
 # Rows are processed this many elements at a time, so no float32 copy of a whole tensor (and no
 # temporary of its size) is ever made.
-_BAND_ELEMENTS = 1 << 22
-# Encoding 4-bit codes holds a few temporaries per element (the band, its sign, its bucket):
-# smaller bands keep them at a few MiB.
-_PACKED_BAND_ELEMENTS = 1 << 20
+_BAND_ELEMENTS = 1 << 20
+# Encoding 4-bit codes holds a few temporaries per element (the band, its sign, its bucket).
+_PACKED_BAND_ELEMENTS = 1 << 19
 
 
 class NonFiniteError(ValueError):
@@ -83,10 +82,14 @@ def _block_amax(w2: torch.Tensor, block: tuple[int, int], name: str) -> torch.Te
     b0, b1 = block
     gr, gc = grid_shape(rows, cols, block)
     amax = torch.zeros(gr, gc, dtype=torch.float32)
-    pad = gc * b1 - cols
+    full = cols // b1
     for r0, r1, x in _bands(w2, max(_BAND_ELEMENTS // max(cols, 1), 1), name, every=b0):
-        col_amax = torch.nn.functional.pad(x.abs_(), (0, pad)).view(r1 - r0, gc, b1).amax(dim=(0, 2))
-        torch.maximum(amax[r0 // b0], col_amax, out=amax[r0 // b0])
+        x.abs_()
+        row = amax[r0 // b0]
+        if full:
+            torch.maximum(row[:full], x[:, : full * b1].unflatten(1, (full, b1)).amax(dim=(0, 2)), out=row[:full])
+        if full * b1 < cols:  # a partial last block column
+            torch.maximum(row[full:], x[:, full * b1 :].amax(), out=row[full:])
     return amax
 
 
@@ -176,10 +179,16 @@ def quantize(
 # ---------------------------------------------------------------------------------------------
 # 4-bit schemes
 
-#: Midpoints between consecutive e2m1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6).
-_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-#: The midpoints whose ties round up: to 1, 2 and 4, the neighbours with an even mantissa.
-_E2M1_TIES_UP = (0.75, 1.75, 3.5)
+#: Where an e2m1 magnitude (0, 0.5, 1, 1.5, 2, 3, 4, 6) rounds to the next one up: the midpoints,
+#: those whose ties round up (to 1, 2 and 4, the neighbours with an even mantissa) moved to the
+#: float32 just below, so that one ``bucketize`` (counting the bounds strictly below a value)
+#: rounds to nearest, ties to even.
+_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_E2M1_BOUNDS = torch.where(
+    torch.tensor([False, True, False, True, False, True, False]),
+    torch.nextafter(_E2M1_BOUNDS, torch.zeros(())),
+    _E2M1_BOUNDS,
+)
 #: float32 ``6 * 448``: the largest e2m1 value times the largest e4m3 one.
 _NV_RANGE = 6.0 * 448.0
 
@@ -189,12 +198,9 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     with an even mantissa, magnitudes above 6 saturating to 6. The sign bit (8) is ``x``'s sign
     bit, so ``-0.0`` and a negative value that rounds to zero are code 8 (read as ``-0.0``), as
     compressed-tensors writes them. ``x`` is overwritten."""
-    sign = torch.signbit(x)
-    a = x.abs_()
-    idx = torch.bucketize(a, _E2M1_MIDPOINTS, out_int32=True)  # midpoints strictly below a
-    for tie in _E2M1_TIES_UP:
-        idx += a == tie
-    return idx.to(torch.uint8) | (sign.to(torch.uint8) << 3)
+    sign = torch.signbit(x).view(torch.uint8) << 3
+    magnitude = torch.bucketize(x.abs_(), _E2M1_BOUNDS, out_int32=True)
+    return sign.bitwise_or_(magnitude.to(torch.uint8))
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
