@@ -1,4 +1,5 @@
-"""lazyfp8: load FP8-quantized safetensors checkpoints into PyTorch models, one tensor at a time.
+"""lazyfp8: load quantized safetensors checkpoints (FP8, FP4, int4/int8) into PyTorch models, one
+tensor at a time.
 
 ``LazyFP8View(path, key_mapping=...)`` is a read-only Mapping keyed by the model's runtime names
 whose values read and dequantize themselves only when torch copies them into a parameter, so
@@ -24,6 +25,7 @@ from .errors import (
 )
 from .formats.quantize import NonFiniteError, quantize
 from .formats.schemes import PerBlock, PerChannel, PerTensor, Scheme
+from .handle import SafeOpen, safe_open
 from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
@@ -40,6 +42,8 @@ __all__ = [
     "load_into",
     "init_empty_weights",
     "LazyFP8StorageReader",
+    "safe_open",
+    "SafeOpen",
     # writing
     "save",
     "SaveResult",

@@ -33,14 +33,37 @@ class LazyFP8StorageReader:
     reads works here too, including the per-tensor 0-d and per-channel scales that torch's
     ``QuantizedHuggingFaceStorageReader`` rejects. Each read request reads only its box.
 
+    It takes torch's ``QuantizedHuggingFaceStorageReader`` arguments too, so code written for that
+    reader (torchtitan's) swaps one line: ``thread_count`` is the view's ``threads``,
+    ``target_dtype`` its ``dtype`` and an int ``block_size`` a square block.
+
     Args:
         path: the checkpoint (as for :class:`~lazyfp8.LazyFP8View`).
-        **view_kwargs: ``key_mapping``, ``dtype``, ``scheme``, ``block_size``... passed to the view.
+        thread_count: threads reading each tensor (the view's ``threads``).
+        target_dtype: what quantized tensors dequantize to (the view's ``dtype``; default bf16).
+        block_size: the block of block-scaled weights, an int ``b`` (``b x b``, as torch's
+            reader takes it) or ``(rows, cols)``; by default the config's.
+        **view_kwargs: ``key_mapping``, ``dtype``, ``scheme``... passed to the view.
     """
 
-    def __init__(self, path: str | os.PathLike[str], **view_kwargs: Any):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        thread_count: int | None = None,
+        target_dtype: torch.dtype | None = None,
+        block_size: int | tuple[int, int] | None = None,
+        **view_kwargs: Any,
+    ):
         _register()
         self.path = os.fspath(path)
+        if target_dtype is not None:
+            if view_kwargs.get("dtype", target_dtype) != target_dtype:
+                raise ValueError(f"target_dtype={target_dtype} and dtype={view_kwargs['dtype']} disagree")
+            view_kwargs["dtype"] = target_dtype
+        if thread_count is not None:
+            view_kwargs["threads"] = thread_count
+        if block_size is not None:
+            view_kwargs["block_size"] = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
         self._view_kwargs = view_kwargs
         self._view: "LazyFP8View | None" = None
 

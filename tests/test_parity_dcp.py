@@ -138,3 +138,29 @@ def test_dcp_misreads_a_per_channel_scale(tmp_path):
     with pytest.raises(CheckpointException, match="index 1 is out of bounds for dimension 1 with size 1"):
         dcp_read(str(tmp_path / "wide"), {"x.weight": (64, 200)}, torch.float32, 128)
     assert LazyFP8View(str(tmp_path / "wide")).info("x.weight").granularity == PerChannel()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lazyfp8_reader_is_a_drop_in_for_torchs(block_checkpoint, dtype):
+    """The same call with the class swapped: torch's arguments (thread_count, target_dtype, an int
+    block_size) mean the same to LazyFP8StorageReader, and the state dicts come out equal."""
+    import lazyfp8
+
+    path, b, quantized, disk = block_checkpoint
+    shapes = {k: tuple(disk[k].shape) for k in [*quantized, "norm.weight"]}
+    results = []
+    for cls in (QuantizedHuggingFaceStorageReader, lazyfp8.LazyFP8StorageReader):
+        sd = {k: torch.empty(s, dtype=torch.bfloat16 if k == "norm.weight" else dtype) for k, s in shapes.items()}
+        dcp.load(sd, storage_reader=cls(path, thread_count=2, target_dtype=dtype, block_size=b), no_dist=True)
+        results.append(sd)
+    for key in shapes:
+        assert torch.equal(bits(results[0][key]), bits(results[1][key])), key
+    reader = lazyfp8.LazyFP8StorageReader(path, thread_count=2, target_dtype=dtype, block_size=b)
+    assert reader.view.dtype == dtype and reader.view._threads == 2
+
+
+def test_target_dtype_and_dtype_must_agree(tmp_path):
+    import lazyfp8
+
+    with pytest.raises(ValueError, match="disagree"):
+        lazyfp8.LazyFP8StorageReader(str(tmp_path), target_dtype=torch.float32, dtype=torch.bfloat16)
