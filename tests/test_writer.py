@@ -594,3 +594,233 @@ def test_compressed_tensors_config_lists_unquantized_linears_as_ignore(tmp_path)
     assert qc["ignore"] == ["lm_head"] and "modules_to_not_convert" not in qc
     view = lazyfp8.LazyFP8View(tmp_path)
     assert view.info("model.vision_tower.attn.weight").scale_key is not None  # no preset: quantized
+
+
+# --- 4-bit schemes: NVFP4 (compressed-tensors, modelopt), MXFP4 (gpt-oss, compressed-tensors), int4 --
+
+from lazyfp8.formats.quantize import unpack_nibbles  # noqa: E402
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+INT4 = torch.arange(16.0) - 8
+# (scheme, format, group): every combination save writes
+PACKED_FORMATS = [
+    ("nvfp4", "compressed-tensors", 16),
+    ("nvfp4", "modelopt", 16),
+    ("mxfp4", "mxfp4", 32),
+    ("mxfp4", "compressed-tensors", 32),
+    ("int4", "compressed-tensors", 32),
+]
+
+
+def raw_all(path):
+    """Every stored tensor, straight from safetensors."""
+    out = {}
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as h:
+                out |= {k: h.get_tensor(k) for k in h.keys()}
+    return out
+
+
+def packed_formula(stored, disk, fmt):
+    """float32 weight that the stored tensors of ``disk`` (its on-disk weight name) stand for:
+    docs/formats.md's formulas, evaluated on what safetensors reads back, with the name each
+    producer gives each part."""
+    module = disk.removesuffix("weight")
+    if fmt == ("mxfp4", "mxfp4"):
+        blocks, exps = stored[disk + "_blocks"], stored[disk + "_scales"]
+        codes = unpack_nibbles(blocks).flatten(-2)  # [..., R, C]
+        v = E2M1[codes.long()] * torch.exp2(exps.float() - 127).repeat_interleave(32, -1)
+        return v.transpose(-1, -2) if v.dim() >= 3 else v  # stacked experts are exposed [E, in, out]
+    if fmt == ("nvfp4", "modelopt"):
+        codes, s, s2 = stored[disk], stored[module + "weight_scale"], stored[module + "weight_scale_2"]
+        assert codes.dtype == torch.uint8 and s.dtype == torch.float8_e4m3fn and s2.shape == ()
+        return E2M1[unpack_nibbles(codes).long()] * (s.float() * s2).repeat_interleave(16, -1)
+    packed, s = stored[module + "weight_packed"], stored[module + "weight_scale"]
+    if fmt[0] == "int4":
+        assert packed.dtype == torch.int32 and stored[module + "weight_shape"].tolist() == [packed.shape[0], packed.shape[1] * 8]
+        group = packed.shape[1] * 8 // s.shape[1]
+        return INT4[unpack_nibbles(packed.view(torch.uint8)).long()] * s.float().repeat_interleave(group, -1)
+    if fmt[0] == "nvfp4":
+        g = stored[module + "weight_global_scale"]
+        assert g.shape == (1,) and g.dtype == torch.float32
+        return E2M1[unpack_nibbles(packed).long()] * (s.float() / g).repeat_interleave(16, -1)
+    assert s.dtype == torch.uint8
+    return E2M1[unpack_nibbles(packed).long()] * torch.exp2(s.float() - 127).repeat_interleave(32, -1)
+
+
+@pytest.mark.parametrize("scheme, fmt, group", PACKED_FORMATS)
+@given(keys=key_trees(min_size=1, max_size=5), data=st.data(), shard_size=st.integers(1, 20_000))
+def test_property_packed_save_then_view_is_the_formula_on_the_written_codes(tmp_path_factory, scheme, fmt, group, keys, data, shard_size):
+    d = str(tmp_path_factory.mktemp("p"))
+    sd = {}
+    for i, k in enumerate(keys):
+        rows = data.draw(st.integers(1, 12))
+        cols = group * data.draw(st.integers(1, 3))
+        stacked = fmt == "mxfp4" and data.draw(st.booleans())
+        shape = (data.draw(st.integers(1, 3)), cols, rows) if stacked else (rows, cols)  # experts: [E, in, out]
+        dtype = data.draw(st.sampled_from([torch.bfloat16, torch.float32, torch.float16]))
+        sd[k] = random_tensor(shape, dtype, i)
+    sd["norm"] = torch.ones(3)
+    r = save(sd, d, scheme=scheme, format=fmt, group_size=group if scheme == "int4" else None,
+             quantize=lambda key: key != "norm", exclude=(), max_shard_size=shard_size, config={"model_type": "x"})
+    assert sorted(r.quantized) == sorted(keys)
+    stored = raw_all(d)
+    for dtype in (torch.float32, torch.bfloat16):
+        view = LazyFP8View(d, dtype=dtype)
+        assert set(view) == set(sd)
+        for k in keys:
+            want = packed_formula(stored, k, (scheme, fmt)).to(dtype)
+            got = view.get_tensor(k)
+            assert got.shape == sd[k].shape and torch.equal(bits(got), bits(want)), k
+        assert torch.equal(view.get_tensor("norm"), sd["norm"])
+    if r.index is not None:
+        index = json.loads(open(os.path.join(d, r.index)).read())
+        assert set(index["weight_map"]) == set(stored) and set(index["weight_map"].values()) == set(r.files)
+
+
+def test_packed_configs_are_the_producers(tmp_path):
+    src = Net(tie=False).to(torch.bfloat16)  # up [300, 64], down [64, 300]: down's 300 columns fit no group
+    q = ["up.weight"]
+    configs = {}
+    for scheme, fmt, _ in PACKED_FORMATS:
+        d = tmp_path / f"{scheme}-{fmt}"
+        save(src, d, scheme=scheme, format=fmt, group_size=32 if scheme == "int4" else None, quantize=q, config={"model_type": "net"})
+        configs[scheme, fmt] = json.loads((d / "config.json").read_text())["quantization_config"]
+    ct_nvfp4 = configs["nvfp4", "compressed-tensors"]
+    assert ct_nvfp4["quant_method"] == "compressed-tensors" and ct_nvfp4["format"] == "nvfp4-pack-quantized"
+    assert ct_nvfp4["quantization_status"] == "compressed" and ct_nvfp4["ignore"] == ["down", "lm_head"]
+    assert ct_nvfp4["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+        "dynamic": False, "scale_dtype": "torch.float8_e4m3fn",
+    }
+    assert configs["mxfp4", "compressed-tensors"]["config_groups"]["group_0"]["weights"]["scale_dtype"] == "torch.uint8"
+    assert configs["mxfp4", "compressed-tensors"]["format"] == "mxfp4-pack-quantized"
+    int4 = configs["int4", "compressed-tensors"]
+    assert int4["format"] == "pack-quantized" and int4["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert configs["nvfp4", "modelopt"] == {
+        "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["down", "lm_head"],
+    }
+    assert configs["mxfp4", "mxfp4"] == {"quant_method": "mxfp4", "modules_to_not_convert": ["down", "lm_head"]}
+
+
+def test_packed_default_formats_and_int4_group(tmp_path):
+    w = {"a.weight": torch.randn(8, 256)}
+    names = {}
+    for scheme in ("nvfp4", "mxfp4", "int4"):
+        save(w, tmp_path / scheme, scheme=scheme)
+        names[scheme] = sorted(raw_all(tmp_path / scheme))
+    assert names == {
+        "nvfp4": ["a.weight_global_scale", "a.weight_packed", "a.weight_scale"],
+        "mxfp4": ["a.weight_blocks", "a.weight_scales"],
+        "int4": ["a.weight_packed", "a.weight_scale", "a.weight_shape"],
+    }
+    assert raw_all(tmp_path / "int4")["a.weight_scale"].shape == (8, 2)  # group 128 by default
+
+
+@pytest.mark.parametrize("scheme, fmt, group", [f for f in PACKED_FORMATS if f[1] == "compressed-tensors"])
+def test_compressed_tensors_decompresses_what_save_writes_bit_for_bit(tmp_path, scheme, fmt, group):
+    """compressed-tensors' own model-free decompression, and transformers' from_pretrained
+    (CompressedTensorsConfig(dequantize=True), its CPU path), read our files as the view does."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    from tests.producers import ct_oracle
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    config = cfg.to_dict() | {"dtype": "bfloat16"}
+    r = save(model, tmp_path, scheme=scheme, format=fmt, group_size=group if scheme == "int4" else None, config=config)
+    assert len(r.quantized) == 7  # q, k, v, o, gate, up, down; lm_head and embeddings excluded
+    for key, want in ct_oracle(str(tmp_path)).items():
+        got = LazyFP8View(tmp_path, dtype=want.dtype).get_tensor(key)
+        assert torch.equal(bits(got), bits(want)), key
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, output_loading_info=True,
+        quantization_config=transformers.CompressedTensorsConfig(dequantize=True),
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    view = LazyFP8View(tmp_path)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(bits(value), bits(view.get_tensor(key))), key
+
+
+PACKED_REFUSALS = [
+    ({"scheme": "nvfp4", "format": "fp8"}, "nvfp4 is written with format='compressed-tensors' or 'modelopt'"),
+    ({"scheme": "int4", "format": "modelopt"}, "int4 is written with format='compressed-tensors'"),
+    ({"scheme": "mxfp4", "format": "modelopt"}, "mxfp4 is written with"),
+    ({"scheme": "per-tensor", "format": "modelopt"}, "FP8 weights are written with format='fp8' or 'compressed-tensors'"),
+    ({"scheme": "block", "block_size": (1, 16), "format": "mxfp4"}, "format='mxfp4' stores 4-bit weights"),
+    ({"scheme": "block", "block_size": (128, 128), "group_size": 32}, "group_size= is for the 4-bit schemes"),
+    ({"scheme": "nvfp4", "block_size": (1, 16)}, "takes group_size="),
+    ({"scheme": "nvfp4", "group_size": 32}, "NVFP4 groups are 16"),
+    ({"scheme": "mxfp4", "group_size": 16}, "MXFP4 blocks are 32"),
+    ({"scheme": "int4", "group_size": 7}, "group size must be a positive even"),
+    ({"scheme": "nvfp4", "ue8m0": True}, "ue8m0= and fp8_dtype= are for FP8 schemes"),
+    ({"scheme": "int4", "fp8_dtype": torch.float8_e5m2}, "ue8m0= and fp8_dtype= are for FP8 schemes"),
+    ({"scheme": lazyfp8.formats.quantize.NVFP4(divide=False)}, r"pass NVFP4\(divide=True\)"),
+    ({"scheme": lazyfp8.formats.quantize.NVFP4(divide=True), "format": "modelopt"}, r"pass NVFP4\(divide=False\)"),
+    ({"scheme": "int4", "scales": {"l0.weight": torch.ones(64, 1)}}, "scales= reuses FP8 scales"),
+    ({"scheme": "nvfp4", "format": "gguf"}, "format must be one of"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", PACKED_REFUSALS)
+def test_packed_arguments_no_producer_writes_are_refused_before_anything_is_read(tmp_path, monkeypatch, kwargs, match):
+    monkeypatch.setattr(lazyfp8.writer, "_materialize", lambda v: pytest.fail("read a tensor"))
+    with pytest.raises(ValueError, match=match):
+        save({f"l{i}.weight": torch.randn(64, 64) for i in range(2)}, tmp_path / "dst", config={}, **kwargs)
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    "scheme, fmt, sd, match",
+    [
+        ("nvfp4", "compressed-tensors", {"a.weight": torch.ones(4, 24)}, r"'a\.weight' of shape \[4, 24\].*multiple of 16"),
+        ("mxfp4", "mxfp4", {"e.gate_up": torch.ones(2, 48, 8)}, r"'e\.gate_up' of shape \[2, 8, 48\].*multiple of 32"),
+        ("int4", "compressed-tensors", {"a.weight": torch.ones(64)}, r"'a\.weight' of shape \[64\]"),
+        ("nvfp4", "modelopt", {"a.bias_like": torch.ones(4, 32)}, r"'<module>\.weight_scale'; 'a\.bias_like'"),
+        ("int4", "compressed-tensors", {"weights": torch.ones(4, 32)}, r"'<module>\.weight_packed'; 'weights'"),
+    ],
+)
+def test_weights_a_format_cannot_store_are_refused_naming_them(tmp_path, monkeypatch, scheme, fmt, sd, match):
+    monkeypatch.setattr(lazyfp8.writer, "_materialize", lambda v: pytest.fail("read a tensor"))
+    with pytest.raises(ValueError, match=match):
+        save(sd, tmp_path / "dst", scheme=scheme, format=fmt, group_size=16 if scheme == "int4" else None,
+             quantize=lambda k: True, exclude=())
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize(
+    "scheme, fmt, sd, match",
+    [
+        ("nvfp4", "compressed-tensors", ["l.weight", "l.weight_packed"], "the codes of 'l.weight' would be written as 'l.weight_packed', the name of the tensor 'l.weight_packed'"),
+        ("nvfp4", "modelopt", ["l.weight", "l.weight_scale_2"], "the global scale of 'l.weight'"),
+        ("mxfp4", "mxfp4", ["w", "w_scales"], "the scale of 'w' would be written as 'w_scales'"),
+        ("int4", "compressed-tensors", ["l.weight", "l.weight_shape"], "the shape of 'l.weight'"),
+    ],
+)
+def test_a_packed_part_named_like_another_tensor_is_refused(tmp_path, scheme, fmt, sd, match):
+    tensors = {k: torch.randn(4, 64) for k in sd}
+    with pytest.raises(lazyfp8.SaveError, match=match):
+        save(tensors, tmp_path / "dst", scheme=scheme, format=fmt, group_size=32 if scheme == "int4" else None,
+             quantize=[f"^{sd[0]}$"], exclude=())
+    assert not (tmp_path / "dst").exists()
+
+
+def test_gpt_oss_experts_round_trip_byte_for_byte(tmp_path):
+    """A view of a gpt-oss checkpoint shows its experts as GptOssExperts holds them ([E, in, out]);
+    saving them as MXFP4 stores [E, out, in] blocks again, the same bytes (MX re-quantization of
+    MX values is exact: every scale comes back)."""
+    from tests.producers import write_gptoss_mxfp4
+
+    write_gptoss_mxfp4(str(tmp_path / "src"))
+    view = LazyFP8View(tmp_path / "src")
+    experts = [k for k in view if view.info(k).scale_key is not None]
+    assert experts and all(view[k].dim() == 3 for k in experts)
+    save(view, tmp_path / "dst", scheme="mxfp4", quantize=set(experts).__contains__, exclude=(), config=dict(view.config))
+    a, b = raw_all(tmp_path / "src"), raw_all(tmp_path / "dst")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(bits(a[k]), bits(b[k])), k
