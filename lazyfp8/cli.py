@@ -1,4 +1,4 @@
-"""The ``lazyfp8`` command line: inspect, dequantize, quantize, verify, demo."""
+"""The ``lazyfp8`` command line: inspect, dequantize, quantize, convert, verify, demo."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ __all__ = ["main"]
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32"}
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
 _FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-_CHECKPOINT_FILES = ("model.safetensors.index.json", "config.json")
+# hf_quant_config.json declares how ModelOpt quantized the weights: it describes the source's
+# tensors, not the converted ones (a reader would take a bf16 copy for NVFP4).
+_CHECKPOINT_FILES = ("model.safetensors.index.json", "config.json", "hf_quant_config.json")
 # Weights in another format hold the unconverted model: a copy beside the converted one would be
 # a second, stale set of weights (and often many GB).
 _WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -261,6 +263,61 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``convert --to``: what each target is, as ``save`` arguments (``dtype`` alone: dequantize).
+CONVERT_TARGETS: dict[str, dict[str, Any]] = {
+    "bf16": {"dtype": "bfloat16"},
+    "fp16": {"dtype": "float16"},
+    "fp32": {"dtype": "float32"},
+    "fp8": {"scheme": "block", "format": "fp8"},
+    "fp8-tensor": {"scheme": "per-tensor", "format": "fp8"},
+    "fp8-channel": {"scheme": "per-channel", "format": "compressed-tensors"},
+    "nvfp4": {"scheme": "nvfp4", "format": "compressed-tensors"},
+    "nvfp4-modelopt": {"scheme": "nvfp4", "format": "modelopt"},
+    "mxfp4": {"scheme": "mxfp4", "format": "mxfp4"},
+    "mxfp4-compressed-tensors": {"scheme": "mxfp4", "format": "compressed-tensors"},
+    "int4": {"scheme": "int4", "format": "compressed-tensors"},
+}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Any format to any other, one tensor at a time: ``save(LazyFP8View(SRC), DST, ...)``. The
+    weights quantized are ``--only``'s, else the ones the source stores quantized (whatever their
+    form), else save's default (Linear-like 2-D weights, not lm_head or embeddings);
+    ``--exclude`` removes keys from any of them."""
+    import torch
+
+    from . import LazyFP8View
+    from .writer import DEFAULT_EXCLUDE
+
+    target = CONVERT_TARGETS[args.to]
+    dtype = getattr(torch, target.get("dtype", "bfloat16"))
+    if "scheme" not in target and (args.block_size or args.group_size or args.only):
+        raise ValueError(f"--to {args.to} dequantizes: --block-size, --group-size and --only do not apply")
+    view = LazyFP8View(args.src, dtype=dtype, scheme=args.scheme)
+    config = None if view.config is None else {k: v for k, v in view.config.items() if k != "quantization_config"}
+    was = [k for k in view if view.info(k).scale_key is not None]
+    if "scheme" not in target:
+        if config is not None:
+            for k in ("torch_dtype", "dtype"):
+                if k in config:
+                    config[k] = target["dtype"]
+        r, copied = _convert(view, args, scheme=None, config=config)
+        done = f"{len(was)} quantized tensors dequantized to {target['dtype']}"
+    else:
+        block = tuple(args.block_size) if args.block_size else ((128, 128) if target["scheme"] == "block" else None)
+        chosen = args.only or (set(was).__contains__ if was else None)
+        exclude = args.exclude if args.exclude is not None else (() if args.only or was else DEFAULT_EXCLUDE)
+        r, copied = _convert(
+            view, args, scheme=target["scheme"], format=target["format"], block_size=block, group_size=args.group_size,
+            quantize=chosen, exclude=exclude, config=config,
+        )
+        done = f"{len(r.quantized)} tensors quantized to {args.to}"
+    if not args.quiet:
+        print(f"wrote {len(r.files)} file(s), {_mib(r.total_size)}: {done}, the rest copied; "
+              f"also copied {', '.join(copied) or 'no side files'}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
@@ -318,7 +375,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lazyfp8", description="Load, inspect and convert FP8 safetensors checkpoints.")
+    p = argparse.ArgumentParser(prog="lazyfp8", description="Load, inspect and convert quantized safetensors checkpoints.")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
@@ -351,6 +408,31 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="a positive size: 5GB (default), 500MB, or bytes")
     s.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser(
+        "convert",
+        help="transcode a checkpoint to another format, one tensor at a time (e.g. FP8 -> NVFP4, NVFP4 -> bf16)",
+        description="Write SRC in format --to, streaming: each tensor is read, dequantized and re-quantized "
+        "alone, so neither memory nor disk ever holds a bf16 copy of the model. The weights SRC stores "
+        "quantized are the ones quantized (a SRC with none: Linear-like 2-D weights, not lm_head or "
+        "embeddings; --only chooses others). DST loads as its old checkpoint, the new one or nothing at "
+        "every instant.",
+    )
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", required=True, choices=list(CONVERT_TARGETS),
+                   help="bf16/fp16/fp32 (dequantize); fp8 (128x128 blocks, HF fp8; --block-size), fp8-tensor, "
+                   "fp8-channel (compressed-tensors); nvfp4 (compressed-tensors), nvfp4-modelopt; mxfp4 (gpt-oss "
+                   "_blocks/_scales), mxfp4-compressed-tensors; int4 (compressed-tensors pack-quantized; --group-size)")
+    s.add_argument("--block-size", type=_positive_int, nargs=2, metavar=("ROWS", "COLS"), help="FP8 block (default 128 128)")
+    s.add_argument("--group-size", type=_positive_int, help="int4 group size (default 128)")
+    s.add_argument("--scheme", type=_scheme, help="override the scheme SRC is read with")
+    s.add_argument("--only", type=_regex, nargs="+", metavar="REGEX",
+                   help="quantize the keys these match (default: what SRC stores quantized, else Linear-like 2-D weights)")
+    s.add_argument("--exclude", type=_regex, nargs="*", help="regexes of keys to leave unquantized")
+    s.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="a positive size: 5GB (default), 500MB, or bytes")
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("verify", help="read every tensor once; with --against, compare tensor by tensor")
     s.add_argument("src")
