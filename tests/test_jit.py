@@ -177,7 +177,7 @@ def test_call_types_come_from_the_signatures(compiled):
     from lazyfp8.kernels import ir as _ir
 
     kinds = {"in": ctypes.c_void_p, "out": ctypes.c_void_p, "i64": ctypes.c_int64, "f32": ctypes.c_float}
-    for entry in (compiled._lut16, compiled._stream16, compiled._lut32, compiled._grid, compiled._grid_stream):
+    for entry in (compiled._lut16, compiled._stream16, compiled._lut32, compiled._grid, compiled._grid_stream, *compiled._group.values()):
         params = _ir.SIGNATURES[entry.name]
         assert entry._fn.argtypes == tuple(kinds[p.kind] for p in params)
         assert entry._names == tuple(p.name for p in params)

@@ -23,11 +23,12 @@ def test_module_parses_and_verifies(variant):
     exported = {f.name for f in module.functions if not f.is_declaration and f.linkage.name == "external"}
     v = VARIANTS[variant]
     assert {"lut16", "lut32", "table_bf16", "grid_bf16", v.lut16, v.lut16_stream, v.grid_bf16_stream} <= exported
-    expected = {
-        "portable": {"lut16", "lut32", "table_bf16", "grid_bf16"},
-        "vbmi": {"lut16", "lut32", "table_bf16", "grid_bf16", "lut16_vbmi", "lut16_stream", "grid_bf16_stream"},
-        "neon": {"lut16", "lut32", "table_bf16", "grid_bf16", "lut16_neon"},
-        "neon-emulated": {"lut16", "lut32", "table_bf16", "grid_bf16", "lut16_neon"},
+    every = {"lut16", "lut32", "table_bf16", "grid_bf16", "group_bf16", "group_f32"}
+    expected = every | {
+        "portable": set(),
+        "vbmi": {"lut16_vbmi", "lut16_stream", "grid_bf16_stream"},
+        "neon": {"lut16_neon"},
+        "neon-emulated": {"lut16_neon"},
     }[variant]
     assert exported == expected
 
@@ -101,3 +102,24 @@ def test_neon_module_cross_compiles_to_table_lookups():
         body = _function(asm, name)
         # tbl with four table registers: tbl v0.16b, { v1.16b, v2.16b, v3.16b, v4.16b }, v5.16b
         assert len(re.findall(r"\btbl\s+v\d+\.16b,\s*\{\s*v\d+\.16b,\s*v\d+\.16b,\s*v\d+\.16b,\s*v\d+\.16b\s*\}", body)) >= 8, name
+
+
+@pytest.mark.parametrize(
+    ("variant", "triple", "cpu", "features", "shuffle"),
+    [
+        # The portable module's lane-by-lane lookups become the host's byte shuffle: x86 with
+        # AVX2 (most x86 CPUs, this one too) or only SSSE3, and AArch64.
+        ("portable", "x86_64-unknown-linux-gnu", "haswell", "", r"\bvpshufb\s"),
+        ("portable", "x86_64-unknown-linux-gnu", "x86-64", "+ssse3", r"\bpshufb\s"),
+        ("portable", "aarch64-unknown-linux-gnu", "generic", "+neon", r"\btbl\s"),
+        # The vector variants name the instruction (LLVM does not see it compiling for AVX-512).
+        ("vbmi", "x86_64-unknown-linux-gnu", "icelake-server", "", r"\bvpshufb\s"),
+        ("neon", "aarch64-unknown-linux-gnu", "generic", "+neon", r"\btbl\s"),
+    ],
+)
+def test_group_kernels_look_codes_up_with_byte_shuffles(variant, triple, cpu, features, shuffle):
+    asm = _assembly(variant, triple, cpu, features)
+    for name, planes in (("group_bf16", 2), ("group_f32", 4)):
+        # one shuffle per byte plane of the results, in the whole-block loop and the general one
+        found = len(re.findall(shuffle, _function(asm, name)))
+        assert found >= 2 * planes, f"{name}: {found} byte shuffles"

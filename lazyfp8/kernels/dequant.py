@@ -333,6 +333,9 @@ class GroupKernel:
     block's scale, minus its zero point first), and every code looks its block's table up: the
     formula, tabulated per block, with the bits of the reference. Tables cover the blocks one
     rectangle touches: for NVFP4's 16-element blocks as many entries as the rectangle's elements.
+    With a compiled backend, 4-bit codecs go through ``jit``'s ``group`` kernel, which does the
+    same one block at a time (16 float32 results, rounded, then looked up 16 codes per step):
+    the same bits, far faster (docs/kernels.md; ``_compiles`` says which weights it serves).
     """
 
     def __init__(
@@ -361,12 +364,36 @@ class GroupKernel:
             else:
                 self.after = g  # ModelOpt: the product times the global scale
         self.scale = scale.contiguous()
-        self.zero = None if zero_point is None else zero_point.to(device=device, dtype=torch.float32).reshape(self.scale.shape)
+        self.zero = None if zero_point is None else zero_point.to(device=device, dtype=torch.float32).reshape(self.scale.shape).contiguous()
         self.block = block
         self.period = period
         self.out_dtype = out_dtype
         self.device = device
-        self.compiled = backend.compiled
+        self.compiled = backend.compiled if self._compiles(backend) else None
+        self._after = 1.0 if self.after is None else float(self.after)  # x * 1.0 is x: no global scale
+
+    def _compiles(self, backend: Backend) -> bool:
+        """Whether ``backend``'s compiled ``group`` kernel gives this weight the torch kernel's
+        bits. It serves 4-bit codecs into bfloat16 or float32; what stays here:
+
+        - 8-bit codecs (``int8``, ``int8-offset``): a 256-entry table per block, for weights
+          that are rare (and per channel, where the torch kernel's tables are few);
+        - float16 outputs: rounding to float16 in portable IR is long-winded, and LLVM may lower
+          a conversion instruction to a library call the JIT cannot link on CPUs without F16C;
+        - weights with a NaN result (a scale over a global scale that overflows to inf, times a
+          code of 0, or inf/NaN scales given directly): torch writes its own NaN bits, which
+          depend on how its conversion was vectorized.
+        """
+        k = backend.compiled
+        if k is None or self.codec.bits != 4 or self.out_dtype not in k.group_dtypes:
+            return False
+        finite = bool(torch.isfinite(self.scale).all())
+        if self.zero is not None:
+            finite = finite and bool(torch.isfinite(self.zero).all())
+        if self.after is not None:
+            # inf * 0 is NaN: a global scale of 0 turns an overflowing product into NaN
+            finite = finite and bool(torch.isfinite(self.after)) and float(self.after) != 0.0
+        return finite
 
     def scale_rows(self, r0: int, r1: int) -> torch.Tensor:
         """The scale-grid row of each of rows ``r0:r1``."""
@@ -390,9 +417,19 @@ class GroupKernel:
         return t.to(self.out_dtype), g0
 
     def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None:
+        """Dequantize rectangle ``rect``: ``codes`` as ``TensorSource.read_rect`` reads them (for
+        4-bit codecs each row's ``code_span`` bytes), into flat ``out``. The compiled kernel
+        serves the cases ``_compiles`` names; the torch kernel the others."""
         nr, w = rect.r1 - rect.r0, rect.c1 - rect.c0
         if out.numel() != nr * w:
             raise ValueError(f"{out.numel()} outputs for a rectangle of {nr} x {w}")
+        if self.compiled is not None and out.dtype == self.out_dtype:
+            self.compiled.group(
+                codes, out, (rect.r0, rect.r1), (rect.c0, rect.c1), self.scale, self.zero,
+                self._after, self.block, self.period, self.values,
+                work.tables(self.compiled.group_table_bytes),
+            )  # fmt: skip
+            return
         table, g0 = self.tables(rect)
         blocks, size = table.shape[1], table.shape[2]
         code = unpack_codes(codes, rect, self.codec.bits)

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 
 from llvmlite import ir
 
-__all__ = ["Param", "SIGNATURES", "VARIANTS", "Variant", "TABLE_BYTES", "assemble"]
+__all__ = ["Param", "SIGNATURES", "VARIANTS", "Variant", "TABLE_BYTES", "GROUP_TABLE_BYTES", "assemble"]
 
 #: Bytes of one 16-bit table block: low bytes [256], high bytes [256], 16-bit words [256].
 TABLE_BYTES = 1024
@@ -86,6 +86,25 @@ _GRID = (
     Param("group", "i64"),  # rows looked up together per block column
 )
 
+_GROUP = (
+    Param("src", "in"),  # 4-bit codes, two a byte, low nibble first: each row's code_span(c0, c0 + w), back to back
+    Param("dst", "out"),  # results, nr x w, row-major
+    Param("nr", "i64"),  # rows of the rectangle
+    Param("w", "i64"),  # columns of the rectangle
+    Param("r0", "i64"),  # its first row in the weight's [rows, cols] view
+    Param("c0", "i64"),  # its first column (odd: the first code is a high nibble)
+    Param("scale", "in"),  # float32 scale grid, row-major
+    Param("zero", "in"),  # float32 zero points: a grid like scale (zeros = 1) or one 0.0 (zeros = 0)
+    Param("zeros", "i64"),  # 1 or 0, as above
+    Param("scols", "i64"),  # columns of the scale grid
+    Param("b0", "i64"),  # block rows
+    Param("b1", "i64"),  # block columns
+    Param("period", "i64"),  # rows of one matrix of a stack (the tiling restarts there)
+    Param("values", "in"),  # float32 value of each of the 16 codes
+    Param("after", "f32"),  # the global scale that multiplies the product (1.0 for none)
+    Param("tables", "out"),  # scratch: GROUP_TABLE_BYTES, 64-byte aligned
+)
+
 SIGNATURES: dict[str, tuple[Param, ...]] = {
     "lut16": _LUT,  # dst: uint16_t[n]; table: a TABLE_BYTES block
     "lut32": _LUT,  # dst: uint32_t[n]; table: uint32_t[256]
@@ -95,6 +114,8 @@ SIGNATURES: dict[str, tuple[Param, ...]] = {
     "lut16_stream": _LUT,
     "grid_bf16_stream": _GRID,
     "lut16_neon": _LUT,
+    "group_bf16": _GROUP,  # dst: bf16
+    "group_f32": _GROUP,  # dst: float32
 }
 
 
@@ -146,6 +167,9 @@ class Int:
     def __and__(self, o):
         return self._op("and_", o)
 
+    def __or__(self, o):
+        return self._op("or_", o)
+
     def __rshift__(self, o):
         return self._op("lshr", o)
 
@@ -157,6 +181,9 @@ class Int:
 
     def __gt__(self, o) -> ir.Value:
         return self.b.icmp_unsigned(">", self.value, self._v(o))
+
+    def __ge__(self, o) -> ir.Value:
+        return self.b.icmp_unsigned(">=", self.value, self._v(o))
 
     def min(self, o: Int | int) -> Int:
         return Int(self.b, self.b.select(self < o, self.value, self._v(o)))
@@ -258,6 +285,18 @@ def _lut(module: ir.Module, name: str, word: ir.IntType, offset: int) -> ir.Func
     return fn
 
 
+def _bf16_bits(b: ir.IRBuilder, y: ir.Value) -> Int:
+    """The bfloat16 bits of float32 ``y`` (a scalar or a vector; not NaN) in the low half of
+    32-bit words, rounded to nearest even as torch rounds (an overflow gives inf)::
+
+        uint32_t bits = bit_cast<uint32_t>(y);
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    """
+    ty = ir.VectorType(I32, y.type.count) if isinstance(y.type, ir.VectorType) else I32
+    bits = Int(b, b.bitcast(y, ty))
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
 def _table_bf16(module: ir.Module) -> ir.Function:
     """``void table_bf16(const float *values, const uint16_t *nan, float scale, uint8_t *table)``:
     the table block of ``bf16(values[c] * scale)``, rounded to nearest even as torch rounds, a NaN
@@ -274,8 +313,7 @@ def _table_bf16(module: ir.Module) -> ir.Function:
     words = at(b, a.table, _WORDS)
     with loop(b, 256) as c:
         y = b.fmul(load(b, a.values, c.index, F32, 4), a.scale)
-        bits = Int(b, b.bitcast(y, I32))
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).trunc(I16)
+        rounded = _bf16_bits(b, y).trunc(I16)
         is_nan = b.fcmp_unordered("uno", y, ir.Constant(F32, 0.0))
         r = b.select(is_nan, load(b, a.nan, c.index, I16, 2), rounded.value)
         store(b, b.trunc(r, I8), a.table, c.index + _LOW, 1)
@@ -314,6 +352,11 @@ class _Vbmi:
             return b.select(upper, above, below)
 
         return plane(regs[0:4]), plane(regs[4:8])
+
+    def permute16(self, b: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value:
+        """``result[j] = table[index[j]]`` for 16 bytes (indices below 16): SSSE3 ``pshufb``."""
+        fn = _intrinsic(b.module, "llvm.x86.ssse3.pshuf.b.128", _BYTES16, [_BYTES16, _BYTES16])
+        return b.call(fn, [table, index])
 
 
 class _Neon:
@@ -359,6 +402,14 @@ class _Neon:
             return b.or_(b.or_(parts[0], parts[1]), b.or_(parts[2], parts[3]))
 
         return plane(regs[0:16]), plane(regs[16:32])
+
+    def permute16(self, b: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value:
+        """``result[j] = table[index[j]]`` for 16 bytes (indices below 16): ``tbl`` with one
+        register (emulated: the portable form)."""
+        if self.emulate:
+            return _permute16_lanes(b, table, index)
+        fn = _intrinsic(b.module, "llvm.aarch64.neon.tbl1.v16i8", _BYTES16, [_BYTES16, _BYTES16])
+        return b.call(fn, [table, index])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,6 +532,204 @@ def _grid(module: ir.Module, name: str, table_bf16: ir.Function, rows: _Rows) ->
     b.ret_void()
 
 
+# --- 4-bit codes, two a byte: a table of 16 results per block --------------------------------
+
+#: Codes of a 4-bit codec: entries of a block's table, and codes looked up per step.
+_NIBBLE_CODES = 16
+#: A group kernel's scratch (``tables``): one block's 16 results, at most 4 bytes each.
+GROUP_TABLE_BYTES = 64
+_BYTES16 = ir.VectorType(I8, _NIBBLE_CODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Result:
+    """What a group kernel writes: ``bf16`` (float32 rounded to nearest even, as torch rounds)
+    or ``f32`` (the float32 result itself), one ``word`` per result."""
+
+    name: str
+    word: ir.IntType
+
+    @property
+    def planes(self) -> int:
+        """Bytes of one result."""
+        return self.word.width // 8
+
+    def words(self, b: ir.IRBuilder, y: ir.Value) -> ir.Value:
+        """The result words of the float32 vector ``y``."""
+        lanes = y.type.count
+        if self.name == "f32":
+            return b.bitcast(y, ir.VectorType(I32, lanes))
+        return b.trunc(_bf16_bits(b, y).value, ir.VectorType(I16, lanes))
+
+
+_BF16, _F32 = _Result("bf16", I16), _Result("f32", I32)
+
+
+def _splat(b: ir.IRBuilder, x: ir.Value, lanes: int) -> ir.Value:
+    """``x`` in each of ``lanes`` lanes."""
+    vec = ir.VectorType(x.type, lanes)
+    one = b.insert_element(ir.Constant(vec, None), x, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+
+
+def _shuffle(b: ir.IRBuilder, x: ir.Value, y: ir.Value, lanes: Sequence[int]) -> ir.Value:
+    """``{(x ++ y)[k] for k in lanes}``: lanes of ``x`` then of ``y``, picked by constants."""
+    return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(lanes)), list(lanes)))
+
+
+def _permute16_lanes(b: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value:
+    """``result[j] = table[index[j]]`` for 16 bytes, every index below 16, written lane by lane
+    in generic IR. LLVM's instruction selection turns that into the host's byte shuffle where it
+    has one (x86 SSSE3 ``pshufb``, AArch64 ``tbl``; ``tests/test_kernel_ir.py`` checks both for
+    the portable module), and into 16 moves where it has none. The recognition is fragile: it
+    needs each lane's index taken from one vector, in order (see ``_lookup16``), and compiled for
+    AVX-512 it fails (LLVM merges the byte shuffles with the interleave after them), which is why
+    the vector variants name their instruction (``permute16`` of ``_Vbmi`` and ``_Neon``)."""
+    result = ir.Constant(_BYTES16, None)
+    for j in range(_NIBBLE_CODES):
+        lane = ir.Constant(I32, j)
+        result = b.insert_element(result, b.extract_element(table, b.extract_element(index, lane)), lane)
+    return result
+
+
+def _permute16(b: ir.IRBuilder, isa, table: ir.Value, index: ir.Value) -> ir.Value:
+    """``result[j] = table[index[j]]`` for 16 bytes (every index below 16): ``isa``'s
+    instruction, or the portable form."""
+    return _permute16_lanes(b, table, index) if isa is None else isa.permute16(b, table, index)
+
+
+def _block_results(b: ir.IRBuilder, result: _Result, a, values: ir.Value, after: ir.Value, cell: Int) -> ir.Value:
+    """The 16 results of the block whose scale is ``scale[cell]``, as a vector of words::
+
+        for (c = 0; c < 16; c++)
+            words[c] = RESULT(((values[c] - zero[cell * zeros]) * scale[cell]) * after);
+    """
+    z = _splat(b, load(b, a.zero, cell * a.zeros, F32, 4), _NIBBLE_CODES)
+    s = _splat(b, load(b, a.scale, cell, F32, 4), _NIBBLE_CODES)
+    return result.words(b, b.fmul(b.fmul(b.fsub(values, z), s), after))
+
+
+def _byte_planes(b: ir.IRBuilder, result: _Result, words: ir.Value) -> list[ir.Value]:
+    """Byte ``q`` of each of the 16 results, for each ``q`` (a constant shuffle of their bytes)."""
+    size = _NIBBLE_CODES * result.planes
+    as_bytes = b.bitcast(words, ir.VectorType(I8, size))
+    return [_shuffle(b, as_bytes, as_bytes, range(q, size, result.planes)) for q in range(result.planes)]
+
+
+def _lookup16(b: ir.IRBuilder, isa, result: _Result, planes: Sequence[ir.Value], codes: ir.Value, out: ir.Value) -> None:
+    """The results of the 16 codes in the 8 bytes at ``codes`` into ``out[0 .. 16]``::
+
+        index = {codes[0] & 15, codes[0] >> 4, codes[1] & 15, ..., codes[7] >> 4};
+        for (q = 0; q < sizeof(RESULT); q++) picked[q] = permute16(planes[q], index);
+        out[0 .. 16] = interleave(picked);    // byte q of out[j] is picked[q][j]
+    """
+    x = b.zext(b.load(codes, typ=ir.VectorType(I8, 8), align=1), ir.VectorType(I16, 8))
+    # The two nibbles of byte j as bytes 2j and 2j + 1 of a 16-bit lane. (Not a shuffle of
+    # x & 15 with x >> 4: LLVM would then take each lane's index from one or the other and no
+    # longer see a byte shuffle, see _permute16_lanes.)
+    nibbles = b.or_(b.and_(x, ir.Constant(x.type, 0x0F)), b.and_(b.shl(x, ir.Constant(x.type, 4)), ir.Constant(x.type, 0xF00)))
+    index = b.bitcast(nibbles, _BYTES16)
+    picked = [_permute16(b, isa, plane, index) for plane in planes]
+    if len(picked) == 4:  # float32: planes 0 and 1 side by side, then 2 and 3
+        picked = [_shuffle(b, picked[q], picked[q + 1], range(2 * _NIBBLE_CODES)) for q in (0, 2)]
+    # picked[0] ++ picked[1] holds plane q at lanes 16q .. 16q + 15
+    interleave = [_NIBBLE_CODES * q + j for j in range(_NIBBLE_CODES) for q in range(result.planes)]
+    store(b, _shuffle(b, picked[0], picked[1], interleave), out, 0, 1)
+
+
+def _group(module: ir.Module, result: _Result, isa) -> None:
+    """``void group_RESULT(src, dst, nr, w, r0, c0, scale, zero, zeros, scols, b0, b1, period,
+    values, after, tables)`` (``SIGNATURES``): rows ``r0 .. r0+nr`` x columns ``c0 .. c0+w`` of a
+    ``[rows, cols]`` weight of 4-bit codes, the formula of ``formats.pairing.Quantized`` with
+    element ``(r, c)``'s scale cell ``at = srow(r) * scols + c / b1`` (``srow`` as in
+    ``grid_bf16``)::
+
+        row_bytes = (c0 + w + 1) / 2 - c0 / 2;           // code_span(c0, c0 + w, 4)
+        whole = c0 % b1 == 0 && w % b1 == 0 && b1 % 16 == 0;
+        for (i = 0; i < nr; i++) {
+            const uint8_t *codes = src + i * row_bytes;  // column c0 + j: nibble (c0 & 1) + j
+            RESULT *out = dst + i * w;
+            for (k = c0 / b1; k <= (c0 + w - 1) / b1; k++) {   // the row's block columns
+                at = srow(r0 + i) * scols + k;
+                words = block_results(at);              // one 16-lane vector
+                start = max(k * b1, c0); end = min((k + 1) * b1, c0 + w);
+                if (whole)                               // whole blocks of whole steps: whole
+                    for (j = start; j < end; j += 16)    // rows, usually
+                        lookup16(planes(words), codes + (j - c0) / 2, out + j - c0);
+                else
+                    nibbles(codes, start - c0 + (c0 & 1), end - start, words, out + start - c0);
+            }
+        }
+
+    Each operation is one float32 operation, in the reference's order (``x - 0.0`` and
+    ``x * 1.0`` are exact, so a weight without a zero point or global scale gets its bits), and
+    ``RESULT`` rounds once. No result may be NaN (the caller checks that the scales, zero points
+    and ``after`` are finite and ``after`` is not 0): torch writes NaN bits of its own choosing.
+    """
+    name = f"group_{result.name}"
+    _, b, a = _define(module, name, SIGNATURES[name])
+    values = b.load(a.values, typ=ir.VectorType(F32, _NIBBLE_CODES), align=4)
+    after = _splat(b, a.after, _NIBBLE_CODES)
+    per_matrix = (a.period + a.b0 - 1) // a.b0  # scale rows of one matrix
+    col_end = a.c0 + a.w
+    row_bytes = (col_end + 1) // 2 - a.c0 // 2
+    first_block = a.c0 // a.b1
+    blocks = (col_end - 1) // a.b1 - first_block + 1
+    whole = b.icmp_unsigned("==", ((a.c0 % a.b1) | (a.w % a.b1) | (a.b1 % _NIBBLE_CODES)).value, ir.Constant(I64, 0))
+    with loop(b, a.nr) as i:
+        r = a.r0 + i.index
+        scale_row = r // a.period * per_matrix + r % a.period // a.b0
+        codes = at(b, a.src, i.index * row_bytes)
+        out = at(b, a.dst, i.index * a.w, result.word)
+        with b.if_else(whole) as (whole_blocks, general):
+            with whole_blocks:
+                with loop(b, blocks) as k:
+                    planes = _byte_planes(b, result, _block_results(b, result, a, values, after, scale_row * a.scols + first_block + k.index))
+                    with loop(b, a.b1 // _NIBBLE_CODES) as step:
+                        j = k.index * a.b1 + step.index * _NIBBLE_CODES
+                        _lookup16(b, isa, result, planes, at(b, codes, j // 2), at(b, out, j, result.word))
+            with general:
+                with loop(b, blocks) as k:
+                    block = first_block + k.index
+                    words = _block_results(b, result, a, values, after, scale_row * a.scols + block)
+                    start = (block * a.b1).max(a.c0)
+                    end = ((block + 1) * a.b1).min(col_end)
+                    _nibbles(b, isa, result, codes, start - a.c0 + (a.c0 & 1), end - start, words, a.tables, at(b, out, start - a.c0, result.word))
+    b.ret_void()
+
+
+def _nibbles(b: ir.IRBuilder, isa, result: _Result, codes: ir.Value, p: Int, n: Int, words: ir.Value, table: ir.Value, out: ir.Value) -> None:
+    """``n`` results from nibble ``p`` of ``codes`` on (nibble ``2j`` is the low half of byte
+    ``j``), each code's entry of ``words``, a block's 16 results (``table``: scratch for them)::
+
+        table[0 .. 16] = words;
+        if (p & 1) { *out++ = table[codes[p / 2] >> 4]; p++; n--; }   // a high nibble first
+        codes += p / 2;
+        for (j = 0; j < n / 16 * 16; j += 16)             // 16 codes from 8 bytes
+            lookup16(planes(words), codes + j / 2, out + j);
+        for (; j < n; j++) out[j] = table[(codes[j / 2] >> 4 * (j & 1)) & 15];   // the rest
+    """
+    word = result.word
+    align = word.width // 8
+    store(b, words, table, 0, 64)
+    odd = p & 1
+    with b.if_then(odd > 0):
+        high = b.lshr(load(b, codes, p // 2, I8, 1), ir.Constant(I8, 4))
+        store(b, load(b, table, b.zext(high, I64), word, align), out, 0, align)
+    n = n - odd
+    codes = at(b, codes, (p + odd) // 2)
+    out = at(b, out, odd, word)
+    planes = _byte_planes(b, result, words)
+    with loop(b, n // _NIBBLE_CODES) as step:
+        j = step.index * _NIBBLE_CODES
+        _lookup16(b, isa, result, planes, at(b, codes, j // 2), at(b, out, j, word))
+    done = n // _NIBBLE_CODES * _NIBBLE_CODES
+    with loop(b, n, start=done) as j:
+        byte = Int(b, b.zext(load(b, codes, j.index // 2, I8, 1), I64))
+        code = (byte >> ((j.index & 1) * 4)) & 15
+        store(b, load(b, table, code, word, align), out, j.index, align)
+
+
 # --- variants --------------------------------------------------------------------------------
 
 
@@ -522,6 +771,8 @@ def assemble(variant: str, triple: str | None = None, data_layout: str | None = 
     if isa is not None:
         _lut16_entry(module, v.lut16, rows)
     _grid(module, "grid_bf16", table_bf16, rows)
+    _group(module, _BF16, isa)
+    _group(module, _F32, isa)
     if v.lut16_stream != v.lut16:
         streaming = _Rows(lut16, isa, stream=True)
         _lut16_entry(module, v.lut16_stream, streaming)

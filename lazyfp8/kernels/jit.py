@@ -83,11 +83,12 @@ class JitKernels:
     """The compiled kernels of this process, over contiguous CPU tensors (ctypes releases the GIL
     for each call, so workers run them in parallel)."""
 
-    def __init__(self, engine, variant, signatures, table_bytes: int, from_cache: bool):
+    def __init__(self, engine, variant, signatures, table_bytes: int, group_table_bytes: int, from_cache: bool):
         self._engine = engine  # owns the machine code the function pointers point into
         self.variant: str = variant.name  #: "vbmi", "neon", "neon-emulated" or "portable" (``ir.VARIANTS``)
         self.from_cache = from_cache  #: the machine code came from the on-disk cache
         self.table_bytes: int = table_bytes  #: bytes of one ``table16`` block (and of grid scratch per block)
+        self.group_table_bytes: int = group_table_bytes  #: scratch bytes of a ``group`` call
 
         def entry(name: str) -> _Entry:
             return _Entry(engine, name, signatures[name])
@@ -97,6 +98,8 @@ class JitKernels:
         self._lut32 = entry("lut32")
         self._grid = entry("grid_bf16")
         self._grid_stream = entry(variant.grid_bf16_stream)
+        self._group = {torch.bfloat16: entry("group_bf16"), torch.float32: entry("group_f32")}
+        self._no_zero = torch.zeros(1)  # the zero point of a weight without zero points (read only)
 
     @staticmethod
     def table16(table: torch.Tensor) -> torch.Tensor:
@@ -154,6 +157,55 @@ class JitKernels:
             src=codes.data_ptr(), dst=out.data_ptr(), nr=nr, w=w, r0=r0, c0=col_start,
             scale=scale.data_ptr(), scols=scale.shape[1], b0=b0, b1=b1, period=period,
             values=values.data_ptr(), nan=nan.data_ptr(), tables=tables.data_ptr(), group=_ROWS_PER_GROUP[stream],
+        )  # fmt: skip
+
+
+    #: The output dtypes ``group`` writes.
+    group_dtypes = (torch.bfloat16, torch.float32)
+
+    def group(
+        self,
+        codes: torch.Tensor,
+        out: torch.Tensor,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        after: float,
+        block: tuple[int, int],
+        period: int,
+        values: torch.Tensor,
+        tables: torch.Tensor,
+    ) -> None:
+        """Dequantize the rectangle ``rows`` x ``cols`` of a weight of 4-bit codes into ``out``
+        (``group_dtypes``): ``codes`` holds each row's bytes ``code_span(c0, c1, 4)`` back to
+        back (two codes a byte, low nibble first), ``scale`` the float32 grid, ``zero`` float32
+        zero points of the grid's shape or ``None``, ``after`` the global scale that multiplies
+        the product (1.0 for none), ``values`` the codec's 16 float32 values, ``tables``
+        ``group_table_bytes`` of 64-byte-aligned scratch. Every result must be finite or
+        infinite, never NaN (see ``ir._group``)."""
+        (r0, r1), (c0, c1) = rows, cols
+        nr, w = r1 - r0, c1 - c0
+        b0, b1 = block
+        _require(all(map(_flat_cpu, (codes, out, scale, values, tables))), "tensors must be contiguous on the CPU")
+        _require(nr > 0 and w > 0 and r0 >= 0 and c0 >= 0 and b0 > 0 and b1 > 0 and period > 0, "empty rectangle or block")
+        _require(out.dtype in self.group_dtypes and out.numel() == nr * w, "the output is bfloat16 or float32, one per code")
+        row_bytes = (c1 + 1) // 2 - c0 // 2
+        _require(codes.dtype == torch.uint8 and codes.numel() >= nr * row_bytes, "codes do not fill the rectangle")
+        _require(scale.dtype == torch.float32 and scale.dim() == 2, "the scale grid is 2-d float32")
+        if zero is None:
+            zero, zeros = self._no_zero, 0
+        else:
+            _require(_flat_cpu(zero) and zero.dtype == torch.float32 and zero.shape == scale.shape, "zero points in the scale's shape")
+            zeros = 1
+        _require(values.dtype == torch.float32 and values.numel() == 16, "16 float32 code values")
+        _require(tables.numel() * tables.element_size() >= self.group_table_bytes and tables.data_ptr() % 64 == 0, "table scratch")
+        last_scale_row = (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0
+        _require(last_scale_row < scale.shape[0] and (c1 - 1) // b1 < scale.shape[1], "rectangle outside the scale grid")
+        self._group[out.dtype](
+            src=codes.data_ptr(), dst=out.data_ptr(), nr=nr, w=w, r0=r0, c0=c0,
+            scale=scale.data_ptr(), zero=zero.data_ptr(), zeros=zeros, scols=scale.shape[1], b0=b0, b1=b1, period=period,
+            values=values.data_ptr(), after=after, tables=tables.data_ptr(),
         )  # fmt: skip
 
 
@@ -234,7 +286,7 @@ def _compile(mode: str) -> JitKernels | None:
         engine = llvm.create_mcjit_compiler(module, machine)
         engine.set_object_cache(lambda _module, data: cache.store(data), lambda _module: cached)
         engine.finalize_object()
-        return JitKernels(engine, variant, ir.SIGNATURES, ir.TABLE_BYTES, from_cache=cached is not None)
+        return JitKernels(engine, variant, ir.SIGNATURES, ir.TABLE_BYTES, ir.GROUP_TABLE_BYTES, from_cache=cached is not None)
     except Exception as e:  # a broken or unusual LLVM: the torch kernels still work
         log.warning("lazyfp8: compiled kernels unavailable (%s); using the pure-torch kernels", e)
         return None
