@@ -241,6 +241,9 @@ def test_a_killed_copy_leaves_no_half_side_file(fp8_ckpt, tmp_path, monkeypatch)
         ["quantize", "--scheme", "int4"],
         ["quantize", "--format", "gguf"],
         ["quantize", "--exclude", "(unclosed"],
+        ["convert", "--to", "nf4"],
+        ["convert", "--to", "int4", "--group-size", "0"],
+        ["convert", "--to", "nvfp4", "--only"],
     ],
 )
 def test_bad_arguments_are_refused_before_anything_is_written(fp8_ckpt, tmp_path, capsys, args):

@@ -334,3 +334,169 @@ def test_cli_dequantize_of_a_source_with_a_surrogate_free_but_odd_key(tmp_path):
          quantize=lambda k: True, exclude=(), config={})
     assert main(["-q", "dequantize", str(src), str(tmp_path / "out")]) == 0
     assert set(LazyFP8View(tmp_path / "out")) == {"a b/é.weight", "x.weight"}
+
+
+# -- convert: into its source, across each other, killed half-way, asked nonsense --------------
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from lazyfp8 import PerBlock  # noqa: E402
+
+
+def fp8_checkpoint(path, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"layers.{i}.proj.weight": torch.randn(64, 128, generator=g) for i in range(n)}
+    save(tensors, path, scheme=PerBlock((32, 32)), max_shard_size=12_000, config={"model_type": "x"})
+    (path / "tokenizer.json").write_text('{"old": true}')
+    return path
+
+
+def tree(path):
+    out = {}
+    for root, _dirs, names in os.walk(path):
+        for n in names:
+            p = os.path.join(root, n)
+            out[os.path.relpath(p, path)] = os.readlink(p) if os.path.islink(p) else open(p, "rb").read()
+    return out
+
+
+def snapshot(path):
+    """Every tensor of the checkpoint at ``path`` as raw bits, or None when it does not load."""
+    try:
+        view = LazyFP8View(path)
+        return {k: view.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in view}
+    except LazyFP8Error:
+        return None
+
+
+@pytest.mark.parametrize("to", ["nvfp4", "bf16"])
+@pytest.mark.parametrize("form", ["SRC SRC", "SRC SRC/", "SRC link-to-SRC", "SRC/shard SRC", "SRC hardlinks-of-SRC"])
+def test_convert_into_its_own_source_is_refused_before_anything_is_written(tmp_path, capsys, to, form):
+    src = fp8_checkpoint(tmp_path / "src")
+    os.symlink(src, tmp_path / "link")
+    links = tmp_path / "links"
+    links.mkdir()
+    for n in os.listdir(src):
+        os.link(src / n, links / n)
+    first = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[0]
+    src_arg, dst_arg = {
+        "SRC SRC": (src, src),
+        "SRC SRC/": (src, f"{src}/"),
+        "SRC link-to-SRC": (src, tmp_path / "link"),
+        "SRC/shard SRC": (src / first, src),
+        "SRC hardlinks-of-SRC": (src, links),
+    }[form]
+    before, before_links = tree(src), tree(links)
+    capsys.readouterr()
+    assert main(["convert", str(src_arg), str(dst_arg), "--to", to, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(dst_arg).rstrip("/") in err, err
+    assert tree(src) == before and tree(links) == before_links
+
+
+def test_convert_into_a_directory_inside_its_source(tmp_path):
+    src = fp8_checkpoint(tmp_path / "src")
+    before = tree(src)
+    for force in ([], ["--force"]):
+        assert main(["-q", "convert", str(src), str(src / "out"), "--to", "nvfp4", *force]) == 0
+    after = tree(src)
+    assert {k: v for k, v in after.items() if not k.startswith("out" + os.sep)} == before
+    assert sorted(os.listdir(src / "out")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert set(LazyFP8View(src / "out")) == set(LazyFP8View(src))
+
+
+def test_convert_a_source_inside_its_destination(tmp_path):
+    dst = tmp_path / "dst"
+    src = fp8_checkpoint(dst / "orig")
+    before = tree(src)
+    for _ in range(2):
+        assert main(["-q", "convert", str(src), str(dst), "--to", "int4", "--group-size", "32", "--force"]) == 0
+    assert tree(src) == before and set(LazyFP8View(dst)) == set(LazyFP8View(src))
+
+
+_KILLED_CHILD = r"""
+import sys, time
+import lazyfp8.writer as w
+from lazyfp8.cli import main
+
+real, wanted, written = w._save_file, int(sys.argv[1]), []
+
+def save_then_wait(tensors, path):
+    real(tensors, path)
+    written.append(path)
+    if len(written) == wanted:
+        print("written", flush=True)
+        time.sleep(600)  # killed here
+
+w._save_file = save_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["fresh", "over-an-old-one"])
+@pytest.mark.parametrize("after_shard", [1, 4])
+def test_a_conversion_killed_half_way_leaves_the_old_checkpoint_or_nothing(tmp_path, old, after_shard):
+    """SIGKILLed after its first or its last (4th) shard, before anything is moved in: DST loads as
+    before (the old checkpoint, bit for bit, or not at all), never as half a conversion; the
+    next run cleans up and converts."""
+    src = fp8_checkpoint(tmp_path / "src")
+    dst = tmp_path / "dst"
+    if old:
+        save({"old.weight": torch.ones(8, 8)}, dst, scheme=None, config={"model_type": "old"})
+    before = snapshot(dst) if old else None
+    args = ["-q", "convert", str(src), str(dst), "--to", "nvfp4-modelopt", "--max-shard-size", "9KB", "--force"]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(after_shard), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written", child.stderr.read()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert snapshot(dst) == before if old else snapshot(dst) is None
+    if old:
+        assert json.loads((dst / "config.json").read_text()) == {"model_type": "old"}
+    assert any(".tmp-" in n for n in os.listdir(dst)), "the dead run's staging directory is still there"
+    assert main(args) == 0
+    assert not [n for n in os.listdir(dst) if ".tmp-" in n]
+    view = LazyFP8View(dst)
+    assert set(view) == set(LazyFP8View(src)) and sum(n.endswith(".safetensors") for n in os.listdir(dst)) == 4
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--to", "nf4"],
+        ["--to", ""],
+        ["--to", "NVFP4"],
+        [],
+        ["--to", "nvfp4", "--group-size", "0"],
+        ["--to", "int4", "--group-size", "-8"],
+        ["--to", "fp8", "--block-size", "0", "1"],
+        ["--to", "nvfp4", "--only", "(bad"],
+        ["--to", "nvfp4", "--max-shard-size", "0"],
+    ],
+)
+def test_convert_arguments_that_make_no_sense_are_usage_errors(tmp_path, capsys, args):
+    src = fp8_checkpoint(tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(src), str(tmp_path / "dst"), *args])
+    assert e.value.code == 2 and not (tmp_path / "dst").exists()
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_tensor_the_target_cannot_hold_is_refused_before_the_old_checkpoint_is_touched(tmp_path, capsys):
+    src = tmp_path / "src"
+    save({"a.weight": torch.randn(16, 64), "b.weight": torch.randn(16, 48)}, src, scheme="per-tensor",
+         quantize=lambda k: True, exclude=(), config={})
+    dst = tmp_path / "dst"
+    save({"old.weight": torch.ones(4, 4)}, dst, scheme=None)
+    before = tree(dst)
+    assert main(["convert", str(src), str(dst), "--to", "mxfp4", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "'b.weight' of shape [16, 48]" in err and "exclude" in err
+    assert tree(dst) == before
+    assert main(["-q", "convert", str(src), str(dst), "--to", "mxfp4", "--exclude", "^b", "--force"]) == 0
+    assert sorted(k for k in LazyFP8View(dst) if LazyFP8View(dst).info(k).scale_key) == ["a.weight"]
