@@ -1,4 +1,5 @@
-"""``save``: quantize, rename and shard a state dict into the on-disk FP8 layout.
+"""``save``: quantize, rename and shard a state dict into an on-disk quantized layout (FP8, NVFP4,
+MXFP4, int4, each named as its producers name it).
 
 The inverse of :class:`~lazyfp8.LazyFP8View`: what ``save`` writes, a view reads back. Tensors are
 produced one at a time from the source (a model, a state dict or a lazy view); at most one shard's
@@ -70,7 +71,7 @@ class SaveResult:
         files: the shard file names, in order.
         index: the index file name, or ``None`` for a single-file checkpoint.
         total_size: bytes of tensor data written.
-        quantized: runtime keys stored as FP8.
+        quantized: runtime keys stored quantized.
         tied: runtime keys not written because they share their tensor with a key that was.
         key_map: runtime key -> on-disk key.
     """
@@ -694,7 +695,8 @@ def save(
             a ``*.safetensors`` file save did not write, or another save is writing there; a key
             safetensors cannot store (not a string, empty, NUL, a lone surrogate, a scale name
             taken by another tensor); a value that is not a tensor with data.
-        ValueError: a bad argument (``max_shard_size``, ``format``, ``scheme``...).
+        ValueError: a bad argument (``max_shard_size``, ``format``, ``scheme``...), a combination no
+            producer writes, or a weight the scheme cannot store (naming it).
         NonFiniteError: a tensor to quantize holds NaN or an infinity (naming it).
         KeyMappingError: the key mapping does not round-trip on the keys.
     """
