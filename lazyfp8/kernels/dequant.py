@@ -356,14 +356,15 @@ class GroupKernel:
         self.codec = codec
         self.values = codec.values().to(device)
         scale = scale_grid.to(device=device, dtype=torch.float32).reshape(-1, scale_grid.shape[-1])
-        self.after: torch.Tensor | None = None
         if global_scale is not None:
+            # Both conventions combine the two scales first, in float32 (compressed-tensors
+            # divides, ModelOpt multiplies), then multiply the code's value by the result.
             g = global_scale.to(device=device, dtype=torch.float32).reshape(())
-            if divide:
-                scale = scale / g  # compressed-tensors: the group scale over the global one, in float32
-            else:
-                self.after = g  # ModelOpt: the product times the global scale
+            scale = scale / g if divide else scale * g
         self.scale = scale.contiguous()
+        # Nothing multiplies after the scale any more (ModelOpt's scale_2 multiplies the group
+        # scale, like compressed-tensors' global scale divides it, before the code's value).
+        self.after: torch.Tensor | None = None
         self.zero = None if zero_point is None else zero_point.to(device=device, dtype=torch.float32).reshape(self.scale.shape).contiguous()
         self.block = block
         self.period = period
@@ -411,10 +412,7 @@ class GroupKernel:
         t = self.values.view(1, 1, -1)
         if self.zero is not None:
             t = t - self.zero.index_select(0, srows)[:, g0:g1, None]
-        t = t * s
-        if self.after is not None:
-            t = t * self.after
-        return t.to(self.out_dtype), g0
+        return (t * s).to(self.out_dtype), g0
 
     def __call__(self, codes: torch.Tensor, out: torch.Tensor, rect: Rect, work: Workspace, final: bool = False) -> None:
         """Dequantize rectangle ``rect``: ``codes`` as ``TensorSource.read_rect`` reads them (for
