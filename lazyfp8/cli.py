@@ -276,6 +276,7 @@ CONVERT_TARGETS: dict[str, dict[str, Any]] = {
     "mxfp4": {"scheme": "mxfp4", "format": "mxfp4"},
     "mxfp4-compressed-tensors": {"scheme": "mxfp4", "format": "compressed-tensors"},
     "int4": {"scheme": "int4", "format": "compressed-tensors"},
+    "int4-asym": {"scheme": "int4-asym", "format": "compressed-tensors"},
 }
 
 
@@ -423,7 +424,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, choices=list(CONVERT_TARGETS),
                    help="bf16/fp16/fp32 (dequantize); fp8 (128x128 blocks, HF fp8; --block-size), fp8-tensor, "
                    "fp8-channel (compressed-tensors); nvfp4 (compressed-tensors), nvfp4-modelopt; mxfp4 (gpt-oss "
-                   "_blocks/_scales), mxfp4-compressed-tensors; int4 (compressed-tensors pack-quantized; --group-size)")
+                   "_blocks/_scales), mxfp4-compressed-tensors; int4, int4-asym (compressed-tensors pack-quantized, "
+                   "symmetric or with zero points; --group-size)")
     s.add_argument("--block-size", type=_positive_int, nargs=2, metavar=("ROWS", "COLS"), help="FP8 block (default 128 128)")
     s.add_argument("--group-size", type=_positive_int, help="int4 group size (default 128)")
     s.add_argument("--scheme", type=_scheme, help="override the scheme SRC is read with")

@@ -34,7 +34,7 @@ from torch import nn
 
 from ._progress import ProgressSpec, make_progress
 from .errors import SaveError
-from .formats.quantize import MXFP4, NVFP4, Int4, PackedScheme, fp8_max
+from .formats.quantize import MXFP4, NVFP4, Int4, PackedScheme, fp8_max, pack_nibbles
 from .formats.quantize import quantize as _quantize
 from .formats.schemes import Granularity, make_scheme
 from .keymap import KeyMapping, KeyMappingSpec
@@ -219,6 +219,7 @@ _PACKED: dict[str, tuple[str, ...]] = {
     "nvfp4": ("compressed-tensors", "modelopt"),
     "mxfp4": ("mxfp4", "compressed-tensors"),
     "int4": ("compressed-tensors",),
+    "int4-asym": ("compressed-tensors",),
 }
 
 
@@ -337,7 +338,8 @@ class _CompressedTensorsPacked(_Packed):
     """compressed-tensors ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (``weight_packed`` U8
     ``[out, in/2]``, ``weight_scale``, NVFP4's ``weight_global_scale`` F32 ``[1]``) and int4
     ``pack-quantized`` (``weight_packed`` I32 ``[out, in/8]``, eight codes ``q + 8`` a word, low
-    nibble first; ``weight_scale``; ``weight_shape`` I64 ``[2]``)."""
+    nibble first; ``weight_scale``; ``weight_shape`` I64 ``[2]``; asymmetric, ``weight_zero_point``
+    I32 ``[ceil(out/8), in/g]``, packed the same way along the output rows)."""
 
     format: str = "compressed-tensors"
 
@@ -345,10 +347,21 @@ class _CompressedTensorsPacked(_Packed):
         self._module(key, disk, "weight_packed")
         super().check(key, disk, shape)
 
+    @property
+    def _asymmetric(self) -> bool:
+        return not getattr(self.scheme, "symmetric", True)
+
     def names(self, disk: str) -> list[tuple[str, str]]:
         m = _module_prefix(disk) or ""
         second = {"nvfp4": [(m + "weight_global_scale", "global scale")], "int4": [(m + "weight_shape", "shape")]}
-        return [(m + "weight_packed", "codes"), (m + "weight_scale", "scale"), *second.get(self.scheme.name, [])]
+        zero = [(m + "weight_zero_point", "zero point")] if self._asymmetric else []
+        return [(m + "weight_packed", "codes"), (m + "weight_scale", "scale"), *second.get(self.scheme.name, []), *zero]
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        n = super().nbytes(shape)
+        if self._asymmetric:
+            n += -(-shape[0] // 8) * (shape[-1] // self.scheme.group) * 4
+        return n
 
     def tensors(self, key: str, disk: str, t: torch.Tensor, given: torch.Tensor | None) -> dict[str, torch.Tensor]:
         p = self.scheme.quantize(t, name=key)
@@ -357,6 +370,13 @@ class _CompressedTensorsPacked(_Packed):
         if self.scheme.name == "int4":
             out[m + "weight_packed"] = p.codes.view(torch.int32)  # little-endian words: nibble 0 lowest
             out[m + "weight_shape"] = torch.tensor(t.shape, dtype=torch.int64)
+        if p.zero_point is not None:
+            # Packed like the codes (q + 8, eight a word, lowest nibble first) but along the
+            # output rows, a column of words per group: compressed-tensors' pack_to_int32(dim=0).
+            zp = (p.zero_point.to(torch.int32) + 8).to(torch.uint8).t()
+            zp = pack_nibbles(torch.nn.functional.pad(zp, (0, -zp.shape[1] % 8)))
+            words = torch.empty(zp.shape, dtype=torch.uint8).copy_(zp)  # plain strides, size-1 dims too
+            out[m + "weight_zero_point"] = words.view(torch.int32).t().contiguous()
         if p.global_scale is not None:
             out[m + "weight_global_scale"] = p.global_scale.reshape(1)
         return out
@@ -367,7 +387,7 @@ class _CompressedTensorsPacked(_Packed):
             "type": "int" if self.scheme.name == "int4" else "float",
             "strategy": {"nvfp4": "tensor_group"}.get(self.scheme.name, "group"),
             "group_size": self.scheme.group,
-            "symmetric": True,
+            "symmetric": not self._asymmetric,
             "dynamic": False,
         }
         if self.scheme.name != "int4":
@@ -460,8 +480,8 @@ def _target(
     elif isinstance(scheme, str) and scheme in _PACKED:
         if block_size is not None:
             raise ValueError(f"scheme={scheme!r} takes group_size=, not block_size=")
-        if scheme == "int4":
-            packed = Int4(128 if group_size is None else group_size)
+        if scheme in ("int4", "int4-asym"):
+            packed = Int4(128 if group_size is None else group_size, symmetric=scheme == "int4")
         else:
             fixed = {"nvfp4": NVFP4, "mxfp4": MXFP4}[scheme]
             packed = fixed() if group_size is None else fixed(group=group_size)
@@ -648,8 +668,9 @@ def save(
         scheme: FP8 with a granularity: ``PerTensor()``, ``PerChannel()``, ``PerBlock((r, c))``,
             ``"per-tensor"``, ``"per-channel"``, ``"block"`` (with ``block_size``), ``"mx"``; or a
             4-bit scheme: ``"nvfp4"`` (e2m1, e4m3 scale per 16, global scale), ``"mxfp4"`` (e2m1,
-            power-of-two scale per 32), ``"int4"`` (symmetric, float32 scale per ``group_size``,
-            default 128), or a :class:`~lazyfp8.formats.quantize.PackedScheme`; ``None``
+            power-of-two scale per 32), ``"int4"`` / ``"int4-asym"`` (symmetric / with a zero point,
+            float32 scale per ``group_size``, default 128), or a
+            :class:`~lazyfp8.formats.quantize.PackedScheme`; ``None``
             quantizes nothing (rename and shard only).
         group_size: the int4 group (a positive even number dividing each weight's columns).
         fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (FP8 schemes).

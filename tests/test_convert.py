@@ -35,6 +35,7 @@ WRITTEN = {
     "mxfp4": ("mxfp4", None, "m.weight_scales"),
     "mxfp4-compressed-tensors": ("compressed-tensors", "mxfp4-pack-quantized", "m.weight_scale"),
     "int4": ("compressed-tensors", "pack-quantized", "m.weight_scale"),
+    "int4-asym": ("compressed-tensors", "pack-quantized", "m.weight_scale"),
 }
 # Largest relative Frobenius error of a conversion of Gaussian weights (the measured values are
 # 0.02-0.03 for FP8 and 0.09-0.12 for the 4-bit formats; docs/writing.md has the element bounds).

@@ -100,7 +100,7 @@ def test_tall_blocks_accumulate_amax_across_bands(monkeypatch):
 from lazyfp8.formats.quantize import MXFP4, NVFP4, Int4, e2m1_codes, unpack_nibbles  # noqa: E402
 
 E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-PACKED = [NVFP4(divide=True), NVFP4(divide=False), MXFP4(), Int4(16), Int4(128)]
+PACKED = [NVFP4(divide=True), NVFP4(divide=False), MXFP4(), Int4(16), Int4(128), Int4(32, symmetric=False)]
 # Relative slack for the float32 arithmetic around an exact bound (a quotient and a product, each
 # rounded once).
 SLACK = 1 + 2.0**-20
@@ -121,7 +121,10 @@ def formula(scheme, p, shape):
     codes = unpack_nibbles(p.codes).long()
     table = torch.tensor(E2M1_VALUES) if scheme.codec.name == "e2m1" else torch.arange(16.0) - 8
     d = divisor(scheme, p.scale, p.global_scale).repeat_interleave(scheme.group, dim=-1)
-    return (table[codes] * d).reshape(shape)
+    v = table[codes]
+    if p.zero_point is not None:
+        v = v - p.zero_point.to(torch.float32).repeat_interleave(scheme.group, dim=-1)
+    return (v * d).reshape(shape)
 
 
 def error_bound(scheme, w, p):
@@ -156,7 +159,7 @@ def packed_weights(draw, scheme):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("scheme", PACKED, ids=lambda s: f"{s.name}-{getattr(s, 'divide', s.group)}")
+@pytest.mark.parametrize("scheme", PACKED, ids=str)
 @given(data=st.data())
 def test_packed_round_trip_within_its_bound_and_requantizes_to_the_same_codes(scheme, data):
     w = data.draw(packed_weights(scheme))
@@ -171,7 +174,7 @@ def test_packed_round_trip_within_its_bound_and_requantizes_to_the_same_codes(sc
     back = formula(scheme, p, w.shape)
     wf = w.to(torch.float32)
     assert ((wf - back).abs() <= error_bound(scheme, wf, p) * SLACK).all()
-    again = scheme.quantize(back, scale=p.scale, global_scale=p.global_scale)
+    again = scheme.quantize(back, scale=p.scale, global_scale=p.global_scale, zero_point=p.zero_point)
     assert torch.equal(again.codes, p.codes), "re-quantizing with the same scales gives the same bytes"
 
 
@@ -253,6 +256,24 @@ def test_packed_codes_are_what_compressed_tensors_packs_with_the_same_scales():
     args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=64, symmetric=True)
     q = ct_quantize(w, p.scale, torch.zeros_like(p.scale), args, dtype=torch.int8)
     assert torch.equal(pack_to_int32(q, 4), p.codes.view(torch.int32))
+    p = Int4(64, symmetric=False).quantize(w)
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=64, symmetric=False)
+    q = ct_quantize(w, p.scale, p.zero_point, args, dtype=torch.int8)
+    assert torch.equal(pack_to_int32(q, 4), p.codes.view(torch.int32))
+
+
+def test_asymmetric_int4_is_compressed_tensors_rule_with_the_scale_rounded_up():
+    """compressed-tensors' calculate_qparams: s = (max(max, 0) - min(min, 0)) / 15,
+    z = round(clamp(-8 - min / s, -8, 7)); ours rounds s up to float32 (so the ends stay within
+    half a step), and z follows from that s."""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(9)) + 0.7
+    w[0] = w[0].abs()  # all positive: z = -8
+    p = Int4(32, symmetric=False).quantize(w)
+    g = w.unflatten(-1, (-1, 32))
+    lo, hi = g.amin(-1).clamp(max=0).double(), g.amax(-1).clamp(min=0).double()
+    assert (p.scale.double() >= (hi - lo) / 15).all() and (torch.nextafter(p.scale, torch.zeros(())).double() < (hi - lo) / 15).all()
+    assert torch.equal(p.zero_point, (-8 - lo.float() / p.scale).clamp(-8, 7).round().to(torch.int8))
+    assert (p.zero_point[0] == -8).all()
 
 
 def test_mxfp4_scale_is_the_triton_round_up_rule():
@@ -353,3 +374,7 @@ def test_given_scales_of_the_wrong_size_are_refused():
         MXFP4().quantize(w, scale=torch.full((4, 3), 127, dtype=torch.uint8), name="w")
     with pytest.raises(ValueError, match="global scale"):
         NVFP4().quantize(w, scale=torch.ones(4, 4).to(torch.float8_e4m3fn), name="w")
+    with pytest.raises(ValueError, match="needs a zero point"):
+        Int4(32, symmetric=False).quantize(w, scale=torch.ones(4, 2), name="w")
+    with pytest.raises(ValueError, match="no zero point"):
+        Int4(32).quantize(w, scale=torch.ones(4, 2), zero_point=torch.zeros(4, 2), name="w")

@@ -36,6 +36,7 @@ __all__ = [
     "MXFP4",
     "Int4",
     "e2m1_codes",
+    "pack_nibbles",
     "unpack_nibbles",
 ]
 
@@ -83,7 +84,7 @@ def _block_amax(w2: torch.Tensor, block: tuple[int, int], name: str) -> torch.Te
     gr, gc = grid_shape(rows, cols, block)
     amax = torch.zeros(gr, gc, dtype=torch.float32)
     full = cols // b1
-    for r0, r1, x in _bands(w2, max(_BAND_ELEMENTS // max(cols, 1), 1), name, every=b0):
+    for r0, _r1, x in _bands(w2, max(_BAND_ELEMENTS // max(cols, 1), 1), name, every=b0):
         x.abs_()
         row = amax[r0 // b0]
         if full:
@@ -91,6 +92,18 @@ def _block_amax(w2: torch.Tensor, block: tuple[int, int], name: str) -> torch.Te
         if full * b1 < cols:  # a partial last block column
             torch.maximum(row[full:], x[:, full * b1 :].amax(), out=row[full:])
     return amax
+
+
+def _block_minmax(w2: torch.Tensor, group: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[rows, cols / group]`` each: the smallest and largest ``w`` of each group of a row."""
+    rows, cols = w2.shape
+    lo = torch.empty(rows, cols // group, dtype=torch.float32)
+    hi = torch.empty_like(lo)
+    for r0, r1, x in _bands(w2, max(_BAND_ELEMENTS // max(cols, 1), 1), name):
+        g = x.view(r1 - r0, cols // group, group)
+        torch.amin(g, dim=2, out=lo[r0:r1])
+        torch.amax(g, dim=2, out=hi[r0:r1])
+    return lo, hi
 
 
 def quantize(
@@ -205,7 +218,7 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 2k]`` 4-bit codes -> ``[..., k]`` bytes, element ``2i`` in the low nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -225,11 +238,14 @@ class Packed:
         scale: one per group, shape ``scheme.granularity.scale_shape(w.shape)``, in the scheme's
             ``scale_dtype``.
         global_scale: the one-value float32 second scale (0-d) of NVFP4, else ``None``.
+        zero_point: int8, the scale's shape: an asymmetric int4 weight's zero points (-8..7),
+            else ``None``.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     global_scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
 
 
 class PackedScheme:
@@ -237,8 +253,9 @@ class PackedScheme:
     element is a 4-bit code of ``codec``. Subclasses say how the scales follow from each group's
     ``amax`` (and the weight's), what ``w`` is divided by, and how a quotient becomes a code.
 
-    Element ``[i, j]`` reads back as ``codec value of its code * divisor of its group`` (float32);
-    ``quantize`` documents each subclass's rule and the error it guarantees.
+    Element ``[i, j]`` reads back as ``(codec value of its code - zero point) * divisor of its
+    group`` (float32; no zero point but asymmetric int4's); each subclass documents its rule and
+    the error it guarantees.
     """
 
     name: ClassVar[str] = ""
@@ -270,12 +287,13 @@ class PackedScheme:
         *,
         scale: torch.Tensor | None = None,
         global_scale: torch.Tensor | None = None,
+        zero_point: torch.Tensor | None = None,
         name: str = "tensor",
     ) -> Packed:
         """Quantize ``w`` (any floating dtype, CPU, two or more dims, last dim a multiple of ``group``).
 
         Args:
-            scale, global_scale: use these scales (as a :class:`Packed` holds them) instead of
+            scale, global_scale, zero_point: use these (as a :class:`Packed` holds them) instead of
                 computing them from ``w``: re-quantizing a dequantized weight with its own scales
                 gives back its codes, byte for byte.
             name: used in error messages.
@@ -289,20 +307,30 @@ class PackedScheme:
         rows, cols = matrix_shape(shape)
         gc = cols // self.group
         w2 = w.detach().reshape(rows, cols)
+        zero = None
         if scale is None:
-            stored, glob = self._scales(_block_amax(w2, (1, self.group), name))
+            stored, glob, zero = self._from_weight(w2, name)
         else:
             stored, glob = self._given(scale, global_scale, rows, gc, name)
+            zero = self._given_zero_point(zero_point, rows, gc, name)
         divisor = self._divisor(stored, glob)
         codes = torch.empty(rows, cols // 2, dtype=torch.uint8)
         for r0, r1, x in _bands(w2, max(_PACKED_BAND_ELEMENTS // cols, 1), name):
-            x.view(r1 - r0, gc, self.group).div_(divisor[r0:r1, :, None])
+            groups = x.view(r1 - r0, gc, self.group).div_(divisor[r0:r1, :, None])
+            if zero is not None:
+                groups.add_(zero[r0:r1, :, None])
             codes[r0:r1] = pack_nibbles(self._encode(x))
+        scale_shape = self.granularity.scale_shape(shape)
         return Packed(
             codes.reshape(*shape[:-1], cols // 2),
-            stored.reshape(self.granularity.scale_shape(shape)),
+            stored.reshape(scale_shape),
             glob,
+            None if zero is None else zero.to(torch.int8).reshape(scale_shape),
         )
+
+    def _from_weight(self, w2: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(stored scales ``[rows, groups]``, global scale, float32 zero points) from the weight."""
+        return (*self._scales(_block_amax(w2, (1, self.group), name)), None)
 
     def _given(
         self, scale: torch.Tensor, global_scale: torch.Tensor | None, rows: int, gc: int, name: str
@@ -310,6 +338,11 @@ class PackedScheme:
         if scale.numel() != rows * gc:
             raise ValueError(f"scale for {name!r} has {scale.numel()} values; {self.name} needs {rows} x {gc}")
         return scale.detach().reshape(rows, gc).to(self.scale_dtype), None
+
+    def _given_zero_point(self, zero_point: torch.Tensor | None, rows: int, gc: int, name: str) -> torch.Tensor | None:
+        if zero_point is not None:
+            raise ValueError(f"{self.name} is symmetric: it has no zero point (given for {name!r})")
+        return None
 
     def _scales(self, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(stored scales ``[rows, groups]``, global scale) from each group's ``amax``."""
@@ -434,20 +467,32 @@ class MXFP4(PackedScheme):
         return e2m1_codes(x)
 
 
+def _float32_at_least(exact: torch.Tensor) -> torch.Tensor:
+    """float64 ``exact`` as the smallest float32 ``>=`` it; 0 (a group with no range) as 1.0."""
+    s = exact.to(torch.float32)
+    s = torch.where(s.to(torch.float64) < exact, torch.nextafter(s, torch.tensor(float("inf"))), s)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 @dataclasses.dataclass(frozen=True)
 class Int4(PackedScheme):
-    """Symmetric int4 groups (compressed-tensors ``pack-quantized``): one float32 scale per
-    ``group`` elements of a row, codes ``q`` in -8..7 stored as ``q + 8``.
+    """int4 groups (compressed-tensors ``pack-quantized``): one float32 scale per ``group``
+    elements of a row, codes ``q`` in -8..7 stored as ``q + 8``; asymmetric, also an int8 zero
+    point ``z`` in -8..7 per group, and element = ``(q - z) * s``.
 
-    Scale: ``amax_group / 7.5`` (compressed-tensors' symmetric rule, ``amax / ((qmax - qmin) / 2)``),
-    rounded *up* to float32, so that no quotient passes 7.5; a group of zeros gets 1.0. Codes:
-    ``clamp(round(w / s), -8, 7)``, ties to even.
+    Symmetric scale: ``amax_group / 7.5`` (compressed-tensors' rule, ``amax / ((qmax - qmin) / 2)``),
+    rounded *up* to float32, so that no quotient passes 7.5. Asymmetric (compressed-tensors' rule
+    too): with ``lo = min(min_group, 0)`` and ``hi = max(max_group, 0)``, ``s = (hi - lo) / 15``
+    rounded up to float32 and ``z = round(clamp(-8 - lo / s, -8, 7))``. A group with no range gets
+    scale 1.0. Codes: ``clamp(round(w / s + z), -8, 7)``, ties to even.
 
     Error bound, every element: ``|w - ŵ| <= s / 2`` (``+amax`` is 7.5 steps: it rounds to 8 and
-    saturates to 7, half a step away like every other element).
+    saturates to 7, half a step away like every other element; asymmetric, the group's ends land
+    within half a step of -8 and 7 for the same reason).
     """
 
     group: int = 128
+    symmetric: bool = True
     name: ClassVar[str] = "int4"
     codec: ClassVar[Codec] = INT4
     scale_dtype: ClassVar[torch.dtype] = torch.float32
@@ -464,11 +509,23 @@ class Int4(PackedScheme):
                 "whose rows are whole int32 words (a multiple of 8 columns); leave it unquantized (exclude=...)"
             )
 
+    def _from_weight(self, w2: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self.symmetric:
+            return super()._from_weight(w2, name)
+        lo, hi = _block_minmax(w2, self.group, name)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # 0 is always representable
+        s = _float32_at_least((hi.to(torch.float64) - lo.to(torch.float64)) / 15)
+        return s, None, (-8 - lo / s).clamp_(-8, 7).round_()
+
+    def _given_zero_point(self, zero_point: torch.Tensor | None, rows: int, gc: int, name: str) -> torch.Tensor | None:
+        if self.symmetric:
+            return super()._given_zero_point(zero_point, rows, gc, name)
+        if zero_point is None or zero_point.numel() != rows * gc:
+            raise ValueError(f"asymmetric int4 for {name!r} needs a zero point per scale ({rows} x {gc})")
+        return zero_point.detach().reshape(rows, gc).to(torch.float32)
+
     def _scales(self, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        exact = amax.to(torch.float64) / 7.5
-        s = exact.to(torch.float32)
-        s = torch.where(s.to(torch.float64) < exact, torch.nextafter(s, torch.tensor(float("inf"))), s)
-        return torch.where(s > 0, s, torch.ones_like(s)), None
+        return _float32_at_least(amax.to(torch.float64) / 7.5), None
 
     def _divisor(self, stored: torch.Tensor, glob: torch.Tensor | None) -> torch.Tensor:
         return stored.to(torch.float32)
