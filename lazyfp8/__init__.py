@@ -29,6 +29,7 @@ from .handle import SafeOpen, safe_open
 from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
+from .offload import Offloaded, offload
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save
 
@@ -41,6 +42,8 @@ __all__ = [
     "TensorInfo",
     "load_into",
     "init_empty_weights",
+    "offload",
+    "Offloaded",
     "LazyFP8StorageReader",
     "safe_open",
     "SafeOpen",
