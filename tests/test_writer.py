@@ -691,10 +691,6 @@ def test_property_packed_save_then_view_is_the_formula_on_the_written_codes(tmp_
         assert set(index["weight_map"]) == set(stored) and set(index["weight_map"].values()) == set(r.files)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "reader bug, lazyfp8/kernels/source.py read_zero_point: raw.t().contiguous().view(torch.uint8) fails when "
-    "the zero points are one int32 word per group (a weight of at most 8 rows) and there are several groups: "
-    "contiguous() keeps the transposed stride of a size-1 dim"))
 def test_asym_int4_of_few_rows(tmp_path):
     w = torch.randn(8, 64)
     save({"l.weight": w}, tmp_path, scheme="int4-asym", group_size=32, config={})

@@ -105,7 +105,8 @@ def read_zero_point(ref: ScaleRef, weight_key: str, grid: tuple[int, ...]) -> to
         raw = torch.empty(e.shape, dtype=torch.int32)
         shard.check(e.name)
         shard.read_into(raw, e.offset, e.name)
-        stream = raw.t().contiguous().view(torch.uint8)
+        # (flattened first: a [groups, 1] transpose keeps a stride view(uint8) refuses)
+        stream = raw.t().contiguous().reshape(-1).view(torch.uint8).view(raw.shape[1], -1)
         if ref.codec.bits == 4:
             stream = torch.stack((stream & 0xF, stream >> 4), dim=-1).flatten(-2)
         zp = ref.codec.values()[stream.long()][:, : grid[0]].t()
