@@ -23,12 +23,13 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedSchemeError,
 )
-from .formats.quantize import NonFiniteError, quantize
+from .formats.quantize import MXFP4, NVFP4, Int4, NonFiniteError, quantize
 from .formats.schemes import PerBlock, PerChannel, PerTensor, Scheme
 from .handle import SafeOpen, safe_open
 from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
+from .pretrained import from_pretrained
 from .offload import Offloaded, offload
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save
@@ -42,6 +43,7 @@ __all__ = [
     "TensorInfo",
     "load_into",
     "init_empty_weights",
+    "from_pretrained",
     "offload",
     "Offloaded",
     "LazyFP8StorageReader",
@@ -63,6 +65,10 @@ __all__ = [
     "PerChannel",
     "PerBlock",
     "Scheme",
+    # 4-bit schemes (save(scheme=...))
+    "NVFP4",
+    "MXFP4",
+    "Int4",
     # errors
     "LazyFP8Error",
     "CheckpointError",
