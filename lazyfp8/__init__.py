@@ -29,7 +29,6 @@ from .handle import SafeOpen, safe_open
 from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
-from .pretrained import from_pretrained
 from .offload import Offloaded, offload
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save
@@ -43,7 +42,6 @@ __all__ = [
     "TensorInfo",
     "load_into",
     "init_empty_weights",
-    "from_pretrained",
     "offload",
     "Offloaded",
     "LazyFP8StorageReader",
