@@ -30,6 +30,7 @@ from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
 from .offload import Offloaded, offload
+from .pretrained import from_pretrained
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save
 
@@ -42,6 +43,7 @@ __all__ = [
     "TensorInfo",
     "load_into",
     "init_empty_weights",
+    "from_pretrained",
     "offload",
     "Offloaded",
     "LazyFP8StorageReader",
