@@ -11,6 +11,7 @@ __all__ = [
     "CorruptCheckpointError",
     "ShardChangedError",
     "MissingShardError",
+    "RepoNotCachedError",
     "UnsafePathError",
     "UnsupportedDtypeError",
     "MissingScaleError",
@@ -60,6 +61,30 @@ class ShardChangedError(CorruptCheckpointError):
 
 class MissingShardError(CheckpointError, FileNotFoundError):
     """The index names a shard file that does not exist, or the path holds no checkpoint."""
+
+
+class RepoNotCachedError(MissingShardError):
+    """A Hugging Face Hub repo id whose files are not in the local Hub cache and may not be
+    downloaded (``local_files_only=True``, ``HF_HUB_OFFLINE=1``) or cannot be (the Hub cannot be
+    reached, or huggingface_hub is not installed). The message says how to fetch them.
+
+    Attributes:
+        repo_id: the repo id asked for.
+        revision: the revision asked for (``None``: the default branch).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: str,
+        revision: str | None = None,
+        file: str | None = None,
+        key: str | None = None,
+    ):
+        super().__init__(message, file=file, key=key)
+        self.repo_id = repo_id
+        self.revision = revision
 
 
 class UnsafePathError(CheckpointError):

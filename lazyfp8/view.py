@@ -147,9 +147,15 @@ class LazyFP8View(Mapping[str, LazyTensor]):
     come out bit-exact in their stored dtype. Scale tensors, zero points, global scales and static
     activation/KV scales of quantized modules are not keys.
 
+    A Hugging Face Hub repo id works wherever a path does: ``LazyFP8View("org/name")`` reads the
+    snapshot in huggingface_hub's cache, downloading (when allowed) only the index, config and
+    shards it reads (docs/integrations.md, "Hugging Face Hub").
+
     Args:
         path (`str` or `os.PathLike`): a directory holding ``model.safetensors.index.json`` and
-            its shards, a directory holding one ``*.safetensors`` file, or one file.
+            its shards, a directory holding one ``*.safetensors`` file, or one file; or a Hub
+            repo id ``"org/name"``, when no local file or directory has that name (a local path
+            always wins).
         key_mapping (`str`, `dict`, `list` or `KeyMapping`, *optional*): ``None`` keeps on-disk
             names; ``"transformers"`` applies the installed transformers' conversion mapping for
             ``config.json``'s ``model_type`` (renames, and fused experts as composite values); a
@@ -174,8 +180,22 @@ class LazyFP8View(Mapping[str, LazyTensor]):
             memory (about 11 bytes per element and thread for block scales).
         threads (`int`, *optional*): threads that read and dequantize the chunks of one tensor
             (default: the usable CPUs, at most 4).
+        revision (`str`, *optional*): for a repo id, the branch, tag or commit hash to read
+            (default: the main branch).
+        cache_dir (`str` or `os.PathLike`, *optional*): for a repo id, the Hub cache (default:
+            huggingface_hub's, ``HF_HUB_CACHE``).
+        local_files_only (`bool`, defaults to `False`): for a repo id, never download: read only
+            what the cache holds (as ``HF_HUB_OFFLINE=1`` does).
+        token (`str` or `bool`, *optional*): for a repo id, the Hub token for a private or gated
+            repo, as huggingface_hub takes it. Never pickled.
+
+    A view pickles as what opened it; one opened by repo id pickles as that repo id at the commit
+    it read, in the same cache, with ``local_files_only=True`` (the receiving process reads those
+    files, or refuses: a download there would be other files) and without the token.
 
     Raises:
+        RepoNotCachedError: a repo id that is not cached where nothing may be downloaded; the
+            message gives the ``hf download`` command that fetches it.
         MissingShardError, UnsafePathError, CorruptCheckpointError: a bad path, index or header.
         UnsupportedSchemeError: a quantization_config that is not a scheme read here.
         MissingScaleError: an FP8 tensor without a scale sibling.
@@ -195,6 +215,10 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         include_quant_params: bool = False,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         threads: int | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ):
         if dtype not in TARGETS:
             raise ValueError(f"dtype must be one of {', '.join(map(str, TARGETS))}; got {dtype}")
@@ -213,7 +237,12 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         self.dtype = dtype
         self.device = torch.device(device)
         self.key_mapping = mapping_of(key_mapping)
-        ckpt = open_checkpoint(self.path)
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        ckpt = open_checkpoint(self.path, **{k: v for k, v in hub.items() if v is not None and v is not False})
+        if ckpt.hub is not None:
+            # Reopened elsewhere: the same commit in the same cache, never a download (new files
+            # would fail the identity check) and never the token (pickles travel).
+            self._reopen_args.update(revision=ckpt.hub.commit, cache_dir=ckpt.hub.cache_dir, local_files_only=True)
         self._checkpoint = ckpt
         catalogue = build_catalogue(ckpt, scheme=scheme, block_size=block_size, include_quant_params=include_quant_params)
         self.scheme = catalogue.scheme
@@ -285,10 +314,11 @@ class LazyFP8View(Mapping[str, LazyTensor]):
         # opens the checkpoint again and re-reads every header; open descriptors and locks do not
         # cross processes. The files' identities travel too: a checkpoint rewritten in between is
         # refused, as a read through this view would be. copy.deepcopy goes this way as well.
-        # Absolute paths: a worker may run in another directory.
+        # Absolute paths: a worker may run in another directory (a repo id stays one).
         pinned = {os.path.abspath(p): f.identity for p, f in self._files.items()}
         args = {**self._reopen_args, "key_mapping": self.key_mapping}
-        return (_reopen, (os.path.abspath(self.path), args, pinned))
+        path = self.path if self._checkpoint.hub is not None else os.path.abspath(self.path)
+        return (_reopen, (path, args, pinned))
 
     def disk_keys(self) -> list[str]:
         """The on-disk names of the keys, in checkpoint order (scales excluded)."""

@@ -5,6 +5,10 @@ Accepts a directory with ``model.safetensors.index.json`` and its shards, a dire
 inside the checkpoint directory. Every file is opened through :mod:`lazyfp8.storage.files`: regular
 files only, so a FIFO or device where a file should be is an error, never a hang.
 
+A path that names nothing local but has the Hub's ``org/name`` form is a Hugging Face Hub repo id:
+:mod:`.hub` resolves it to a snapshot of huggingface_hub's cache (downloading, when allowed, only
+the files read here), and the snapshot is read like any directory.
+
 Which files a directory means follows transformers (``modeling_utils.
 _get_resolved_checkpoint_files``): ``config.json``'s ``transformers_weights`` if set, else
 ``model.safetensors``, else the index; so a directory holding both ``model.safetensors`` and an
@@ -24,11 +28,13 @@ from ..errors import (
     CheckpointError,
     CorruptCheckpointError,
     MissingShardError,
+    RepoNotCachedError,
     UnsafePathError,
     raise_or_collect,
 )
 from .files import allowed_roots, check_name, inside, open_error, read_regular
 from .header import ShardHeader, TensorEntry, parse_json, read_header
+from .hub import HubRepo, HubSource, is_repo_id, open_repo
 
 __all__ = ["Checkpoint", "INDEX_NAME", "SINGLE_NAME", "open_checkpoint"]
 
@@ -53,6 +59,8 @@ class Checkpoint:
         config: the parsed ``config.json`` beside the shards, or ``None``.
         index_path: the index file, or ``None`` for a single-file checkpoint.
         quant_config: the parsed ``hf_quant_config.json`` (ModelOpt), or ``None``.
+        hub: for a checkpoint opened by Hub repo id, the repo, revision, commit and cache it
+            came from (``root`` is then the snapshot directory), else ``None``.
     """
 
     root: str
@@ -61,6 +69,7 @@ class Checkpoint:
     config: dict[str, Any] | None
     index_path: str | None
     quant_config: dict[str, Any] | None = None
+    hub: HubSource | None = None
 
     def locate(self, key: str) -> tuple[str, TensorEntry] | None:
         return self.tensors.get(key)
@@ -281,8 +290,25 @@ def _both_forms(root: str) -> CorruptCheckpointError | None:
     )
 
 
-def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError] | None = None) -> Checkpoint:
-    """Locate and read every header of the checkpoint at ``path``.
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    problems: list[CheckpointError] | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    token: Any = None,
+) -> Checkpoint:
+    """Locate and read every header of the checkpoint at ``path``: a local path, or a Hugging
+    Face Hub repo id.
+
+    A ``path`` that names no local file or directory and has the form ``org/name`` is a Hub repo
+    id (a local path always wins): huggingface_hub resolves it to a snapshot of its cache
+    (``cache_dir``, default ``HF_HUB_CACHE``) at ``revision`` (a branch, tag or commit hash;
+    default the main branch). Missing files are downloaded unless ``local_files_only`` or
+    ``HF_HUB_OFFLINE=1``, and only the files read here: ``config.json``,
+    ``hf_quant_config.json``, the index (or the single ``*.safetensors`` file, chosen as for a
+    directory) and the shards the index names. ``token`` is passed to huggingface_hub.
 
     With ``problems`` given, errors confined to one file or tensor (a missing or damaged shard,
     an index entry its shard does not hold, a damaged ``config.json``) are appended there and
@@ -291,14 +317,105 @@ def open_checkpoint(path: str | os.PathLike[str], problems: list[CheckpointError
     there too.
 
     Raises:
+        RepoNotCachedError: a repo id whose files are not cached where nothing is downloaded
+            (offline, ``local_files_only``, no network, huggingface_hub not installed); the
+            message gives the command that fetches them.
+        ValueError: ``revision`` or ``cache_dir`` with a local path (they apply to repo ids).
         MissingShardError: nothing to read at ``path``, or the index names an absent shard.
         UnsafePathError: the index names a shard outside the directory, or a file is not a
-            regular file (a FIFO, device or directory) or a looping link.
+            regular file (a FIFO, device or directory) or a looping link; a repo id's revision,
+            ref, snapshot or ``blobs/`` that leads out of its cache folder.
         CorruptCheckpointError: a damaged index, header or ``config.json``, an empty index
-            beside shards, or the index names a tensor its shard does not hold.
+            beside shards, or the index names a tensor its shard does not hold; a Hub cache ref
+            that holds no commit hash.
         ShardChangedError: never here; raised by reads when a file changes afterwards.
     """
     path = os.fsdecode(os.fspath(path))
+    if not is_repo_id(path):
+        if revision is not None or cache_dir is not None:
+            given = "revision" if revision is not None else "cache_dir"
+            raise ValueError(
+                f"{given}= applies to a Hugging Face Hub repo id, but {path!r} is a local path (or not "
+                f"of the form 'org/name'); a local path always wins over a repo id: drop {given}=, or "
+                "pass the snapshot directory in the Hub cache"
+            )
+        return _open_path(path, problems)
+    repo = open_repo(
+        path,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        first=(CONFIG_NAME, QUANT_CONFIG_NAME, INDEX_NAME),
+    )
+    if repo.source.downloads:
+        _fetch_weights(repo)
+    before = 0 if problems is None else len(problems)
+    try:
+        ckpt = _open_path(repo.folder, problems)
+    except MissingShardError as e:
+        raise _not_cached(repo, e) from e
+    if problems is not None:
+        problems[before:] = [_not_cached(repo, p) if isinstance(p, MissingShardError) else p for p in problems[before:]]
+    return dataclasses.replace(ckpt, hub=repo.source)
+
+
+def _fetch_weights(repo: HubRepo) -> None:
+    """Download the weights of a repo's snapshot: the file a directory means (transformers' order,
+    as :func:`_find_files`, from the repo's file list) and, for an index, the shards it names.
+    A damaged config or index fetches nothing more; reading the snapshot then says what is wrong."""
+    root = repo.folder
+    config_path = os.path.join(root, CONFIG_NAME)
+    try:
+        explicit = _explicit_weights(root, _read_config(config_path, None), config_path)
+    except CheckpointError:
+        explicit = None
+    if explicit is not None:
+        first: str | None = os.path.relpath(explicit, root).replace(os.sep, "/")
+    elif repo.has(SINGLE_NAME):
+        first = SINGLE_NAME
+    elif repo.has(INDEX_NAME):
+        first = INDEX_NAME
+    else:
+        lone = [n for n in (repo.listing or ()) if "/" not in n and n.endswith(".safetensors")]
+        part = _SHARD_NAME.search(lone[0]) if len(lone) == 1 else None
+        # Several files, or one shard of many: _lone_file refuses them, so nothing is fetched.
+        first = lone[0] if len(lone) == 1 and not (part and int(part.group(2)) > 1) else None
+    if first is None:
+        return
+    repo.fetch([first])
+    if first.endswith(".json"):
+        try:
+            index = _load_json(os.path.join(root, first), "the index")
+        except CheckpointError:
+            return
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if isinstance(weight_map, dict):
+            repo.fetch(sorted({n for n in weight_map.values() if isinstance(n, str)}))
+
+
+def _not_cached(repo: HubRepo, error: MissingShardError) -> MissingShardError:
+    """A missing file of a snapshot nothing is downloaded for, as the error that says how to
+    fetch it; with downloads on, the repo itself lacks it and ``error`` stands."""
+    if repo.source.downloads or isinstance(error, RepoNotCachedError):
+        return error
+    file = error.file
+    if file and os.path.abspath(file) != os.path.abspath(repo.folder) and _inside_folder(file, repo.folder):
+        names: tuple[str, ...] = (os.path.relpath(file, repo.folder).replace(os.sep, "/"),)
+    else:
+        names = repo.include
+    return repo.not_cached(names, str(error), file=file, key=error.key)
+
+
+def _inside_folder(path: str, folder: str) -> bool:
+    """Whether ``path`` names a file under ``folder`` (links not resolved: a link in a snapshot
+    is named by its place there)."""
+    a, f = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([a, f]) == f
+
+
+def _open_path(path: str, problems: list[CheckpointError] | None) -> Checkpoint:
+    """:func:`open_checkpoint` for a local path."""
     root = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
     config_path = os.path.join(root, CONFIG_NAME)
     config = _read_config(config_path, problems)
