@@ -138,8 +138,15 @@ def _root(view: LazyFP8View) -> str:
 
 
 def _config_dtype(view: LazyFP8View) -> torch.dtype:
+    """``dtype="auto"``: ``config.json``'s dtype, else the dtype of the checkpoint's tensors that
+    are not quantized (as transformers falls back to the stored weights' dtype)."""
     cfg = view.config or {}
     name = cfg.get("dtype", cfg.get("torch_dtype"))
+    if name is None:
+        stored = (view.info(k) for k in view)
+        found = next((i.dtype for i in stored if i.codec is None and i.dtype in TARGETS), None)
+        if found is not None:
+            return found
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if dtype not in TARGETS:
         raise ValueError(
