@@ -85,10 +85,18 @@ class HubRepo:
     """A repo's snapshot being opened: which files the repo has, and fetching some of them."""
 
     def __init__(
-        self, hf: ModuleType, source: HubSource, listing: frozenset[str] | None, token: Any, why: str, first: Sequence[str]
+        self,
+        hf: ModuleType,
+        source: HubSource,
+        listing: frozenset[str] | None,
+        token: Any,
+        why: str,
+        first: Sequence[str],
+        given_cache: bool = False,
     ):
         self._hf = hf
         self.source = source
+        self._given_cache = given_cache  # a fetch hint names the cache only when it was chosen
         #: What a fetch hint names when the missing files are not known one by one.
         self.include = (*first, _WEIGHTS_PATTERN)
         #: The repo's files at ``source.commit`` when known (downloads allowed), else ``None``.
@@ -131,7 +139,8 @@ class HubRepo:
         return RepoNotCachedError(
             f"{detail}; {s.repo_id} (commit {s.commit}) is only partly in the Hugging Face cache "
             f"{s.cache_dir} and nothing is downloaded ({self._why}). Fetch the missing files with:\n"
-            f"    {_command(self._hf, s.repo_id, s.commit, s.cache_dir, names)}\n{_or_let_us(s.repo_id)}",
+            f"    {_command(self._hf, s.repo_id, s.commit, s.cache_dir if self._given_cache else None, names)}\n"
+            f"{_or_let_us(s.repo_id)}",
             repo_id=s.repo_id,
             revision=s.revision,
             file=file,
@@ -210,12 +219,13 @@ def open_repo(
     if listing is None and not offline:
         why = "the Hub could not be reached"
     source = HubSource(repo_id, revision, commit, cache, folder, downloads=listing is not None)
-    return HubRepo(hf, source, listing, token, why, first)
+    return HubRepo(hf, source, listing, token, why, first, given_cache)
 
 
 def _import(repo_id: str, revision: str | None) -> ModuleType:
     try:
         import huggingface_hub
+        import huggingface_hub.constants
         import huggingface_hub.file_download
         import huggingface_hub.utils
     except ImportError as e:
