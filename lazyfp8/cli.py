@@ -151,10 +151,26 @@ def _print_report(report: Any) -> None:
         print("no problems found")
 
 
+def _hub(args: argparse.Namespace) -> dict[str, Any]:
+    """The Hub options given for SRC (a repo id), as LazyFP8View takes them."""
+    given = {"revision": args.revision, "cache_dir": args.cache_dir, "local_files_only": args.local_files_only}
+    return {k: v for k, v in given.items() if v not in (None, False)}
+
+
+def _inspected(path: str, args: argparse.Namespace) -> str:
+    """What ``inspect_checkpoint`` reads for SRC: ``path`` itself, or with Hub options the snapshot
+    directory they select in the Hub cache (``inspect_checkpoint`` resolves a bare repo id alone)."""
+    if not _hub(args):
+        return path
+    from .storage.checkpoint import open_checkpoint
+
+    return open_checkpoint(path, [], **_hub(args)).root
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_checkpoint
 
-    report = inspect_checkpoint(args.path, key_mapping=args.key_mapping, scheme=args.scheme)
+    report = inspect_checkpoint(_inspected(args.path, args), key_mapping=args.key_mapping, scheme=args.scheme)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         print()
@@ -231,7 +247,7 @@ def _convert(view: Any, args: argparse.Namespace, **options: Any) -> tuple[Any, 
 def cmd_dequantize(args: argparse.Namespace) -> int:
     from . import LazyFP8View
 
-    view = LazyFP8View(args.src, dtype=args.dtype, scheme=args.scheme)
+    view = LazyFP8View(args.src, dtype=args.dtype, scheme=args.scheme, **_hub(args))
     config = None
     if view.config is not None:
         config = {k: v for k, v in view.config.items() if k != "quantization_config"}
@@ -250,7 +266,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from . import LazyFP8View
     from .writer import DEFAULT_EXCLUDE
 
-    view = LazyFP8View(args.src)
+    view = LazyFP8View(args.src, **_hub(args))
     config = None if view.config is None else {k: v for k, v in view.config.items() if k != "quantization_config"}
     block = tuple(args.block_size) if args.block_size else None
     r, copied = _convert(
@@ -294,7 +310,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dtype = getattr(torch, target.get("dtype", "bfloat16"))
     if "scheme" not in target and (args.block_size or args.group_size or args.only):
         raise ValueError(f"--to {args.to} dequantizes: --block-size, --group-size and --only do not apply")
-    view = LazyFP8View(args.src, dtype=dtype, scheme=args.scheme)
+    view = LazyFP8View(args.src, dtype=dtype, scheme=args.scheme, **_hub(args))
     config = None if view.config is None else {k: v for k, v in view.config.items() if k != "quantization_config"}
     was = [k for k in view if view.info(k).scale_key is not None]
     if "scheme" not in target:
@@ -327,8 +343,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     # What the headers alone say is wrong (an index beside model.safetensors, an empty weight_map
     # beside shards, orphan scales) fails verify even where the view can read every tensor.
-    problems = list(inspect_checkpoint(args.src, key_mapping=args.key_mapping, scheme=args.scheme).problems)
-    view = LazyFP8View(args.src, key_mapping=args.key_mapping, scheme=args.scheme)
+    problems = list(inspect_checkpoint(_inspected(args.src, args), key_mapping=args.key_mapping, scheme=args.scheme).problems)
+    view = LazyFP8View(args.src, key_mapping=args.key_mapping, scheme=args.scheme, **_hub(args))
     other = None if args.against is None else LazyFP8View(args.against, key_mapping=args.against_key_mapping)
     worst: list[tuple[float, str]] = []
     total = 0
@@ -375,13 +391,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _hub_options() -> argparse.ArgumentParser:
+    """SRC may be a Hugging Face Hub repo id (org/name) when no local path has that name."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("Hugging Face Hub (SRC given as a repo id org/name)")
+    g.add_argument("--revision", help="branch, tag or commit hash (default: main)")
+    g.add_argument("--cache-dir", help="the Hub cache (default: HF_HUB_CACHE)")
+    g.add_argument("--local-files-only", action="store_true",
+                   help="never download; read only what the cache holds (as HF_HUB_OFFLINE=1)")
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lazyfp8", description="Load, inspect and convert quantized safetensors checkpoints.")
+    hub = [_hub_options()]
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="what a checkpoint holds and every problem in it (exit 1 on problems)")
+    s = sub.add_parser("inspect", help="what a checkpoint holds and every problem in it (exit 1 on problems)", parents=hub)
     s.add_argument("path")
     s.add_argument("--key-mapping", type=_mapping,
                    help="a preset (mistral3), 'auto' (needs transformers), 'transformers' (its conversion mapping: fused experts), or a JSON {regex: replacement}")
@@ -389,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("dequantize", help="write a bf16/fp16/fp32 copy of an FP8 checkpoint (streaming)")
+    s = sub.add_parser("dequantize", help="write a bf16/fp16/fp32 copy of an FP8 checkpoint (streaming)", parents=hub)
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--dtype", type=_dtype, default="bf16", help="bf16 (default), fp16 or fp32")
@@ -398,7 +426,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
     s.set_defaults(func=cmd_dequantize)
 
-    s = sub.add_parser("quantize", help="write an FP8 copy of a checkpoint")
+    s = sub.add_parser("quantize", help="write an FP8 copy of a checkpoint", parents=hub)
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--scheme", default="block", choices=["per-tensor", "per-channel", "block", "mx"])
@@ -418,6 +446,7 @@ def _parser() -> argparse.ArgumentParser:
         "quantized are the ones quantized (a SRC with none: Linear-like 2-D weights, not lm_head or "
         "embeddings; --only chooses others). DST loads as its old checkpoint, the new one or nothing at "
         "every instant.",
+        parents=hub,
     )
     s.add_argument("src")
     s.add_argument("dst")
@@ -436,7 +465,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("verify", help="read every tensor once; with --against, compare tensor by tensor")
+    s = sub.add_parser("verify", help="read every tensor once; with --against, compare tensor by tensor", parents=hub)
     s.add_argument("src")
     s.add_argument("--against")
     s.add_argument("--key-mapping", type=_mapping)

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-huggingface_hub = pytest.importorskip("huggingface_hub")
+pytest.importorskip("huggingface_hub")
 import huggingface_hub.constants
 import huggingface_hub.file_download
 import huggingface_hub.utils
@@ -378,3 +378,23 @@ def test_shard_names_that_are_patterns_fetch_only_themselves(tmp_path):
     repo = Recorder(folder, listing)
     _fetch_weights(repo)
     assert repo.fetched == [["model.safetensors.index.json"], ["model[1]*.safetensors", "sub/s?.safetensors"]]
+
+
+def test_the_command_line_takes_a_repo_id_and_its_options(cached, tmp_path, capsys):
+    from lazyfp8.cli import main
+
+    _, snapshot = cached
+    assert main(["inspect", "org/name"]) == 0
+    assert main(["inspect", "org/name", "--revision", COMMIT, "--local-files-only"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    assert main(["verify", "org/name", "--revision", "main", "--against", str(snapshot), "--atol", "0"]) == 0
+    assert "max abs error against" in capsys.readouterr().out
+    assert main(["-q", "dequantize", "org/name", str(tmp_path / "bf16"), "--cache-dir", str(cached[0])]) == 0
+    testing.assert_bitwise_equal(LazyFP8View(tmp_path / "bf16"), LazyFP8View(snapshot))
+    capsys.readouterr()
+    assert main(["inspect", "org/absent"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lazyfp8 inspect: error: 'org/absent' is not a local file or directory")
+    assert "hf download org/absent --include config.json" in err
+    assert main(["verify", "org/name", "--revision", "v9"]) == 1
+    assert "hf download org/name --revision v9 --include" in capsys.readouterr().err
