@@ -12,6 +12,7 @@ the cache path: downloads are never exercised here.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import pickle
@@ -87,12 +88,10 @@ def add_snapshot(
     return snapshot
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` at an empty cache. huggingface_hub reads both
+def go_offline(monkeypatch: pytest.MonkeyPatch, cache: pathlib.Path) -> pathlib.Path:
+    """``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` at an empty ``cache``. huggingface_hub reads both
     environment variables once, at import, into ``huggingface_hub.constants``, so those are set
     too (a fresh process reading the variables alone: ``test_the_environment_alone_...``)."""
-    cache = tmp_path / "hub-cache"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -101,10 +100,20 @@ def offline(monkeypatch, tmp_path):
     return cache
 
 
+def cache_with_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """Offline, with ``org/name`` in the cache at ``COMMIT`` (main): (cache, snapshot)."""
+    cache = go_offline(monkeypatch, tmp_path / "hub-cache")
+    return cache, add_snapshot(cache, "org/name", write_source(tmp_path / "src"))
+
+
 @pytest.fixture
-def cached(offline, tmp_path):
-    """``org/name`` in the cache at ``COMMIT`` (main): (cache, snapshot)."""
-    return offline, add_snapshot(offline, "org/name", write_source(tmp_path / "src"))
+def offline(monkeypatch, tmp_path):
+    return go_offline(monkeypatch, tmp_path / "hub-cache")
+
+
+@pytest.fixture
+def cached(monkeypatch, tmp_path):
+    return cache_with_repo(monkeypatch, tmp_path)
 
 
 def test_the_cache_tree_is_laid_out_as_huggingface_hub_reads_it(cached):
@@ -398,3 +407,27 @@ def test_the_command_line_takes_a_repo_id_and_its_options(cached, tmp_path, caps
     assert "hf download org/absent --include config.json" in err
     assert main(["verify", "org/name", "--revision", "v9"]) == 1
     assert "hf download org/name --revision v9 --include" in capsys.readouterr().err
+
+
+def write_tree_listing(cache: pathlib.Path, repo_id: str, commit: str, names: list[str]) -> None:
+    """The repo's file list as huggingface_hub >= 2 keeps it after a download
+    (``trees/<commit>.json``, huggingface_hub/_tree_cache.py)."""
+    storage = cache / huggingface_hub.file_download.repo_folder_name(repo_id=repo_id, repo_type="model")
+    (storage / "trees").mkdir(exist_ok=True)
+    files = {n: {"size": 1, "blob_id": hashlib.sha1(n.encode()).hexdigest()} for n in names}
+    (storage / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": files}))
+
+
+def test_a_snapshot_of_only_the_files_read_opens_beside_a_listing_of_more(cached):
+    """After a download by lazyfp8 the cache knows the repo's whole file list but holds only the
+    files it read: offline, that is a complete snapshot for lazyfp8 (huggingface_hub checks only
+    the files asked for), and a file it read gone missing is named."""
+    cache, snapshot = cached
+    if not hasattr(huggingface_hub, "get_cached_repo_tree"):
+        pytest.skip("huggingface_hub < 2 keeps no file list")
+    names = sorted(os.listdir(snapshot))
+    write_tree_listing(cache, "org/name", COMMIT, [*names, "pytorch_model.bin", "tokenizer.json"])
+    testing.assert_bitwise_equal(LazyFP8View("org/name"), LazyFP8View(snapshot))
+    os.unlink(snapshot / "config.json")
+    with pytest.raises(RepoNotCachedError, match=r"is incomplete: 1 file\(s\) are missing \(config.json\)"):
+        LazyFP8View("org/name")

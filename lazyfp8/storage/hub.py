@@ -195,9 +195,11 @@ def open_repo(
         )
     except hf.utils.LocalEntryNotFoundError as e:
         reason = why or f"the Hub could not be reached: {e.__cause__ or e}"
+        # huggingface_hub knows which files are missing when it kept the repo's file list.
+        missing = f" ({str(e).split('. ')[0]})" if getattr(e, "snapshot_path", None) else ""
         raise RepoNotCachedError(
             f"{repo_id!r} is not a local file or directory, and the Hugging Face cache {cache} holds "
-            f"no {'complete ' if commit else ''}snapshot of that Hub repo at revision {asked!r}; "
+            f"no {'complete ' if commit else ''}snapshot of that Hub repo at revision {asked!r}{missing}; "
             f"nothing is downloaded ({reason}). Fetch it first with:\n"
             f"    {_command(hf, repo_id, revision, cache if given_cache else None, (*first, _WEIGHTS_PATTERN))}\n"
             f"{_or_let_us(repo_id)}",
