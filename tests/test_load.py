@@ -189,3 +189,119 @@ def test_init_empty_weights_concurrent_contexts_in_threads():
     assert not errors
     assert results and all(r == (True, True, False) for r in results)
     assert nn.Module.register_parameter is original
+
+
+# --- a transformers model built on meta: its non-persistent buffers re-created -----------------
+
+
+def llama_on_meta_and_built(tmp_path, rope):
+    """A Llama's FP8 checkpoint, the model built under torch.device("meta") (as transformers
+    builds it) and the same model built normally."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, rope_parameters=rope, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    built = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    sd = {k: v for k, v in built.state_dict().items() if k != "lm_head.weight"}
+    write_checkpoint(sd, tmp_path, quantize=r"_proj\.weight$")
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return meta, built
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_transformers_model_built_on_meta_gets_its_rotary_tables_from_its_initializer(tmp_path, rope):
+    meta, built = llama_on_meta_and_built(tmp_path, ROPES[rope])
+    assert meta.model.rotary_emb.inv_freq.is_meta
+    result = load_into(meta, tmp_path)  # strict: nothing is left on meta
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for name in ("inv_freq", "original_inv_freq"):
+        ours, theirs = getattr(meta.model.rotary_emb, name), getattr(built.model.rotary_emb, name)
+        assert ours.dtype == theirs.dtype and torch.equal(bits(ours), bits(theirs)), name
+    assert meta.model.rotary_emb.attention_scaling == built.model.rotary_emb.attention_scaling
+    view = LazyFP8View(tmp_path)
+    for k in view:  # loaded tensors untouched by the initializer
+        assert torch.equal(bits(meta.state_dict()[k]), bits(view.get_tensor(k))), k
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight
+
+
+def test_a_buffer_the_initializer_does_not_write_is_an_error(tmp_path):
+    meta, _ = llama_on_meta_and_built(tmp_path, ROPES["default"])
+    meta.model.register_buffer("mine", torch.empty(3, device="meta"), persistent=False)
+    with pytest.raises(RuntimeError, match=r"left 1 non-persistent buffer\(s\) unset \(model.mine\).*init_empty_weights"):
+        load_into(meta, tmp_path)
+
+
+# --- logging: what is skipped, materialized, slow ---------------------------------------------
+
+
+def test_skipped_keys_are_logged(ckpt, caplog):
+    model = Tiny(tie=False).to(torch.bfloat16)
+    del model.norm
+    with caplog.at_level("INFO", logger="lazyfp8"):
+        load_into(model, ckpt, strict=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[0] == "skipped 2 key(s) of the checkpoint the model does not have: norm.weight, norm.bias"
+    assert warnings[1] == "1 key(s) of the model are not in the checkpoint and were left as they are: head.weight"
+    assert any(r.getMessage().startswith("loaded 6 tensor(s)") for r in caplog.records if r.levelname == "INFO")
+
+
+def test_hidden_quantization_parameters_are_logged(tmp_path, caplog):
+    torch.manual_seed(0)
+    sd = {k: v for k, v in Tiny().to(torch.bfloat16).state_dict().items() if k != "head.weight"}
+    write_checkpoint(sd, tmp_path, quantize=quantized, activation_scales=True)
+    with init_empty_weights():
+        model = Tiny().to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="lazyfp8"):
+        load_into(model, tmp_path)
+    assert (
+        "skipped 2 quantization parameter(s) of quantized modules (static activation / KV-cache scales, e.g. "
+        "body.0.activation_scale, body.2.activation_scale); LazyFP8View(..., include_quant_params=True) exposes them"
+    ) in caplog.text
+
+
+def test_materialized_values_are_logged(tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import ConversionOps, WeightConverter
+
+    class Doubled(ConversionOps):  # not a layout: the values change
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            (value,) = input_dict.values()
+            return {target_patterns[0]: (value[0] if isinstance(value, list) else value) * 2}
+
+        @property
+        def reverse_op(self):
+            return self
+
+    register_checkpoint_conversion_mapping(
+        "lazyfp8_test_logged", [WeightConverter("scaled.weight", "doubled.weight", operations=[Doubled()])], overwrite=True
+    )
+    write_checkpoint({"scaled.weight": torch.ones(4, 8)}, tmp_path, scheme=None, config={"model_type": "lazyfp8_test_logged"})
+    model = nn.Module()
+    model.doubled = nn.Linear(8, 4, bias=False)
+    with caplog.at_level("INFO", logger="lazyfp8"):
+        load_into(model, tmp_path, key_mapping="transformers")
+    assert torch.equal(model.doubled.weight, torch.full((4, 8), 2.0))
+    assert "materialized 1 value(s) whose key-mapping conversion is not a layout" in caplog.text
+    assert "0.0 MiB for doubled.weight): doubled.weight" in caplog.text
+
+
+def test_slow_tensors_are_named(ckpt, caplog, monkeypatch):
+    monkeypatch.setattr(lazyfp8.load, "SLOW_TENSOR_SECONDS", 0.0)
+    with init_empty_weights():
+        model = Tiny().to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="lazyfp8"):
+        load_into(model, ckpt)
+    slow = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow: ")]
+    assert len(slow) == 8 and any(m.startswith("slow: body.0.weight took ") and m.endswith(" GB/s)") for m in slow)

@@ -212,7 +212,8 @@ def status():
 warm, path, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 load = lambda p, **kw: lazyfp8.from_pretrained(transformers.AutoModelForCausalLM, p, **kw)
 # Imports, compiled kernels, the workers' buffers, transformers' model machinery: a small model.
-load(warm, **{k: (v + "-warm" if k == "offload_folder" else v) for k, v in options.items() if k != "device_map"})
+warm_options = {"device_map": {"": "disk"}, "offload_folder": options["offload_folder"] + "-warm"} if "device_map" in options else {}
+load(warm, **warm_options)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 base = status()["VmRSS"]
