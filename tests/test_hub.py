@@ -431,3 +431,18 @@ def test_a_snapshot_of_only_the_files_read_opens_beside_a_listing_of_more(cached
     os.unlink(snapshot / "config.json")
     with pytest.raises(RepoNotCachedError, match=r"is incomplete: 1 file\(s\) are missing \(config.json\)"):
         LazyFP8View("org/name")
+
+
+def test_when_the_hub_cannot_be_reached_the_cache_is_read(cached, monkeypatch):
+    """Downloads allowed but the Hub refuses the connection (an endpoint nothing listens on):
+    huggingface_hub falls back to the cached snapshot, and lazyfp8 reads it; a repo not cached
+    says the Hub could not be reached."""
+    _, snapshot = cached
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    view = LazyFP8View("org/name")
+    testing.assert_bitwise_equal(view, LazyFP8View(snapshot))
+    assert view._checkpoint.hub.downloads is False
+    with pytest.raises(RepoNotCachedError, match=r"(?s)nothing is downloaded \(the Hub could not be reached: .*check the connection"):
+        LazyFP8View("org/absent")

@@ -119,18 +119,17 @@ class HubRepo:
         nothing when downloads are off. A name that is not a plain relative path (``..``,
         absolute, ending in ``/``) is skipped, not turned into a pattern: the checkpoint reader
         refuses it, naming it."""
-        if not self.source.downloads:
+        plain = [n for n in names if _plain(n)]
+        if not self.source.downloads or not plain:
             return
-        patterns = [_literal(n) for n in names if _plain(n)]
-        if not patterns:
-            return
+        patterns = [_literal(n) for n in plain]
         s = self.source
         try:
             self._hf.snapshot_download(
                 s.repo_id, revision=s.commit, cache_dir=s.cache_dir, token=self._token, allow_patterns=patterns
             )
         except self._hf.utils.LocalEntryNotFoundError as e:
-            raise self.not_cached([n for n in names if _plain(n)], str(e)) from e
+            raise self.not_cached(plain, str(e)) from e
 
     def not_cached(self, names: Sequence[str], detail: str, *, file: str | None = None, key: str | None = None) -> RepoNotCachedError:
         """The error for files of this snapshot missing from the cache, with the command that
@@ -138,9 +137,10 @@ class HubRepo:
         s = self.source
         return RepoNotCachedError(
             f"{detail}; {s.repo_id} (commit {s.commit}) is only partly in the Hugging Face cache "
-            f"{s.cache_dir} and nothing is downloaded ({self._why}). Fetch the missing files with:\n"
+            f"{s.cache_dir} and nothing is downloaded ({self._why or 'the Hub could not be reached'}). "
+            "Fetch the missing files with:\n"
             f"    {_command(self._hf, s.repo_id, s.commit, s.cache_dir if self._given_cache else None, names)}\n"
-            f"{_or_let_us(s.repo_id)}",
+            f"{_or_let_us(s.repo_id, offline=bool(self._why))}",
             repo_id=s.repo_id,
             revision=s.revision,
             file=file,
@@ -202,7 +202,7 @@ def open_repo(
             f"no {'complete ' if commit else ''}snapshot of that Hub repo at revision {asked!r}{missing}; "
             f"nothing is downloaded ({reason}). Fetch it first with:\n"
             f"    {_command(hf, repo_id, revision, cache if given_cache else None, (*first, _WEIGHTS_PATTERN))}\n"
-            f"{_or_let_us(repo_id)}",
+            f"{_or_let_us(repo_id, offline=offline)}",
             repo_id=repo_id,
             revision=revision,
             file=repo_id,
@@ -219,7 +219,7 @@ def open_repo(
     commit = os.path.basename(folder)
     listing = None if offline else _listing(hf, repo_id, commit, cache, token)
     if listing is None and not offline:
-        why = "the Hub could not be reached"
+        why = ""  # the Hub could not be reached: huggingface_hub returned the cached snapshot
     source = HubSource(repo_id, revision, commit, cache, folder, downloads=listing is not None)
     return HubRepo(hf, source, listing, token, why, first, given_cache)
 
@@ -363,7 +363,9 @@ def _command(hf: ModuleType, repo_id: str, revision: str | None, cache_dir: str 
     return " ".join([*map(shlex.quote, words), "--include", *map(shlex.quote, names)])
 
 
-def _or_let_us(repo_id: str) -> str:
+def _or_let_us(repo_id: str, *, offline: bool) -> str:
+    if not offline:
+        return "or check the connection to the Hub (and HF_ENDPOINT) and open it again"
     return (
         f"or let lazyfp8 download what it reads (the index, config.json, hf_quant_config.json and the "
         f"shards the index names): unset HF_HUB_OFFLINE and open {repo_id!r} with local_files_only=False"
