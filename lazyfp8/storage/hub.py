@@ -217,9 +217,8 @@ def open_repo(
         ) from e
     folder = _check_snapshot(hf, storage, os.fspath(folder), repo_id)
     commit = os.path.basename(folder)
+    # None online too when the Hub could not be reached (huggingface_hub returned the cache).
     listing = None if offline else _listing(hf, repo_id, commit, cache, token)
-    if listing is None and not offline:
-        why = ""  # the Hub could not be reached: huggingface_hub returned the cached snapshot
     source = HubSource(repo_id, revision, commit, cache, folder, downloads=listing is not None)
     return HubRepo(hf, source, listing, token, why, first, given_cache)
 
