@@ -123,7 +123,9 @@ class LazyFP8StorageReader:
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return os.path.exists(checkpoint_id)
+        from .storage.hub import is_repo_id
+
+        return os.path.exists(checkpoint_id) or is_repo_id(os.fspath(checkpoint_id))
 
 
 @functools.cache

@@ -88,6 +88,10 @@ def inspect_checkpoint(
     key_mapping: KeyMappingSpec = None,
     scheme: Any = None,
     block_size: tuple[int, int] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    token: Any = None,
 ) -> Report:
     """Read every header of ``path`` and report what it holds and what is wrong with it.
 
@@ -99,9 +103,14 @@ def inspect_checkpoint(
 
     ``key_mapping="auto"`` builds the model ``config.json`` names on the meta device (needs
     transformers) and infers the rules onto its keys.
+
+    ``path`` may be a Hugging Face Hub repo id: ``revision``, ``cache_dir``, ``local_files_only``
+    and ``token`` are as for :class:`~lazyfp8.LazyFP8View`.
     """
     problems: list[CheckpointError] = []
-    ckpt = open_checkpoint(path, problems)
+    ckpt = open_checkpoint(
+        path, problems, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+    )
     lines: list[str] = []
     catalogue = build_catalogue(ckpt, scheme=scheme, block_size=block_size, problems=problems)
     sch, pairing, exposed = catalogue.scheme, catalogue.pairing, catalogue.exposed

@@ -446,3 +446,16 @@ def test_when_the_hub_cannot_be_reached_the_cache_is_read(cached, monkeypatch):
     assert view._checkpoint.hub.downloads is False
     with pytest.raises(RepoNotCachedError, match=r"(?s)nothing is downloaded \(the Hub could not be reached: .*check the connection"):
         LazyFP8View("org/absent")
+
+
+def test_inspect_and_the_dcp_reader_take_repo_ids_with_hub_options(offline, tmp_path):
+    """inspect_checkpoint takes the view's Hub options; the DCP reader accepts a repo id as a
+    checkpoint id."""
+    from lazyfp8.inspection import inspect_checkpoint
+
+    elsewhere = tmp_path / "elsewhere"
+    snapshot = add_snapshot(elsewhere, "org/name", write_source(tmp_path / "src"))
+    report = inspect_checkpoint("org/name", cache_dir=elsewhere)
+    assert not report.problems and report.tensors == inspect_checkpoint(snapshot).tensors
+    assert lazyfp8.LazyFP8StorageReader.validate_checkpoint_id("org/name")
+    assert not lazyfp8.LazyFP8StorageReader.validate_checkpoint_id("no-such-dir")
