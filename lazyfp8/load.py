@@ -387,6 +387,7 @@ class _Placement:
         self.index: dict[str, Any] = {}
         # module prefixes, longest first: a key belongs to the deepest module the map names
         self._prefixes = sorted(device_map or {}, key=len, reverse=True)
+        self._devices = {m: _device(m, d) for m, d in (device_map or {}).items()}
 
     @classmethod
     def plan(
@@ -448,10 +449,7 @@ class _Placement:
         """``key``'s device, or ``"disk"``."""
         if self.device_map is None:
             return self.device
-        d = self.device_map[self._module_of(key)]  # type: ignore[index]
-        if d == _DISK:
-            return _DISK
-        return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+        return self._devices[self._module_of(key)]  # type: ignore[index]
 
     def of(self, slots: list[Slot]) -> _Where:
         """Where one tensor (all its names) goes: the device of its first name not on disk, and
@@ -481,6 +479,16 @@ class _Placement:
     def buffer_device(self, key: str) -> torch.device:
         d = self.device_of(key)
         return torch.device("cpu") if d == _DISK else d  # type: ignore[return-value]
+
+
+def _device(module: str, d: Any) -> torch.device | str:
+    """A device map's value as a device (an int is an accelerator index, as in accelerate)."""
+    if d == _DISK:
+        return _DISK
+    try:
+        return torch.device(d)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device_map puts {module or 'the model'!r} on {d!r}, which is not a device here ({e})") from None
 
 
 def _dispatch(model: nn.Module, device_map: dict[str, Any], offload_folder: str | os.PathLike[str] | None) -> None:

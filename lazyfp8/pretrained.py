@@ -133,8 +133,10 @@ def _transformers() -> Any:
 
 
 def _root(view: LazyFP8View) -> str:
-    """The directory the view's files (and ``config.json``) are in."""
-    return view.path if os.path.isdir(view.path) else os.path.dirname(os.path.abspath(view.path))
+    """The directory the view read ``config.json`` from: the checkpoint directory, or for a Hub
+    repo id the snapshot it resolved to (``view.path`` stays the repo id). The view keeps it in
+    its checkpoint record, which has no public name."""
+    return view._checkpoint.root
 
 
 def _config_dtype(view: LazyFP8View) -> torch.dtype:

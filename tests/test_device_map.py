@@ -197,3 +197,9 @@ def test_peak_memory_with_half_the_layers_on_disk(tmp_path):
     print(f"\npeak above the {r['in_memory'] / MiB:.0f} MiB in memory: {r['peak_above'] / MiB:.1f} MiB (largest tensor {r['largest'] / MiB:.0f} MiB)")
     assert 20 * MiB < r["in_memory"] < 30 * MiB  # embeddings (tied head) and one layer
     assert r["peak_above"] < 5 * r["largest"] < 40 * MiB  # never the offloaded layers at once
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="an accelerator is present")
+def test_an_accelerator_index_without_an_accelerator(llama, no_reads):
+    with pytest.raises(ValueError, match=r"device_map puts 'model.layers.1' on 0, which is not a device here"):
+        load_into(meta_llama(llama[0]), llama[0], device_map={**DISK_LAYER, "model.layers.1": 0})

@@ -257,3 +257,22 @@ def test_peak_memory_above_the_parameters_is_a_few_buffers(tmp_path):
     print(f"\npeak above parameters {r['peak_above'] / MiB:.1f} MiB for {r['in_memory'] / MiB:.0f} MiB of parameters")
     assert r["in_memory"] > 60 * MiB
     assert r["peak_above"] < 16 * MiB
+
+
+def test_a_hub_repo_id_reads_config_and_weights_from_its_snapshot(checkpoints, monkeypatch, tmp_path):
+    import pathlib
+
+    pytest.importorskip("huggingface_hub")
+    from tests.test_hub import add_snapshot, go_offline
+
+    local = checkpoints("qwen3-moe")
+    cache = go_offline(monkeypatch, tmp_path / "hub-cache")
+    add_snapshot(cache, "org/tiny-moe-fp8", pathlib.Path(local))
+    ours = lazyfp8.from_pretrained(transformers.AutoModelForCausalLM, "org/tiny-moe-fp8")
+    assert ours.config.name_or_path == "org/tiny-moe-fp8"
+    assert_same_model(ours, _with_name(lazyfp8.from_pretrained(transformers.AutoModelForCausalLM, local), "org/tiny-moe-fp8"))
+
+
+def _with_name(model, name):
+    model.config.name_or_path = name
+    return model
