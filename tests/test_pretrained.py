@@ -276,3 +276,31 @@ def test_a_hub_repo_id_reads_config_and_weights_from_its_snapshot(checkpoints, m
 def _with_name(model, name):
     model.config.name_or_path = name
     return model
+
+
+def test_modules_the_model_keeps_in_float32_stay_float32(tmp_path):
+    """T5 keeps its ``wo`` Linears in float32 at float16 (``_keep_in_fp32_modules``), as
+    transformers' from_pretrained does for a float16 checkpoint. Its FP8-dequantizing path casts
+    them to float16 instead; lazyfp8 follows the model's dtype plan: the same values, widened
+    (dequantized in float16, then exact in float32). Every other tensor: the same bits."""
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    sd = transformers.T5ForConditionalGeneration(cfg).to(torch.bfloat16).state_dict()
+    sd = {k: v for k, v in sd.items() if not (k.endswith("embed_tokens.weight") or k == "lm_head.weight")}  # tied to shared
+    disk, _ = quantize_state_dict(sd, lambda k: re.search(r"\.(q|k|v|o|wi|wo)\.weight$", k) is not None, PerTensor())
+    config = {**cfg.to_dict(), "architectures": ["T5ForConditionalGeneration"],
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": None}}  # fmt: skip
+    write_checkpoint(str(tmp_path), disk, config)
+    ours = lazyfp8.from_pretrained(transformers.AutoModelForSeq2SeqLM, tmp_path, dtype=torch.float16)
+    theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path, dtype=torch.float16)
+    a, b = tensors(ours), tensors(theirs)
+    assert a.keys() == b.keys()
+    kept = {k for k in a if ".DenseReluDense.wo." in k}
+    assert len(kept) == 4
+    for key in a:
+        if key in kept:
+            assert a[key].dtype == torch.float32 and b[key].dtype == torch.float16, key
+            assert torch.equal(bits(a[key]), bits(b[key].to(torch.float32))), key
+        else:
+            assert a[key].dtype == b[key].dtype and torch.equal(bits(a[key]), bits(b[key])), key
+    assert tie_groups(ours) == tie_groups(theirs)
