@@ -545,7 +545,7 @@ class _RecreatedBuffers:
         if not self.buffers:
             return
         mine = self.ids()
-        for owner_name, owner in self.owners:
+        for _, owner in self.owners:
             for t in [*owner.parameters(), *owner.buffers()]:
                 if id(t) not in mine:
                     t._is_hf_initialized = True  # type: ignore[attr-defined]

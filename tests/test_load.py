@@ -271,7 +271,7 @@ def test_hidden_quantization_parameters_are_logged(tmp_path, caplog):
 
 
 def test_materialized_values_are_logged(tmp_path, caplog):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.conversion_mapping import register_checkpoint_conversion_mapping
     from transformers.core_model_loading import ConversionOps, WeightConverter
 

@@ -178,9 +178,9 @@ def test_no_config_json_says_how_to_load_instead(tmp_path):
 
 
 def test_strict_names_what_the_checkpoint_lacks(checkpoints, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     tmp_path = shutil.copytree(checkpoints("llama-untied"), tmp_path / "ckpt")
     for f in os.listdir(tmp_path):
