@@ -407,6 +407,8 @@ class Offloaded:
             return
         for unit in self._units:
             unit.remove()
+        for p in self._params:
+            p.placeholder._lazyfp8_held = False  # type: ignore[attr-defined]  # may be offloaded again
         if materialize:
             with torch.no_grad():
                 for p in self._params:
@@ -565,6 +567,12 @@ def offload(
 
     chosen = _choose(model, view, _selector(modules), explicit=modules is not None)
     groups = _param_groups(model)
+    again = [slots[0][3] for slots in groups.values() if getattr(slots[0][1]._parameters[slots[0][2]], "_lazyfp8_held", False)]
+    if again:
+        raise ValueError(
+            f"{type(model).__name__} is already offloaded ({again[0]!r} is held); call remove() on the handle "
+            "offload() returned before offloading it again"
+        )
     plan: list[tuple[list[tuple[str, nn.Module, str, str]], str]] = []
     errors: list[str] = []
     for slots in groups.values():
@@ -636,6 +644,7 @@ def offload(
         _, mod, name, _ = slots[0]
         old = removed[(id(mod), name)][2]
         placeholders[key] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False)
+        placeholders[key]._lazyfp8_held = True  # type: ignore[attr-defined]
         for _, m, n, _ in slots:
             m._parameters[n] = placeholders[key]
     _reorder(order, removed)

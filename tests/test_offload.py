@@ -155,8 +155,13 @@ def test_remove_restores_a_fully_loaded_model_or_leaves_meta(llama):
     other = meta_llama(cfg)
     with offload(other, path) as h:
         keys = h.keys
+        with pytest.raises(ValueError, match=r"LlamaForCausalLM is already offloaded \('model.layers.0.self_attn.q_proj.weight' is held\); call remove\(\)"):
+            offload(other, path)
     assert all(other.get_parameter(k).is_meta for k in keys)
     assert not other.model.layers[0].mlp.up_proj._forward_hooks
+    offload(other, path)  # removed: it may be offloaded again
+    with torch.no_grad():
+        assert torch.equal(bits(other(tokens()).logits), bits(full(tokens()).logits))
 
 
 def test_on_device_path_dequantizes_like_the_cpu_path(llama, backend):
