@@ -117,6 +117,23 @@ class HeldBytes:
         return f"HeldBytes({self.path!r}, {self.nbytes} bytes on {self.device})"
 
 
+class _DeviceWork:
+    """The workspaces of every held source of one ``offload`` on a device other than the CPU
+    (one per device, so its memory is one chunk's buffers however many weights there are), and
+    a lock: the parts of a fused value may be read from several threads at once, and a chunk's
+    codes must not be overwritten before the kernel reading them is queued."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._by_device: dict[torch.device, Workspace] = {}
+
+    def on(self, device: torch.device) -> Workspace:
+        work = self._by_device.get(device)
+        if work is None:
+            work = self._by_device[device] = Workspace(device)
+        return work
+
+
 class _HeldSource(TensorSource):
     """A ``TensorSource`` whose shard is a :class:`HeldBytes`. Destinations on the CPU, and on a
     device while the bytes are in host memory, take ``TensorSource``'s own paths (threads and
@@ -147,22 +164,21 @@ class _HeldSource(TensorSource):
             dst.copy_(tmp)
             return
         kernel = self.kernel(dst.device)
-        work = self.work
-        if work is None or work.device != dst.device:
-            work = self.work = Workspace(dst.device)
         flat = dst.view(-1)
         direct = dst.dtype == self.dtype
-        for rect in self.plan(offsets, lengths).chunks:
-            n = rect.numel
-            out = flat[rect.local : rect.local + n] if direct else work.staging(n, self.dtype)
-            if kernel is None:
-                self.read_rect(out, rect)
-            else:
-                codes = work.codes(self.code_bytes(rect))
-                self.read_rect(codes, rect)
-                kernel(codes, out, rect, work, direct)
-            if not direct:
-                flat[rect.local : rect.local + n].copy_(out)
+        with self.work.lock:
+            work = self.work.on(dst.device)
+            for rect in self.plan(offsets, lengths).chunks:
+                n = rect.numel
+                out = flat[rect.local : rect.local + n] if direct else work.staging(n, self.dtype)
+                if kernel is None:
+                    self.read_rect(out, rect)
+                else:
+                    codes = work.codes(self.code_bytes(rect))
+                    self.read_rect(codes, rect)
+                    kernel(codes, out, rect, work, direct)
+                if not direct:
+                    flat[rect.local : rect.local + n].copy_(out)
 
 
 class _HeldTransposedSource(TransposedSource, _HeldSource):
@@ -180,6 +196,7 @@ class _Holder:
         self.device = device  # where values are produced (the sources' device)
         self._held: dict[tuple[str, str], tuple[HeldBytes, TensorEntry]] = {}
         self._sources: dict[int, Any] = {}
+        self.work = _DeviceWork()
 
     @property
     def nbytes(self) -> int:
@@ -220,17 +237,17 @@ class _Holder:
                 src.key, shard, entry, scale=scale, dtype=src.dtype, device=self.device,
                 chunk=src.chunk, threads=src.threads,
             )  # fmt: skip
-            got.work = None
+            got.work = self.work
         else:  # offload() only holds the two kinds above
             raise TypeError(f"{src.key!r}: cannot hold a {type(src).__name__}")
         self._sources[id(src)] = got
         return got
 
 
-def is_quantized(src: Any) -> bool:
+def _is_quantized(src: Any) -> bool:
     """Whether a view's source stores quantized codes (any part of a composite)."""
     if isinstance(src, CompositeSource):
-        return any(is_quantized(p.source) for p in src.layout.pieces)
+        return any(_is_quantized(p.source) for p in src.layout.pieces)
     return isinstance(src, TensorSource) and src.scale is not None
 
 
@@ -311,7 +328,7 @@ class _Unit:
         keep = not torch.is_grad_enabled()
         try:
             for p, slots in self.params:
-                buf = self.buffers.take(p.placeholder.shape, p.placeholder.dtype, self._device(p), keep=keep)
+                buf = self.buffers.take(p.placeholder.shape, p.placeholder.dtype, p.source.device, keep=keep)
                 self.in_use.append((buf, keep))
                 with torch.no_grad():
                     p.source.read_into(buf)
@@ -337,10 +354,6 @@ class _Unit:
             if keep:
                 self.buffers.give(buf)
         self.in_use.clear()
-
-    @staticmethod
-    def _device(p: _HeldParam) -> torch.device:
-        return p.source.device
 
     def remove(self) -> None:
         for h in self.hooks:
@@ -589,7 +602,7 @@ def offload(
                     "so it cannot be held quantized; leave its module out of modules="
                 )
             continue
-        if not is_quantized(source):
+        if not _is_quantized(source):
             continue
         if not all(owners):
             outside = [k for k, inside in zip(keys, owners) if not inside]
@@ -704,7 +717,7 @@ def _choose(
         if select is None:
             key = f"{name}.weight" if name else "weight"
             source = view._sources.get(key) if isinstance(mod, nn.Linear) else None
-            if source is not None and is_quantized(source):
+            if source is not None and _is_quantized(source):
                 chosen.append(name)
         elif select(name, mod):
             chosen.append(name)

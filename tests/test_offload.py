@@ -183,6 +183,28 @@ def test_on_device_path_dequantizes_like_the_cpu_path(llama, backend):
     assert torch.equal(bits(a), bits(full.get_parameter(p.key)))
 
 
+def test_on_device_path_shares_one_workspace_between_threads(nvfp4):
+    # The parts of a fused value are read side by side on the pool: with one workspace per
+    # device for all held weights, the reads take turns, and each gets its own bits.
+    import concurrent.futures
+
+    path, cfg, full = nvfp4
+    handle = offload(meta_llama(cfg), path)
+    sources = [p.source for p in handle._params]
+    assert len({id(s.work) for s in sources}) == 1
+
+    def read(s):
+        out = torch.empty(s.shape, dtype=torch.bfloat16)
+        for _ in range(5):
+            s._read_on_device(out, (0, 0), tuple(out.shape))
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(read, sources * 2))
+    for s, out in zip(sources * 2, got):
+        assert torch.equal(bits(out), bits(full.get_parameter(s.key))), s.key
+
+
 # --- choosing modules --------------------------------------------------------------------------
 
 
