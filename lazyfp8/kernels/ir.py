@@ -22,6 +22,9 @@ derives the ctypes call types from that table and calls each function by paramet
 - ``lut16_vbmi`` (AVX-512 VBMI, 64 codes per step), ``lut16_stream`` and ``grid_bf16_stream``
   (the same with streaming stores), ``lut16_neon`` (AArch64 NEON, 16 codes per step): vector
   lookups over the table block's low and high byte planes.
+- ``group_bf16`` / ``group_f32``: a rectangle of a weight of 4-bit codes (two a byte) with a
+  scale grid, zero points and a global scale: per block its 16 results as one vector, looked
+  up 16 codes per step with one byte shuffle per result byte (``permute16``).
 
 A 16-bit table block (``TABLE_BYTES``) holds the results' low bytes at 0, their high bytes at 256
 and the 16-bit results themselves at 512: the vector loops look the two byte planes up and
@@ -87,7 +90,7 @@ _GRID = (
 )
 
 _GROUP = (
-    Param("src", "in"),  # 4-bit codes, two a byte, low nibble first: each row's code_span(c0, c0 + w), back to back
+    Param("src", "in"),  # 4-bit codes, low nibble first: each row's code_span(c0, c0 + w), back to back
     Param("dst", "out"),  # results, nr x w, row-major
     Param("nr", "i64"),  # rows of the rectangle
     Param("w", "i64"),  # columns of the rectangle
@@ -407,7 +410,7 @@ class _Neon:
         """``result[j] = table[index[j]]`` for 16 bytes (indices below 16): ``tbl`` with one
         register (emulated: the portable form)."""
         if self.emulate:
-            return _permute16_lanes(b, table, index)
+            return b.call(_permute16_lanes(b.module), [table, index])
         fn = _intrinsic(b.module, "llvm.aarch64.neon.tbl1.v16i8", _BYTES16, [_BYTES16, _BYTES16])
         return b.call(fn, [table, index])
 
@@ -569,7 +572,7 @@ def _splat(b: ir.IRBuilder, x: ir.Value, lanes: int) -> ir.Value:
     """``x`` in each of ``lanes`` lanes."""
     vec = ir.VectorType(x.type, lanes)
     one = b.insert_element(ir.Constant(vec, None), x, ir.Constant(I32, 0))
-    return b.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+    return b.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(ir.VectorType(I32, lanes), None))  # lane 0 everywhere
 
 
 def _shuffle(b: ir.IRBuilder, x: ir.Value, y: ir.Value, lanes: Sequence[int]) -> ir.Value:
@@ -577,28 +580,44 @@ def _shuffle(b: ir.IRBuilder, x: ir.Value, y: ir.Value, lanes: Sequence[int]) ->
     return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(lanes)), list(lanes)))
 
 
-def _permute16_lanes(b: ir.IRBuilder, table: ir.Value, index: ir.Value) -> ir.Value:
-    """``result[j] = table[index[j]]`` for 16 bytes, every index below 16, written lane by lane
-    in generic IR. LLVM's instruction selection turns that into the host's byte shuffle where it
-    has one (x86 SSSE3 ``pshufb``, AArch64 ``tbl``; ``tests/test_kernel_ir.py`` checks both for
-    the portable module), and into 16 moves where it has none. The recognition is fragile: it
-    needs each lane's index taken from one vector, in order (see ``_lookup16``), and compiled for
-    AVX-512 it fails (LLVM merges the byte shuffles with the interleave after them), which is why
-    the vector variants name their instruction (``permute16`` of ``_Vbmi`` and ``_Neon``)."""
+def _permute16_lanes(module: ir.Module) -> ir.Function:
+    """``<16 x i8> permute16(<16 x i8> table, <16 x i8> index)``: ``result[j] = table[index[j]]``
+    for 16 bytes, every index below 16, written lane by lane in generic IR. LLVM's instruction
+    selection turns that into the host's byte shuffle where it has one (x86 SSSE3 ``pshufb``,
+    AArch64 ``tbl``; ``tests/test_kernel_ir.py`` checks both for the portable module), and into
+    16 moves where it has none. The recognition is fragile: it needs each lane's index taken
+    from one vector, in order (see ``_lookup16``), and compiled for AVX-512 it fails (LLVM
+    merges the byte shuffles with the interleave after them), which is why the vector variants
+    name their instruction (``permute16`` of ``_Vbmi`` and ``_Neon``).
+
+    One internal function a module, inlined where it is called (written at each call, its 48
+    instructions made the group kernels' IR six times as long, and building it 35 ms slower)."""
+    fn = module.globals.get("permute16")
+    if fn is not None:
+        return fn
+    fn = ir.Function(module, ir.FunctionType(_BYTES16, [_BYTES16, _BYTES16]), "permute16")
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    table, index = fn.args
     result = ir.Constant(_BYTES16, None)
     for j in range(_NIBBLE_CODES):
         lane = ir.Constant(I32, j)
         result = b.insert_element(result, b.extract_element(table, b.extract_element(index, lane)), lane)
-    return result
+    b.ret(result)
+    return fn
 
 
 def _permute16(b: ir.IRBuilder, isa, table: ir.Value, index: ir.Value) -> ir.Value:
     """``result[j] = table[index[j]]`` for 16 bytes (every index below 16): ``isa``'s
     instruction, or the portable form."""
-    return _permute16_lanes(b, table, index) if isa is None else isa.permute16(b, table, index)
+    if isa is None:
+        return b.call(_permute16_lanes(b.module), [table, index])
+    return isa.permute16(b, table, index)
 
 
-def _block_results(b: ir.IRBuilder, result: _Result, a, values: ir.Value, after: ir.Value, plain: ir.Value, cell: Int) -> ir.Value:
+def _block_results(b: ir.IRBuilder, result: _Result, a, values: ir.Value, after: ir.Value, plain: ir.Value, cell: Int):
     """The 16 results of the block whose scale is ``scale[cell]``, as a vector of words::
 
         for (c = 0; c < 16; c++)                         // one 16-lane vector
@@ -630,8 +649,9 @@ def _byte_planes(b: ir.IRBuilder, result: _Result, words: ir.Value) -> list[ir.V
     as_bytes = b.bitcast(words, ir.VectorType(I8, size))
     # One shuffle to plane order (x86: one pshufb per 16 bytes and one cross-lane permute), then
     # each plane a slice: LLVM compiles 2-4 separate strided shuffles less well.
-    by_plane = _shuffle(b, as_bytes, as_bytes, [q + result.planes * j for q in range(result.planes) for j in range(_NIBBLE_CODES)])
-    return [_shuffle(b, by_plane, by_plane, range(_NIBBLE_CODES * q, _NIBBLE_CODES * (q + 1))) for q in range(result.planes)]
+    planes = range(result.planes)
+    by_plane = _shuffle(b, as_bytes, as_bytes, [q + result.planes * j for q in planes for j in range(_NIBBLE_CODES)])
+    return [_shuffle(b, by_plane, by_plane, range(_NIBBLE_CODES * q, _NIBBLE_CODES * (q + 1))) for q in planes]
 
 
 def _lookup16(b: ir.IRBuilder, isa, result: _Result, planes: Sequence[ir.Value], codes: ir.Value, out: ir.Value) -> None:
@@ -645,7 +665,9 @@ def _lookup16(b: ir.IRBuilder, isa, result: _Result, planes: Sequence[ir.Value],
     # The two nibbles of byte j as bytes 2j and 2j + 1 of a 16-bit lane. (Not a shuffle of
     # x & 15 with x >> 4: LLVM would then take each lane's index from one or the other and no
     # longer see a byte shuffle, see _permute16_lanes.)
-    nibbles = b.or_(b.and_(x, ir.Constant(x.type, 0x0F)), b.and_(b.shl(x, ir.Constant(x.type, 4)), ir.Constant(x.type, 0xF00)))
+    low = b.and_(x, ir.Constant(x.type, 0x0F))
+    high = b.and_(b.shl(x, ir.Constant(x.type, 4)), ir.Constant(x.type, 0xF00))
+    nibbles = b.or_(low, high)
     index = b.bitcast(nibbles, _BYTES16)
     picked = [_permute16(b, isa, plane, index) for plane in planes]
     if len(picked) == 4:  # float32: planes 0 and 1 side by side, then 2 and 3
@@ -693,8 +715,10 @@ def _group(module: ir.Module, result: _Result, isa) -> None:
     row_bytes = (col_end + 1) // 2 - a.c0 // 2
     first_block = a.c0 // a.b1
     blocks = (col_end - 1) // a.b1 - first_block + 1
-    whole = b.icmp_unsigned("==", ((a.c0 % a.b1) | (a.w % a.b1) | (a.b1 % _NIBBLE_CODES)).value, ir.Constant(I64, 0))
-    plain = b.and_(b.icmp_unsigned("==", a.zeros.value, ir.Constant(I64, 0)), b.fcmp_ordered("==", a.after, ir.Constant(F32, 1.0)))
+    remainders = (a.c0 % a.b1) | (a.w % a.b1) | (a.b1 % _NIBBLE_CODES)
+    whole = b.icmp_unsigned("==", remainders.value, ir.Constant(I64, 0))
+    no_zero = b.icmp_unsigned("==", a.zeros.value, ir.Constant(I64, 0))
+    plain = b.and_(no_zero, b.fcmp_ordered("==", a.after, ir.Constant(F32, 1.0)))
     with loop(b, a.nr) as i:
         r = a.r0 + i.index
         scale_row = r // a.period * per_matrix + r % a.period // a.b0
@@ -703,7 +727,8 @@ def _group(module: ir.Module, result: _Result, isa) -> None:
         with b.if_else(whole) as (whole_blocks, general):
             with whole_blocks:
                 with loop(b, blocks) as k:
-                    planes = _byte_planes(b, result, _block_results(b, result, a, values, after, plain, scale_row * a.scols + first_block + k.index))
+                    cell = scale_row * a.scols + first_block + k.index
+                    planes = _byte_planes(b, result, _block_results(b, result, a, values, after, plain, cell))
                     with loop(b, a.b1 // _NIBBLE_CODES) as step:
                         j = k.index * a.b1 + step.index * _NIBBLE_CODES
                         _lookup16(b, isa, result, planes, at(b, codes, j // 2), at(b, out, j, result.word))
@@ -713,11 +738,12 @@ def _group(module: ir.Module, result: _Result, isa) -> None:
                     words = _block_results(b, result, a, values, after, plain, scale_row * a.scols + block)
                     start = (block * a.b1).max(a.c0)
                     end = ((block + 1) * a.b1).min(col_end)
-                    _nibbles(b, isa, result, codes, start - a.c0 + (a.c0 & 1), end - start, words, a.tables, at(b, out, start - a.c0, result.word))
+                    first = start - a.c0 + (a.c0 & 1)  # the nibble of its first code in the row's bytes
+                    _nibbles(b, isa, result, codes, first, end - start, words, a.tables, at(b, out, start - a.c0, result.word))
     b.ret_void()
 
 
-def _nibbles(b: ir.IRBuilder, isa, result: _Result, codes: ir.Value, p: Int, n: Int, words: ir.Value, table: ir.Value, out: ir.Value) -> None:
+def _nibbles(b: ir.IRBuilder, isa, result: _Result, codes: ir.Value, p: Int, n: Int, words, table: ir.Value, out: ir.Value):
     """``n`` results from nibble ``p`` of ``codes`` on (nibble ``2j`` is the low half of byte
     ``j``), each code's entry of ``words``, a block's 16 results (``table``: scratch for them)::
 

@@ -11,6 +11,10 @@ are those of the pure-torch kernels in ``dequant`` (and the tests compare the tw
 - ``grid_bf16``: a scale grid. For each scale it meets it builds the 256-entry table of
   ``bf16(value(code) * scale)`` (round to nearest even, NaN codes as torch writes them), then
   looks that block's codes up in it.
+- ``group``: 4-bit codes (FP4 e2m1, int4), two a byte, with a scale grid, zero points and a
+  global scale, into bfloat16 or float32: per block the 16 results of the formula as one
+  float32 vector (rounded as torch rounds), then 16 codes per step through a byte shuffle
+  (``pshufb``, ``tbl``) of the results' bytes.
 - ``stream=True``: for large outputs written straight into their destination, streaming
   (non-temporal) stores, which do not read the destination's cache lines first.
 
@@ -189,17 +193,18 @@ class JitKernels:
         b0, b1 = block
         _require(all(map(_flat_cpu, (codes, out, scale, values, tables))), "tensors must be contiguous on the CPU")
         _require(nr > 0 and w > 0 and r0 >= 0 and c0 >= 0 and b0 > 0 and b1 > 0 and period > 0, "empty rectangle or block")
-        _require(out.dtype in self.group_dtypes and out.numel() == nr * w, "the output is bfloat16 or float32, one per code")
+        _require(out.dtype in self.group_dtypes and out.numel() == nr * w, "the output is bfloat16 or float32, one a code")
         row_bytes = (c1 + 1) // 2 - c0 // 2
         _require(codes.dtype == torch.uint8 and codes.numel() >= nr * row_bytes, "codes do not fill the rectangle")
         _require(scale.dtype == torch.float32 and scale.dim() == 2, "the scale grid is 2-d float32")
         if zero is None:
             zero, zeros = self._no_zero, 0
         else:
-            _require(_flat_cpu(zero) and zero.dtype == torch.float32 and zero.shape == scale.shape, "zero points in the scale's shape")
+            ok = _flat_cpu(zero) and zero.dtype == torch.float32 and zero.shape == scale.shape
+            _require(ok, "zero points are float32 in the scale's shape")
             zeros = 1
         _require(values.dtype == torch.float32 and values.numel() == 16, "16 float32 code values")
-        _require(tables.numel() * tables.element_size() >= self.group_table_bytes and tables.data_ptr() % 64 == 0, "table scratch")
+        _require(tables.nbytes >= self.group_table_bytes and tables.data_ptr() % 64 == 0, "table scratch too small or unaligned")
         last_scale_row = (r1 - 1) // period * -(-period // b0) + (r1 - 1) % period // b0
         _require(last_scale_row < scale.shape[0] and (c1 - 1) // b1 < scale.shape[1], "rectangle outside the scale grid")
         self._group[out.dtype](
@@ -286,7 +291,8 @@ def _compile(mode: str) -> JitKernels | None:
         engine = llvm.create_mcjit_compiler(module, machine)
         engine.set_object_cache(lambda _module, data: cache.store(data), lambda _module: cached)
         engine.finalize_object()
-        return JitKernels(engine, variant, ir.SIGNATURES, ir.TABLE_BYTES, ir.GROUP_TABLE_BYTES, from_cache=cached is not None)
+        tables = (ir.TABLE_BYTES, ir.GROUP_TABLE_BYTES)
+        return JitKernels(engine, variant, ir.SIGNATURES, *tables, from_cache=cached is not None)
     except Exception as e:  # a broken or unusual LLVM: the torch kernels still work
         log.warning("lazyfp8: compiled kernels unavailable (%s); using the pure-torch kernels", e)
         return None
