@@ -19,7 +19,8 @@ import lazyfp8
 from lazyfp8 import LazyFP8View, init_empty_weights, load_into, offload
 from lazyfp8.errors import CheckpointError
 from lazyfp8.offload import HeldBytes, _HeldSource
-from tests.test_gpt_oss import gpt_oss, tiny_config as gpt_oss_config  # noqa: F401 (a fixture)
+from tests.test_gpt_oss import gpt_oss  # noqa: F401 (a fixture)
+from tests.test_gpt_oss import tiny_config as gpt_oss_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -364,7 +365,7 @@ def test_fused_experts_hold_each_experts_nvfp4_bytes(tmp_path):
         assert torch.equal(bits(ours(tokens(length=7)).logits), bits(full(tokens(length=7)).logits))
 
 
-def test_gpt_oss_mxfp4_experts_are_held_transposed(gpt_oss):
+def test_gpt_oss_mxfp4_experts_are_held_transposed(gpt_oss):  # noqa: F811 (the fixture)
     path, _ = gpt_oss
 
     def build():
