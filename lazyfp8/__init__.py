@@ -6,6 +6,7 @@ whose values read and dequantize themselves only when torch copies them into a p
 ``model.load_state_dict(view)`` streams with no second copy of the weights.
 """
 
+from .at_rest import Offloaded, offload
 from .distributed import LazyFP8StorageReader
 from .errors import (
     CheckpointError,
@@ -30,7 +31,6 @@ from .handle import SafeOpen, safe_open
 from .keymap import PRESETS, Fuse, KeyMapping, Rule, Split, prefix_rule
 from .lazy import LazyTensor
 from .load import init_empty_weights, load_into
-from .offload import Offloaded, offload
 from .pretrained import from_pretrained
 from .view import LazyFP8View, TensorInfo
 from .writer import SaveResult, save

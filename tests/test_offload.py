@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 import lazyfp8
 from lazyfp8 import LazyFP8View, init_empty_weights, load_into, offload
+from lazyfp8.at_rest import HeldBytes, _HeldSource
 from lazyfp8.errors import CheckpointError
-from lazyfp8.offload import HeldBytes, _HeldSource
 from tests.test_gpt_oss import gpt_oss  # noqa: F401 (a fixture)
 from tests.test_gpt_oss import tiny_config as gpt_oss_config
 

@@ -1,4 +1,4 @@
-"""``lazyfp8.offload``: run a model whose quantized weights stay quantized in memory.
+"""Quantized at rest (``lazyfp8.offload``): a model whose quantized weights stay quantized.
 
 The chosen modules' weights are kept as the checkpoint stores them (FP8 codes, packed FP4 or
 int4 codes, and their scales: the same bytes), and each is dequantized into a reused buffer just
