@@ -1,7 +1,8 @@
 """Dequantization throughput: GB/s of output for each scale format, next to memcpy and the
-naive torch formulas, in one run; then the compiled kernels written with llvmlite's IR builder
-side by side with the textual IR they replaced (commit e8a1373), and what the compiled kernels
-cost at first use. Each case runs in a fresh process.
+naive torch formulas, in one run; the 4-bit formats (NVFP4, MXFP4, INT4) with the compiled and
+the torch kernel next to a memcpy of the same output; then the compiled kernels written with
+llvmlite's IR builder side by side with the textual IR they replaced (commit e8a1373), and what
+the compiled kernels cost at first use. Each case runs in a fresh process.
 
     python benchmarks/bench_dequant.py --quick    # 1M elements; what CI runs
     python benchmarks/bench_dequant.py            # 64M elements (8192 x 8192), 128 MiB of bf16
@@ -10,6 +11,17 @@ lazyfp8 cases time ``dst.copy_(view[key])`` into a preallocated bf16 tensor: the
 the checkpoint in the (warm) page cache, so the ``preadv`` copy of the codes is included. The
 naive cases start from FP8 codes already in memory. Every result is checked bit for bit against
 ``(w.to(float32) * s.to(float32)).to(bfloat16)``.
+
+4-bit cases (``packed:{nvfp4-1x16,mxfp4-1x32,int4-g128}:{1,2}``) time ``dst.copy_(view[key])``
+too, each in one process four ways, alternating round by round: a memcpy of the same bf16
+output, the read with the compiled kernels (``LAZYFP8_JIT`` as the parent has it) and with the
+torch kernels (``LAZYFP8_JIT=0``), and the compiled ``GroupKernel`` alone over the codes in
+memory (the read minus reading the file and preparing the scales, which is serial, once a
+tensor: ``setup ms``); all must agree bit for bit (the torch ``GroupKernel`` is the formula's
+reference). Checkpoints written by ``lazyfp8.save``: NVFP4 in
+ModelOpt's form (e4m3 scales per 16, a global scale), MXFP4 in gpt-oss's (e8m0 per 32), INT4
+in compressed-tensors' (groups of 128, its scales rewritten as bf16 as its producer stores
+them).
 
 Kernel cases (``kernel:{per-tensor,block-128x128}:{1,2}``) run lazyfp8's own kernel objects
 over FP8 codes already in memory, chunked as a read chunks them, into a 128 MiB bf16
@@ -42,6 +54,14 @@ SCHEMES = {
     "mx-1x32": {"scheme": "mx", "ue8m0": True},
 }
 NAIVE = ("memcpy", "copy_+mul_", "to+mul")
+#: 4-bit formats, as ``lazyfp8.save`` writes them (every one a grid of 1 x b1 blocks).
+PACKED = {
+    "nvfp4-1x16": {"scheme": "nvfp4", "format": "modelopt"},  # e2m1, e4m3 scale per 16, global scale
+    "mxfp4-1x32": {"scheme": "mxfp4"},  # e2m1, e8m0 scale per 32 (gpt-oss blocks)
+    "int4-g128": {"scheme": "int4", "group_size": 128},  # int4, a scale per 128 (rewritten as bf16)
+}
+PACKED_THREADS = (1, 2)
+PACKED_ROUNDS = 3  # alternating rounds of memcpy, compiled and torch in one process (quick: 1)
 
 #: The commit whose textual-IR kernels the ``old`` cases compile.
 BASELINE = "e8a1373"
@@ -64,6 +84,15 @@ def generate(workdir: str, mode: str) -> None:
     w = torch.randn(_shape(mode), generator=g)
     for name, kw in SCHEMES.items():
         lazyfp8.save({"w.weight": w}, os.path.join(workdir, name), quantize=lambda k: True, exclude=(), **kw)
+    for name, kw in PACKED.items():
+        # config={}: a config.json with the quantization_config (int4 is not read without one)
+        lazyfp8.save({"w.weight": w}, os.path.join(workdir, name), quantize=lambda k: True, exclude=(), config={}, **kw)
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(workdir, "int4-g128", "model.safetensors")
+    tensors = load_file(path)
+    tensors["w.weight_scale"] = tensors["w.weight_scale"].to(torch.bfloat16)  # as compressed-tensors stores them
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -113,6 +142,114 @@ def run(args: argparse.Namespace) -> dict:
             "numel": numel, "seconds": best, "gbps": numel * 2 / best / 1e9, "bit_exact": exact}
 
 
+def run_packed(args: argparse.Namespace) -> dict:
+    """One ``packed:FORMAT:THREADS`` case, in this process, alternating round by round:
+
+    - ``memcpy``: ``out.copy_(src)`` of the same bf16 output;
+    - ``compiled`` and ``torch``: ``out.copy_(view[key])`` with the compiled kernels
+      (``LAZYFP8_JIT`` as the parent has it) and with the torch kernels (``LAZYFP8_JIT=0``): the
+      whole read, scales included (reading, converting and checking them is serial, once a tensor);
+    - ``kernel``: the compiled ``GroupKernel`` alone, built once, over the codes in memory,
+      chunked and spread over the threads as a read does (``run_kernel``'s way).
+
+    Best of ``repeat`` runs per round (one torch run a round: it is 10-250x slower); ``setup_ms``:
+    the best time to build the compiled kernel (``TensorSource.kernel``: read, convert and
+    check the scales). ``bit_exact``: the compiled and the torch read agree bit for bit, and the
+    kernel alone gives the same bits."""
+    import torch
+
+    import lazyfp8
+    from lazyfp8.kernels.dequant import choose_backend, thread_workspace
+    from lazyfp8.kernels.parallel import run_split
+
+    _, name, threads = args.case.split(":")
+    threads = int(threads)
+    torch.set_num_threads(min(threads, torch.get_num_threads()))
+    shape = _shape(args.mode)
+    numel = shape[0] * shape[1]
+    view = lazyfp8.LazyFP8View(os.path.join(args.workdir, name), threads=threads)
+    lazy = view["w.weight"]
+    source = lazy._source  # the TensorSource behind the value: its plan, codes and kernel
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    flat = out.view(-1)
+    src = torch.randn(shape).to(torch.bfloat16)
+    flags = {"compiled": os.environ.get("LAZYFP8_JIT", "1"), "torch": "0"}
+
+    def read(flag: str) -> None:
+        os.environ["LAZYFP8_JIT"] = flag  # read again at each tensor read: chooses the kernels
+        out.copy_(lazy)
+
+    os.environ["LAZYFP8_JIT"] = flags["compiled"]
+    setup = float("inf")
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        kernel = source.kernel(torch.device("cpu"))
+        setup = min(setup, time.perf_counter() - t0)
+    plan = source.plan()
+    codes = torch.empty(sum(source.code_bytes(r) for r in plan.chunks), dtype=torch.uint8)
+    starts = []
+    at = 0
+    for rect in plan.chunks:
+        n = source.code_bytes(rect)
+        source.read_rect(codes[at : at + n], rect)
+        starts.append(at)
+        at += n
+    jobs = list(zip(plan.chunks, starts))
+
+    def kernel_alone() -> None:
+        def work_on(chunk) -> None:
+            work = thread_workspace()
+            for rect, start in chunk:
+                kernel(codes[start : start + source.code_bytes(rect)], flat[rect.local : rect.local + rect.numel], rect, work, True)
+
+        run_split(jobs, threads, work_on)
+
+    fns = {"memcpy": lambda: out.copy_(src), "compiled": lambda: read(flags["compiled"]), "torch": lambda: read("0"), "kernel": kernel_alone}
+    backends = {}
+    results = {}
+    for impl in ("torch", "compiled", "kernel"):  # warm-up: first touch of every page, the pool, the kernels
+        fns[impl]()
+        os.environ["LAZYFP8_JIT"] = flags["compiled" if impl == "kernel" else impl]
+        backends[impl] = choose_backend().name
+        results[impl] = out.clone()
+    fns["memcpy"]()
+    want = results["torch"].view(torch.int16)
+    exact = all(bool(torch.equal(results[impl].view(torch.int16), want)) for impl in ("compiled", "kernel"))
+    del results, want
+    best = dict.fromkeys(fns, float("inf"))
+    impls = list(fns)
+    for i in range(args.rounds):
+        for impl in impls if i % 2 == 0 else impls[::-1]:
+            for _ in range(1 if impl == "torch" else args.repeat):
+                t0 = time.perf_counter()
+                fns[impl]()
+                best[impl] = min(best[impl], time.perf_counter() - t0)
+    os.environ["LAZYFP8_JIT"] = flags["compiled"]
+    gbps = {impl: numel * 2 / t / 1e9 for impl, t in best.items()}
+    return {"case": args.case, "method": name, "threads": threads, "numel": numel, "rounds": args.rounds,
+            "kernel": backends["compiled"], "memcpy_gbps": gbps["memcpy"], "gbps": gbps["compiled"],
+            "x_memcpy": gbps["compiled"] / gbps["memcpy"], "torch_gbps": gbps["torch"],
+            "torch_x_memcpy": gbps["torch"] / gbps["memcpy"], "x_torch": gbps["compiled"] / gbps["torch"],
+            "kernel_gbps": gbps["kernel"], "kernel_x_memcpy": gbps["kernel"] / gbps["memcpy"],
+            "setup_ms": setup * 1000, "bit_exact": exact}  # fmt: skip
+
+
+def packed_section(workdir: str, mode: str, repeat: int) -> tuple[list[dict], str]:
+    """Run the 4-bit cases; return their rows and their table."""
+    rounds = 1 if mode == "quick" else PACKED_ROUNDS
+    extra = ["--workdir", workdir, "--mode", mode, "--repeat", str(repeat), "--rounds", str(rounds)]
+    rows = [processes.run_case(__file__, f"packed:{name}:{threads}", extra) for threads in PACKED_THREADS for name in PACKED]
+    table = reporting.markdown_table(
+        rows,
+        [("method", "format"), ("threads", "threads"), ("kernel", "kernels"), ("memcpy_gbps", "memcpy GB/s"),
+         ("gbps", "read, compiled GB/s"), ("x_memcpy", "x memcpy"), ("torch_gbps", "read, torch GB/s"),
+         ("torch_x_memcpy", "x memcpy"), ("x_torch", "compiled / torch"), ("kernel_gbps", "kernel alone GB/s"),
+         ("kernel_x_memcpy", "x memcpy"), ("setup_ms", "setup ms"), ("bit_exact", "bit-exact"),
+         ("others_cpu_s", "others' CPU s"), ("error", "error")],
+    )
+    return rows, table
+
+
 def baseline_ir(workdir: str) -> tuple[str | None, str | None]:
     """``(path, None)``: the textual IR module of ``BASELINE`` written to ``workdir``, or
     ``(None, why)`` when git or the commit is not there."""
@@ -127,6 +264,21 @@ def baseline_ir(workdir: str) -> tuple[str | None, str | None]:
     with open(path, "w") as f:
         f.write(proc.stdout)
     return path, None
+
+
+def _new_functions(module: str, old: str) -> str:
+    """The functions of today's module (text) that the ``old`` module's text does not define
+    (the group kernels and the ``permute16`` they call), and the intrinsics they declare that
+    it does not: ``jit`` wraps the group kernels (they are not timed here)."""
+    import re
+
+    define = r'^define [^@\n]*@"?([\w.]+)"?\(.*?^}$'
+    defined = set(re.findall(define, old, re.M | re.S))
+    functions = [m[0] for m in re.finditer(define, module, re.M | re.S) if m[1] not in defined]
+    intrinsic = r'@"?(llvm\.[\w.]+)"?'
+    used = set(re.findall(intrinsic, "".join(functions))) - set(re.findall(intrinsic, old))
+    declares = [line for line in module.splitlines() if line.startswith("declare") and re.search(intrinsic, line)[1] in used]
+    return "\n" + "\n".join(declares + functions) + "\n"
 
 
 def use_old_ir(path: str) -> None:
@@ -145,10 +297,12 @@ def use_old_ir(path: str) -> None:
     shim.VARIANTS = {k: new_ir.VARIANTS["vbmi" if k == "vbmi" else "portable"] for k in new_ir.VARIANTS}
     shim.SIGNATURES = new_ir.SIGNATURES
     shim.TABLE_BYTES = old.TABLE_BYTES
+    shim.GROUP_TABLE_BYTES = new_ir.GROUP_TABLE_BYTES
 
     def assemble(variant: str, triple: str | None = None, data_layout: str | None = None) -> str:
         head = (f'target triple = "{triple}"\n' if triple else "") + (f'target datalayout = "{data_layout}"\n' if data_layout else "")
-        return head + old.assemble(variant == "vbmi")
+        text = old.assemble(variant == "vbmi")
+        return head + text + _new_functions(str(new_ir.assemble(variant)), text)
 
     shim.assemble = assemble
     sys.modules["lazyfp8.kernels.ir"] = shim
@@ -334,7 +488,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
-        child = {"kernel": run_kernel, "first": run_first_use}.get(args.case.split(":")[0], run)
+        child = {"kernel": run_kernel, "first": run_first_use, "packed": run_packed}.get(args.case.split(":")[0], run)
         processes.write_result(args.result, child(args))
         return 0
     mode = "quick" if args.quick else "full"
@@ -346,6 +500,7 @@ def main() -> int:
             for method in (*NAIVE, *SCHEMES):
                 r = processes.run_case(__file__, f"{method}:{threads}", ["--workdir", workdir, "--mode", mode, "--repeat", str(repeat)])
                 rows.append(r)
+        packed_rows, packed_table = packed_section(workdir, mode, repeat)
         kernel_rows, first_rows, kernel_tables, notes = kernel_section(workdir, mode, repeat)
     by = {(r.get("method"), r.get("threads")): r for r in rows if "error" not in r}
     for r in rows:
@@ -363,15 +518,18 @@ def main() -> int:
     shape = _shape(mode)
     print(f"## Dequantization throughput ({mode}): {shape[0]}x{shape[1]} weight, best of {repeat}\n")
     print(table)
+    print(f"\n## 4-bit formats ({mode}): compiled and torch kernels, memcpy of the same output, one process each\n")
+    print(packed_table)
     print(f"\n## Compiled kernels: IRBuilder (new) and the textual IR of {BASELINE} (old), same engine\n")
     for note in notes:
         print(f"- {note}")
     print(kernel_tables)
     out = cli.result_path(args.out, "dequant", mode)
     processes.write_result(out, {"mode": mode, "shape": shape, "repeat": repeat, "environment": reporting.environment(),
-                                 "rows": rows, "table": table, "kernel_rows": kernel_rows, "first_use_rows": first_rows,
+                                 "rows": rows + packed_rows, "table": table, "packed_table": packed_table,
+                                 "kernel_rows": kernel_rows, "first_use_rows": first_rows,
                                  "kernel_tables": kernel_tables, "notes": notes})
-    failed = [r for r in rows + kernel_rows + first_rows if "error" in r or r.get("bit_exact") is False]
+    failed = [r for r in rows + packed_rows + kernel_rows + first_rows if "error" in r or r.get("bit_exact") is False]
     for r in failed:
         print(f"FAIL: {r.get('case')}: {r.get('error') or 'wrong bits'}", file=sys.stderr)
     return 1 if failed else 0
