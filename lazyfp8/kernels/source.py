@@ -65,6 +65,11 @@ def _read_small(shard: ShardFile, e: TensorEntry) -> torch.Tensor:
 
 
 def _validated(scale: torch.Tensor, path: str, name: str, weight_key: str) -> torch.Tensor:
+    if scale.numel():
+        # One pass for the common case; NaN makes both comparisons false and takes the slow path.
+        lo, hi = torch.aminmax(scale)
+        if bool(lo > 0) and bool(hi < float("inf")):
+            return scale
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):
         value = scale.reshape(-1)[bad.reshape(-1)][0].item()
