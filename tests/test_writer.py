@@ -835,6 +835,7 @@ def test_gpt_oss_experts_round_trip_byte_for_byte(tmp_path):
     """A view of a gpt-oss checkpoint shows its experts as GptOssExperts holds them ([E, in, out]);
     saving them as MXFP4 stores [E, out, in] blocks again, the same bytes (MX re-quantization of
     MX values is exact: every scale comes back)."""
+    pytest.importorskip("transformers")  # its oracle; the lowest-versions run has none
     from tests.producers import write_gptoss_mxfp4
 
     write_gptoss_mxfp4(str(tmp_path / "src"))
