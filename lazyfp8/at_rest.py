@@ -167,18 +167,7 @@ class _HeldSource(TensorSource):
         flat = dst.view(-1)
         direct = dst.dtype == self.dtype
         with self.work.lock:
-            work = self.work.on(dst.device)
-            for rect in self.plan(offsets, lengths).chunks:
-                n = rect.numel
-                out = flat[rect.local : rect.local + n] if direct else work.staging(n, self.dtype)
-                if kernel is None:
-                    self.read_rect(out, rect)
-                else:
-                    codes = work.codes(self.code_bytes(rect))
-                    self.read_rect(codes, rect)
-                    kernel(codes, out, rect, work, direct)
-                if not direct:
-                    flat[rect.local : rect.local + n].copy_(out)
+            self.fill_rects(flat, self.plan(offsets, lengths).chunks, kernel, self.work.on(dst.device), direct)
 
 
 class _HeldTransposedSource(TransposedSource, _HeldSource):

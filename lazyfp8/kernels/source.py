@@ -20,7 +20,15 @@ from ..formats.codecs import Codec
 from ..formats.schemes import Granularity, grid_shape, matrix_shape
 from ..storage.header import TensorEntry
 from ..storage.reader import ShardFile
-from .dequant import GridKernel, GroupKernel, Kernel, PerTensorKernel, backend_for, thread_workspace
+from .dequant import (
+    GridKernel,
+    GroupKernel,
+    Kernel,
+    PerTensorKernel,
+    Workspace,
+    backend_for,
+    thread_workspace,
+)
 from .parallel import run_split
 from .plan import Plan, Rect, code_span, plan_box
 
@@ -289,20 +297,27 @@ class TensorSource:
             self.shard.will_need(start, stop - start)
 
         def work_on(chunks: Sequence[Rect]) -> None:
-            work = thread_workspace()
-            for rect in chunks:
-                n = rect.numel
-                out = flat[rect.local : rect.local + n] if direct else work.staging(n, self.dtype)
-                if kernel is None:
-                    self.read_rect(out, rect)
-                else:
-                    codes = work.codes(self.code_bytes(rect))
-                    self.read_rect(codes, rect)
-                    kernel(codes, out, rect, work, direct)
-                if not direct:
-                    flat[rect.local : rect.local + n].copy_(out)
+            self.fill_rects(flat, chunks, kernel, thread_workspace(), direct)
 
         run_split(plan.chunks, self.threads, work_on)
+
+    def fill_rects(
+        self, flat: torch.Tensor, rects: Sequence[Rect], kernel: Kernel | None, work: Workspace, direct: bool
+    ) -> None:
+        """Read each rectangle and dequantize it (``kernel``; ``None``: stored values) into its
+        place in ``flat``, the destination box flattened, with ``work``'s buffers; ``direct``:
+        ``flat`` has this source's dtype, so results land in it without staging."""
+        for rect in rects:
+            n = rect.numel
+            out = flat[rect.local : rect.local + n] if direct else work.staging(n, self.dtype)
+            if kernel is None:
+                self.read_rect(out, rect)
+            else:
+                codes = work.codes(self.code_bytes(rect))
+                self.read_rect(codes, rect)
+                kernel(codes, out, rect, work, direct)
+            if not direct:
+                flat[rect.local : rect.local + n].copy_(out)
 
     def code_bytes(self, rect: Rect) -> int:
         """Bytes ``read_rect`` writes for ``rect``: each row's ``code_span``."""
